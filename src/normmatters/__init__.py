@@ -1,0 +1,49 @@
+"""normmatters: efficient and accurate normalization schemes, after Hoffer et al., "Norm matters"
+(NeurIPS 2018).
+
+* :mod:`normmatters.functional` — the math: Lp dispersions, their constants, the normalizations.
+* :mod:`normmatters.nn` — drop-in layers: ``LpBatchNorm{1,2,3}d``, ``LpLayerNorm``,
+  ``LpGroupNorm``, ``LpRMSNorm``, ``MeanOnlyBatchNorm{1,2,3}d`` and a norm factory.
+* :mod:`normmatters.convert` — ``convert_norms`` and friends.
+"""
+
+from . import functional, nn
+from .convert import convert_norms, to_torch_norms
+from .functional import C_L1, lp_constant, paper_constant, topk_constant
+from .nn import (
+    LpBatchNorm1d,
+    LpBatchNorm2d,
+    LpBatchNorm3d,
+    LpGroupNorm,
+    LpLayerNorm,
+    LpRMSNorm,
+    MeanOnlyBatchNorm1d,
+    MeanOnlyBatchNorm2d,
+    MeanOnlyBatchNorm3d,
+    create_norm_layer,
+    get_norm_layer,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "functional",
+    "nn",
+    "convert_norms",
+    "to_torch_norms",
+    "C_L1",
+    "lp_constant",
+    "paper_constant",
+    "topk_constant",
+    "LpBatchNorm1d",
+    "LpBatchNorm2d",
+    "LpBatchNorm3d",
+    "LpLayerNorm",
+    "LpGroupNorm",
+    "LpRMSNorm",
+    "MeanOnlyBatchNorm1d",
+    "MeanOnlyBatchNorm2d",
+    "MeanOnlyBatchNorm3d",
+    "get_norm_layer",
+    "create_norm_layer",
+]

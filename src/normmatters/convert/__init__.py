@@ -1,0 +1,12 @@
+"""Model converters: Lp norms, weight-normalized (BN-free) networks, synchronized batch norm."""
+
+from .norms import convert_norms, to_torch_norms
+
+__all__ = ["convert_norms", "to_torch_norms"]
+
+try:  # written alongside; each converter is optional until its module lands
+    from .weight_norm import to_weight_normalized  # noqa: F401
+
+    __all__.append("to_weight_normalized")
+except ImportError:  # pragma: no cover
+    pass

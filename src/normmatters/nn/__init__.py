@@ -1,0 +1,21 @@
+"""Normalization modules: Lp batch / layer / group / RMS norms, mean-only batch norm, a factory."""
+
+from .batchnorm import LpBatchNorm1d, LpBatchNorm2d, LpBatchNorm3d
+from .factory import create_norm_layer, get_norm_layer, norm_layer_names
+from .layernorm import LpGroupNorm, LpLayerNorm, LpRMSNorm
+from .meanbn import MeanOnlyBatchNorm1d, MeanOnlyBatchNorm2d, MeanOnlyBatchNorm3d
+
+__all__ = [
+    "LpBatchNorm1d",
+    "LpBatchNorm2d",
+    "LpBatchNorm3d",
+    "LpLayerNorm",
+    "LpGroupNorm",
+    "LpRMSNorm",
+    "MeanOnlyBatchNorm1d",
+    "MeanOnlyBatchNorm2d",
+    "MeanOnlyBatchNorm3d",
+    "get_norm_layer",
+    "create_norm_layer",
+    "norm_layer_names",
+]

@@ -1,0 +1,299 @@
+r"""Lp batch normalization modules: drop-in replacements for ``nn.BatchNorm{1,2,3}d``.
+
+The base class mirrors ``torch.nn.modules.batchnorm._NormBase`` (same constructor, parameters,
+buffers, ``reset_parameters``, versioned ``_load_from_state_dict``) without subclassing torch's
+``_BatchNorm``: ``nn.SyncBatchNorm.convert_sync_batchnorm`` converts any ``_BatchNorm`` subclass
+and would silently turn an L1 layer into an L2 one.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.nn import init
+
+from ..functional.constants import normalize_p
+from ..functional.norm import lp_batch_norm
+
+__all__ = ["LpBatchNorm1d", "LpBatchNorm2d", "LpBatchNorm3d"]
+
+_CONSTANTS = ("calibrated", "paper", "none")
+
+
+def _check_options(cls_name: str, p: Any, k: Any, constant: Any) -> tuple[float, int | None]:
+    try:
+        p = normalize_p(p)
+    except ValueError:
+        raise ValueError(f"{cls_name}: p must be 1, 2 or inf, got p={p!r}") from None
+    if k is not None:
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ValueError(f"{cls_name}: k must be a positive integer or None, got k={k!r}")
+        if p != math.inf:
+            raise ValueError(f"{cls_name}: k={k} selects Top(k), which needs p=inf, got p={p}")
+    if constant not in _CONSTANTS:
+        raise ValueError(f"{cls_name}: constant must be one of {_CONSTANTS}, got {constant!r}")
+    return p, k
+
+
+def _check_dtype(cls_name: str, input: Tensor) -> None:
+    if not input.is_floating_point() or input.dtype not in (
+        torch.float16, torch.bfloat16, torch.float32, torch.float64
+    ):
+        raise TypeError(
+            f"{cls_name}: expected a floating-point input (float16, bfloat16, float32 or float64), "
+            f"got {input.dtype}"
+        )
+
+
+def _p_repr(p: float, k: int | None) -> str:
+    if p == math.inf:
+        return "p=inf" if k is None else f"p=inf, k={k}"
+    return f"p={int(p)}"
+
+
+class _LpNormBase(nn.Module):
+    """Parameters, buffers and state-dict handling shared by the Lp batch norms."""
+
+    _version = 2
+    __constants__ = ["track_running_stats", "momentum", "eps", "num_features", "affine", "p", "k", "constant"]
+    num_features: int
+    eps: float
+    momentum: float | None
+    affine: bool
+    track_running_stats: bool
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        device: Any = None,
+        dtype: Any = None,
+        *,
+        bias: bool = True,
+        p: float | int | str = 2,
+        k: int | None = None,
+        constant: str = "calibrated",
+        ghost_batch_size: int | None = None,
+        compute_dtype: torch.dtype | None = None,
+        accumulate_dtype: torch.dtype | None = None,
+    ) -> None:
+        factory_kwargs = {"device": device, "dtype": dtype}
+        super().__init__()
+        name = type(self).__name__
+        self.p, self.k = _check_options(name, p, k, constant)
+        if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features < 1:
+            raise ValueError(f"{name}: num_features must be a positive integer, got {num_features!r}")
+        if ghost_batch_size is not None and (not isinstance(ghost_batch_size, int) or ghost_batch_size < 2):
+            raise ValueError(f"{name}: ghost_batch_size must be an integer >= 2 or None, got {ghost_batch_size!r}")
+        self.num_features = num_features
+        self.eps = eps
+        self.momentum = momentum
+        self.affine = affine
+        self.track_running_stats = track_running_stats
+        self.constant = constant
+        self.ghost_batch_size = ghost_batch_size
+        self.compute_dtype = compute_dtype
+        self.accumulate_dtype = accumulate_dtype
+        if self.affine:
+            self.weight = nn.Parameter(torch.empty(num_features, **factory_kwargs))
+            if bias:
+                self.bias = nn.Parameter(torch.empty(num_features, **factory_kwargs))
+            else:
+                self.register_parameter("bias", None)
+        else:
+            self.register_parameter("weight", None)
+            self.register_parameter("bias", None)
+        if self.track_running_stats:
+            self.register_buffer("running_mean", torch.zeros(num_features, **factory_kwargs))
+            self.register_buffer("running_var", torch.ones(num_features, **factory_kwargs))
+            self.running_mean: Tensor | None
+            self.running_var: Tensor | None
+            self.register_buffer(
+                "num_batches_tracked", torch.tensor(0, dtype=torch.long, device=device)
+            )
+            self.num_batches_tracked: Tensor | None
+        else:
+            self.register_buffer("running_mean", None)
+            self.register_buffer("running_var", None)
+            self.register_buffer("num_batches_tracked", None)
+        self.reset_parameters()
+
+    def reset_running_stats(self) -> None:
+        if self.track_running_stats:
+            self.running_mean.zero_()  # type: ignore[union-attr]
+            self.running_var.fill_(1)  # type: ignore[union-attr]
+            self.num_batches_tracked.zero_()  # type: ignore[union-attr]
+
+    def reset_parameters(self) -> None:
+        self.reset_running_stats()
+        if self.affine:
+            init.ones_(self.weight)
+            if self.bias is not None:
+                init.zeros_(self.bias)
+
+    def _check_input_dim(self, input: Tensor) -> None:
+        raise NotImplementedError
+
+    def extra_repr(self) -> str:
+        s = (
+            f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}, "
+            f"bias={self.bias is not None}, track_running_stats={self.track_running_stats}, "
+            f"{_p_repr(self.p, self.k)}"
+        )
+        if self.p != 2.0:
+            s += f", constant={self.constant!r}"
+        if self.ghost_batch_size is not None:
+            s += f", ghost_batch_size={self.ghost_batch_size}"
+        if self.compute_dtype is not None:
+            s += f", compute_dtype={self.compute_dtype}"
+        if self.accumulate_dtype is not None:
+            s += f", accumulate_dtype={self.accumulate_dtype}"
+        return s
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs) -> None:
+        version = local_metadata.get("version", None)
+        if (version is None or version < 2) and self.track_running_stats:
+            # As torch: version 2 added num_batches_tracked, which defaults to 0.
+            key = prefix + "num_batches_tracked"
+            if key not in state_dict:
+                state_dict[key] = (
+                    self.num_batches_tracked
+                    if self.num_batches_tracked is not None
+                    and self.num_batches_tracked.device != torch.device("meta")
+                    else torch.tensor(0, dtype=torch.long)
+                )
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+
+
+class _LpBatchNorm(_LpNormBase):
+    def forward(self, input: Tensor) -> Tensor:
+        name = type(self).__name__
+        _check_dtype(name, input)
+        self._check_input_dim(input)
+        if input.shape[1] != self.num_features:
+            raise ValueError(
+                f"{name}: expected input with {self.num_features} channels (dim 1), got "
+                f"{input.shape[1]} channels in input of shape {list(input.shape)}"
+            )
+        # Momentum semantics exactly as torch's _BatchNorm.forward.
+        if self.momentum is None:
+            exponential_average_factor = 0.0
+        else:
+            exponential_average_factor = self.momentum
+        if self.training and self.track_running_stats:
+            if self.num_batches_tracked is not None:
+                self.num_batches_tracked.add_(1)
+                if self.momentum is None:
+                    exponential_average_factor = 1.0 / float(self.num_batches_tracked)
+                else:
+                    exponential_average_factor = self.momentum
+        if self.training:
+            bn_training = True
+        else:
+            bn_training = (self.running_mean is None) and (self.running_var is None)
+        if bn_training and self.k is not None and input.numel() > 0:
+            batch = input.shape[0]
+            if self.ghost_batch_size is not None:
+                batch = min(batch, self.ghost_batch_size)
+            n = batch * (input[0, 0].numel())
+            if self.k > n:
+                raise ValueError(
+                    f"{name}: Top(k) needs k <= n values per channel, got k={self.k} > n={n} "
+                    f"for input of shape {list(input.shape)}"
+                )
+        running_mean = self.running_mean if not self.training or self.track_running_stats else None
+        running_var = self.running_var if not self.training or self.track_running_stats else None
+        if self.compute_dtype is not None:
+            from ..precision import emulated_batch_norm
+
+            return emulated_batch_norm(
+                input, running_mean, running_var, self.weight, self.bias, bn_training,
+                exponential_average_factor, self.eps, p=self.p, k=self.k, constant=self.constant,
+                compute_dtype=self.compute_dtype, accumulate_dtype=self.accumulate_dtype,
+            )
+        return lp_batch_norm(
+            input, running_mean, running_var, self.weight, self.bias, bn_training,
+            exponential_average_factor, self.eps, p=self.p, k=self.k, constant=self.constant,
+            ghost_batch_size=self.ghost_batch_size,
+        )
+
+
+_DOC_TEMPLATE = r"""Lp batch normalization over a {dims} input (SPEC §2; Hoffer et al. 2018, §4).
+
+    .. math::
+        y = \frac{{x - \mathrm{{E}}[x]}}{{\hat\sigma_p + \epsilon}} \gamma + \beta
+
+    with σ̂ per channel over the batch{spatial}: at ``p=2`` σ̂ = √(Var[x]+ε) and the layer is
+    exactly :class:`torch.nn.{torch_name}`; at ``p=1`` σ̂ = √(π/2)·mean|x − E[x]|; at ``p=inf``
+    σ̂ = C_∞(n)·max|x − E[x]|, and with ``k`` set, Top(k): C_k(n)·(mean of the k largest
+    deviations). ``running_var`` holds σ̂² (Bessel-corrected like torch), so state dicts move
+    between this layer and :class:`torch.nn.{torch_name}` both ways. Evaluation uses the running
+    statistics and computes no squares of activations.
+
+    Args:
+        num_features: C, the number of channels.
+        eps, momentum, affine, track_running_stats, device, dtype, bias: as in
+            :class:`torch.nn.{torch_name}` (``momentum=None`` is a cumulative average).
+        p: 1, 2 or ``inf`` (keyword-only).
+        k: with ``p=inf``, use the mean of the k largest absolute deviations (Top(k)).
+        constant: ``"calibrated"`` (unit output variance for Gaussian input, default),
+            ``"paper"`` (the official code's C_∞(n)) or ``"none"`` (C = 1).
+        ghost_batch_size: if set, training batches are normalized in virtual batches of this size.
+        compute_dtype, accumulate_dtype: run the normalization's elementwise work (and
+            accumulation) emulated in a low-precision format (see :mod:`normmatters.precision`).
+
+    Shape:
+        - Input: {shape}
+        - Output: same shape as the input.
+
+    Examples::
+
+        >>> m = {name}(16, p=1)
+        >>> y = m(torch.randn({example}))
+    """
+
+
+class LpBatchNorm1d(_LpBatchNorm):
+    def _check_input_dim(self, input: Tensor) -> None:
+        if input.dim() != 2 and input.dim() != 3:
+            raise ValueError(
+                f"{type(self).__name__}: expected 2D or 3D input (N, C) or (N, C, L), got "
+                f"{input.dim()}D input of shape {list(input.shape)}"
+            )
+
+
+class LpBatchNorm2d(_LpBatchNorm):
+    def _check_input_dim(self, input: Tensor) -> None:
+        if input.dim() != 4:
+            raise ValueError(
+                f"{type(self).__name__}: expected 4D input (N, C, H, W), got {input.dim()}D input "
+                f"of shape {list(input.shape)}"
+            )
+
+
+class LpBatchNorm3d(_LpBatchNorm):
+    def _check_input_dim(self, input: Tensor) -> None:
+        if input.dim() != 5:
+            raise ValueError(
+                f"{type(self).__name__}: expected 5D input (N, C, D, H, W), got {input.dim()}D "
+                f"input of shape {list(input.shape)}"
+            )
+
+
+LpBatchNorm1d.__doc__ = _DOC_TEMPLATE.format(
+    dims="2D or 3D", spatial=" (and length)", torch_name="BatchNorm1d", shape="(N, C) or (N, C, L)",
+    name="LpBatchNorm1d", example="8, 16, 10")
+LpBatchNorm2d.__doc__ = _DOC_TEMPLATE.format(
+    dims="4D", spatial=" and spatial axes", torch_name="BatchNorm2d", shape="(N, C, H, W)",
+    name="LpBatchNorm2d", example="8, 16, 5, 5")
+LpBatchNorm3d.__doc__ = _DOC_TEMPLATE.format(
+    dims="5D", spatial=" and spatial axes", torch_name="BatchNorm3d", shape="(N, C, D, H, W)",
+    name="LpBatchNorm3d", example="8, 16, 3, 5, 5")
