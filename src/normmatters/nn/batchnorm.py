@@ -199,6 +199,11 @@ class _LpBatchNorm(_LpNormBase):
             bn_training = True
         else:
             bn_training = (self.running_mean is None) and (self.running_var is None)
+        if bn_training and input.numel() == input.shape[1]:
+            raise ValueError(
+                f"{name}: expected more than 1 value per channel when training, got input of "
+                f"shape {list(input.shape)}"
+            )
         if bn_training and self.k is not None and input.numel() > 0:
             batch = input.shape[0]
             if self.ghost_batch_size is not None:

@@ -1,0 +1,44 @@
+"""Low precision (SPEC §5, claim C4): format emulation, normalization computed in fp16 / bf16 /
+fp8, a precision map of the Lp dispersions, and 8-bit training after Banner et al. (2018).
+
+* :mod:`.formats` — fp16, bf16, fp8 e4m3 / e5m2 and int8: rounding to nearest or stochastically,
+  with each format's real overflow and underflow.
+* :mod:`.emulate` — arithmetic that rounds after every op, sums that accumulate in the format,
+  and a recorder of non-finite values.
+* :mod:`.norm` — :func:`emulated_batch_norm` / :func:`emulated_layer_norm`, the functional Lp norms
+  with their arithmetic in a format (``LpBatchNorm2d(..., compute_dtype=torch.float16)`` uses them).
+* :mod:`.precision_map` — the input scales and sizes at which each p keeps its dispersion within
+  1% of float64, per format.
+* :mod:`.quant`, :mod:`.range_bn` — quantized Conv/Linear (8-bit forward, 8-bit stochastically
+  rounded activation gradients), Range BN, and :func:`quantize_model`.
+"""
+
+from .emulate import Arithmetic, NonfiniteRecorder, emulated_sum, round_ste
+from .formats import (
+    FORMATS,
+    FloatFormat,
+    IntFormat,
+    get_format,
+    quantize_int,
+    round_to_format,
+    stochastic_round,
+)
+from .norm import emulated_batch_norm, emulated_dispersion, emulated_layer_norm, emulated_statistics
+
+__all__ = [
+    "FORMATS",
+    "FloatFormat",
+    "IntFormat",
+    "get_format",
+    "round_to_format",
+    "stochastic_round",
+    "quantize_int",
+    "Arithmetic",
+    "NonfiniteRecorder",
+    "emulated_sum",
+    "round_ste",
+    "emulated_batch_norm",
+    "emulated_layer_norm",
+    "emulated_dispersion",
+    "emulated_statistics",
+]

@@ -1,0 +1,302 @@
+r"""Arithmetic in an emulated format: rounding after every op, low-precision sums, a recorder.
+
+The emulation keeps tensors in float32 storage and rounds the result of every operation to the
+format (:func:`~normmatters.precision.formats.round_to_format`). For +, −, ×, ÷ and √ of values
+that are already in a format of precision p ≤ 11 bits (fp16, bf16, fp8), computing in float32
+(24 bits ≥ 2p + 2) and rounding once more gives exactly the correctly rounded result in the
+format (double rounding is innocuous; Figueroa 1995), so the emulation equals the format's own
+IEEE arithmetic.
+
+Sums (the reductions of a normalization) can accumulate in the format as well. Three orders:
+
+* ``"pairwise"`` (default): a tree; each level adds halves elementwise and rounds, so
+  ``⌈log2 n⌉`` vectorised steps. Error O(log n · u): the *most favourable* order, so a failure
+  seen with it is not an artifact of a naive loop. Overflow still happens, because the final
+  sum has the same magnitude whatever the order.
+* ``"blocked"``: a left-to-right running sum inside blocks of ``block_size`` values (vectorised
+  across blocks, as the threads of a reduction kernel do), then pairwise across the blocks.
+* ``"sequential"``: one left-to-right running sum (``n`` Python steps: for tests and small n).
+  A running sum in a format of precision p swamps: once it is 2^p times a term, the term is lost.
+
+Gradients. Every rounding is a straight-through estimator: autograd differentiates the emulated
+forward graph (each op's derivative evaluated at the rounded values), and the rounding itself
+passes the gradient through unchanged, or rounded to the same format when ``round_grad=True``
+(a backward pass that also stores its intermediate gradients in the format; the reductions of
+the backward — autograd's sums over broadcast axes — then still accumulate in float32).
+
+Non-finite values can be counted per stage with :class:`NonfiniteRecorder`::
+
+    with NonfiniteRecorder() as rec:
+        with rec.scope("layer1.bn1"):
+            y = emulated_batch_norm(...)
+    rec.totals()   # {"layer1.bn1/square": {"nonfinite": ..., "underflow": ..., "numel": ...}, ...}
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections import defaultdict
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from .formats import FloatFormat, IntFormat, get_format, round_to_format
+
+__all__ = [
+    "round_ste",
+    "emulated_sum",
+    "Arithmetic",
+    "NonfiniteRecorder",
+    "SUMMATIONS",
+]
+
+SUMMATIONS = ("pairwise", "blocked", "sequential")
+
+
+class _RoundSTE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, fmt: FloatFormat, grad_fmt: FloatFormat | None) -> Tensor:  # type: ignore[override]
+        ctx.grad_fmt = grad_fmt
+        return round_to_format(x, fmt)
+
+    @staticmethod
+    def backward(ctx, g: Tensor):  # type: ignore[override]
+        if ctx.grad_fmt is not None:
+            g = round_to_format(g, ctx.grad_fmt)
+        return g, None, None
+
+
+def round_ste(x: Tensor, fmt: str | torch.dtype | FloatFormat, grad_fmt: str | torch.dtype | FloatFormat | None = None) -> Tensor:
+    """Round ``x`` to ``fmt`` (nearest even, the format's overflow) with a straight-through gradient.
+
+    The gradient passes unchanged, or rounded to ``grad_fmt`` if given.
+    """
+    f = get_format(fmt)
+    if isinstance(f, IntFormat):
+        raise ValueError("round_ste: integer formats need a scale; use normmatters.precision.quantize_int")
+    gf = None if grad_fmt is None else get_format(grad_fmt)
+    if isinstance(gf, IntFormat):
+        raise ValueError("round_ste: grad_fmt must be a float format")
+    return _RoundSTE.apply(x, f, gf)
+
+
+# --------------------------------------------------------------------------- recorder
+
+_local = threading.local()
+
+
+def _active_recorders() -> list[NonfiniteRecorder]:
+    stack = getattr(_local, "stack", None)
+    if stack is None:
+        stack = _local.stack = []
+    return stack
+
+
+@dataclass
+class _Count:
+    nonfinite: int = 0
+    underflow: int = 0
+    numel: int = 0
+    calls: int = 0
+
+
+@dataclass
+class NonfiniteRecorder:
+    """Counts non-finite values (and underflows to zero) at each stage of the emulated norms.
+
+    Use as a context manager; nested :meth:`scope` names the layer. Stages of a batch norm:
+    ``input``, ``centred``, ``square`` (L2) or ``abs``, ``sum``, ``dispersion``, ``output``.
+    ``underflow`` counts values that were non-zero before a rounding and zero after it (the
+    "lost precision" of the squares). Counting synchronises with the device; use for diagnosis.
+    """
+
+    counts: dict[str, _Count] = field(default_factory=lambda: defaultdict(_Count))
+    _scopes: list[str] = field(default_factory=list)
+
+    def __enter__(self) -> NonfiniteRecorder:
+        _active_recorders().append(self)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        stack = _active_recorders()
+        if self in stack:
+            stack.remove(self)
+
+    @contextlib.contextmanager
+    def scope(self, name: str) -> Iterator[None]:
+        self._scopes.append(name)
+        try:
+            yield
+        finally:
+            self._scopes.pop()
+
+    def add(self, stage: str, value: Tensor, before: Tensor | None = None) -> None:
+        key = "/".join([*self._scopes, stage])
+        c = self.counts[key]
+        with torch.no_grad():
+            c.nonfinite += int((~torch.isfinite(value)).sum())
+            if before is not None:
+                c.underflow += int(((value == 0) & (before != 0)).sum())
+        c.numel += value.numel()
+        c.calls += 1
+
+    def totals(self) -> dict[str, dict[str, int]]:
+        """``{"scope/stage": {"nonfinite", "underflow", "numel", "calls"}}``."""
+        return {k: vars(v).copy() for k, v in self.counts.items()}
+
+    def total_nonfinite(self, stage: str | None = None) -> int:
+        """Sum of non-finite counts, over every stage or over stages named ``stage``."""
+        return sum(v.nonfinite for k, v in self.counts.items() if stage is None or k.rsplit("/", 1)[-1] == stage)
+
+    def reset(self) -> None:
+        self.counts.clear()
+
+
+def _record(stage: str, value: Tensor, before: Tensor | None = None) -> None:
+    for rec in _active_recorders():
+        rec.add(stage, value, before)
+
+
+# --------------------------------------------------------------------------- sums
+
+def _pairwise(x: Tensor, rnd) -> Tensor:
+    while x.shape[-1] > 1:
+        m = x.shape[-1]
+        h = m // 2
+        s = rnd(x[..., :h] + x[..., h:2 * h])
+        if m % 2:
+            s = torch.cat([s, x[..., 2 * h:]], dim=-1)
+        x = s
+    return x
+
+
+def _sequential(x: Tensor, rnd) -> Tensor:
+    s = x[..., 0]
+    for j in range(1, x.shape[-1]):
+        s = rnd(s + x[..., j])
+    return s.unsqueeze(-1)
+
+
+def emulated_sum(
+    x: Tensor,
+    fmt: str | torch.dtype | FloatFormat | None,
+    *,
+    summation: str = "pairwise",
+    block_size: int = 32,
+    grad_fmt: FloatFormat | None = None,
+) -> Tensor:
+    """Sum over the last axis, rounding every partial sum to ``fmt`` (keepdim).
+
+    ``fmt=None`` or float32/float64 sums with torch (no rounding). See the module doc for the
+    three ``summation`` orders. An empty last axis sums to zero.
+    """
+    if summation not in SUMMATIONS:
+        raise ValueError(f"emulated_sum: summation must be one of {SUMMATIONS}, got {summation!r}")
+    f = None if fmt is None else get_format(fmt)
+    if f is None or f.name == "fp32":
+        return x.sum(-1, keepdim=True)
+    if x.shape[-1] == 0:
+        return x.new_zeros(*x.shape[:-1], 1)
+
+    def rnd(t: Tensor) -> Tensor:
+        return _RoundSTE.apply(t, f, grad_fmt)
+
+    if summation == "pairwise":
+        return _pairwise(x, rnd)
+    if summation == "sequential":
+        return _sequential(x, rnd)
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
+        raise ValueError(f"emulated_sum: block_size must be a positive integer, got {block_size!r}")
+    n = x.shape[-1]
+    b = min(block_size, n)
+    pad = (-n) % b
+    if pad:
+        x = torch.nn.functional.pad(x, (0, pad))  # adding zeros is exact
+    blocks = x.reshape(*x.shape[:-1], -1, b)
+    partial = _sequential(blocks, rnd).squeeze(-1)
+    return _pairwise(partial, rnd)
+
+
+# --------------------------------------------------------------------------- arithmetic
+
+class Arithmetic:
+    """Where each kind of operation of a normalization is computed.
+
+    * ``comp``: the result of an elementwise op (one per input value) in ``compute``;
+    * ``acc``: the result of a reduction or of a per-statistic op (the division by n, the
+      constant, √, eps) in ``accumulate``;
+    * ``sum``: a reduction over the last axis accumulated in ``accumulate``.
+
+    ``backend="emulate"`` keeps float32 storage and rounds (any device, any format);
+    ``backend="native"`` casts to the real torch dtype and lets the hardware compute
+    (fp16/bf16 only; torch's reductions then accumulate in float32 internally and round once).
+    """
+
+    def __init__(
+        self,
+        compute: str | torch.dtype | FloatFormat,
+        accumulate: str | torch.dtype | FloatFormat | None = None,
+        *,
+        summation: str = "pairwise",
+        block_size: int = 32,
+        round_grad: bool = False,
+        backend: str = "emulate",
+    ) -> None:
+        c = get_format(compute)
+        a = c if accumulate is None else get_format(accumulate)
+        for name, f in (("compute_dtype", c), ("accumulate_dtype", a)):
+            if isinstance(f, IntFormat):
+                raise ValueError(
+                    f"{name}: a normalization cannot be computed in an integer format ({f.name}); "
+                    f"use a float format, or quantize its input with normmatters.precision.quant"
+                )
+        if summation not in SUMMATIONS:
+            raise ValueError(f"summation must be one of {SUMMATIONS}, got {summation!r}")
+        if backend not in ("emulate", "native"):
+            raise ValueError(f"backend must be 'emulate' or 'native', got {backend!r}")
+        if backend == "native":
+            for name, f in (("compute_dtype", c), ("accumulate_dtype", a)):
+                if f.name not in ("fp32", "fp16", "bf16"):
+                    raise ValueError(
+                        f"backend='native' computes in real torch dtypes, which have no arithmetic "
+                        f"for {f.name} ({name}); use backend='emulate'"
+                    )
+        self.compute, self.accumulate = c, a
+        self.summation, self.block_size = summation, block_size
+        self.backend = backend
+        self.round_grad = round_grad
+        self.storage = torch.float32
+
+    def _round(self, x: Tensor, f: FloatFormat) -> Tensor:
+        if self.backend == "native":
+            return x.to(f.torch_dtype)
+        if f.name == "fp32":
+            return x.to(torch.float32)
+        # A float64 input is rounded directly (one rounding), then stored exactly in float32.
+        return _RoundSTE.apply(x, f, f if self.round_grad else None).to(torch.float32)
+
+    def comp(self, x: Tensor) -> Tensor:
+        return self._round(x, self.compute)
+
+    def acc(self, x: Tensor) -> Tensor:
+        return self._round(x, self.accumulate)
+
+    def sum(self, x: Tensor) -> Tensor:
+        if self.backend == "native":
+            return x.to(self.accumulate.torch_dtype).sum(-1, keepdim=True)
+        return emulated_sum(
+            x.to(torch.float32), self.accumulate, summation=self.summation,
+            block_size=self.block_size, grad_fmt=self.accumulate if self.round_grad else None,
+        )
+
+    def constant(self, value: float, like: Tensor, f: FloatFormat | None = None) -> Tensor:
+        """A Python constant as the format holds it (e.g. eps, which can round to zero in fp8)."""
+        t = torch.tensor(value, dtype=torch.float32, device=like.device)
+        return self._round(t, f or self.accumulate)
+
+    def __repr__(self) -> str:
+        return (f"Arithmetic(compute={self.compute.name}, accumulate={self.accumulate.name}, "
+                f"summation={self.summation!r}, backend={self.backend!r})")
