@@ -122,7 +122,8 @@ def test_untraceable_sequential_falls_back_to_registration_order_and_says_so(cap
         pairs = find_weight_norm_pairs(net)
     assert pairs == [WeightNormPair("0", "1", "sequential"), WeightNormPair("3", "4", "sequential")]
     assert "could not trace" in caplog.text
-    assert any("registered right after it in this nn.Sequential" in r.getMessage() for r in caplog.records)
+    assert any("registered right after it among its children" in r.getMessage() and "a guess" not in r.getMessage()
+               for r in caplog.records)
 
 
 def test_untraceable_parent_traces_its_children(caplog):
@@ -135,12 +136,62 @@ def test_untraceable_parent_traces_its_children(caplog):
         def forward(self, x):
             return self.block(self.gate(x))
 
-    with caplog.at_level(logging.WARNING, logger="normmatters.convert.weight_norm"):
+    with caplog.at_level(logging.INFO, logger="normmatters.convert.weight_norm"):
         pairs = find_weight_norm_pairs(Parent())
     assert {(p.weight, p.norm) for p in pairs} == {
         ("block.conv1", "block.bn1"), ("block.conv2", "block.bn2"), ("block.down.0", "block.down.1")}
     assert all(p.method == "fx" for p in pairs)
     assert "could not trace" in caplog.text
+
+
+class _ShapeDependentNet(nn.Module):
+    """Like a ResNet whose pooling uses range(x.dim()): torch.fx cannot trace it."""
+
+    def __init__(self, tap: bool = False) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 4, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(4)
+        self.conv2 = nn.Conv2d(4, 4, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(4)
+        self.drop = nn.Dropout(0.5)
+        self.fc = nn.Linear(4, 3)
+        self.tap = tap
+
+    def forward(self, x):
+        x = torch.relu(self.bn1(self.conv1(x)))
+        y = self.conv2(x)
+        x = self.drop(torch.relu(self.bn2(y) + (y if self.tap else 0)))
+        return self.fc(x.mean(dim=tuple(range(2, x.dim()))))
+
+
+def test_untraceable_non_sequential_is_paired_by_registration_order_with_a_warning(caplog):
+    with caplog.at_level(logging.WARNING, logger="normmatters.convert.weight_norm"):
+        pairs = find_weight_norm_pairs(_ShapeDependentNet())
+    assert pairs == [WeightNormPair("conv1", "bn1", "registration"), WeightNormPair("conv2", "bn2", "registration")]
+    assert "a guess" in caplog.text and "example_inputs" in caplog.text
+
+
+def test_example_inputs_read_the_data_flow_without_side_effects(caplog):
+    net = _ShapeDependentNet(tap=True)  # conv2's output also goes around bn2
+    net.eval()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    x = torch.randn(5, 1, 6, 6)
+    rng = torch.get_rng_state()
+    with caplog.at_level(logging.INFO, logger="normmatters.convert.weight_norm"):
+        pairs = find_weight_norm_pairs(net, x)
+    assert pairs == [WeightNormPair("conv1", "bn1", "example")]
+    assert "reading the data flow" in caplog.text
+    assert not net.training and not net.bn1.training  # modes restored
+    for k, v in net.state_dict().items():  # running statistics untouched
+        assert torch.equal(v, before[k]), k
+    assert torch.equal(torch.get_rng_state(), rng)
+    # the same net without the tap: both pairs
+    assert [p.weight for p in find_weight_norm_pairs(_ShapeDependentNet(), torch.randn(5, 1, 6, 6))] == ["conv1", "conv2"]
+
+
+def test_example_inputs_are_not_used_when_fx_succeeds():
+    pairs = find_weight_norm_pairs(small_resnet(), torch.randn(2, 1, 8, 8))
+    assert {(p.weight, p.norm) for p in pairs} == RESNET_PAIRS and all(p.method == "fx" for p in pairs)
 
 
 # ------------------------------------------------------------------ converting
@@ -349,3 +400,27 @@ def test_converted_resnet_trains_on_digits(kind):
     for w, r in rho.items():  # BWN: every channel still at rho after training
         norms = net.get_submodule(w).weight.flatten(1).norm(dim=1)
         torch.testing.assert_close(norms, r.expand_as(norms))
+
+
+def test_to_weight_normalized_uses_example_inputs():
+    net = to_weight_normalized(_ShapeDependentNet(tap=True), "wn", example_inputs=torch.randn(4, 1, 6, 6))
+    assert is_weight_normalized(net.conv1) and isinstance(net.bn1, MeanOnlyBatchNorm2d)
+    assert not is_weight_normalized(net.conv2) and isinstance(net.bn2, nn.BatchNorm2d)
+    assert not parametrize.is_parametrized(net.fc)
+
+
+def test_converter_matches_the_experiment_models_bwn_construction():
+    # the converter applied to the batch-norm ResNet gives the same network, parameter for
+    # parameter, as building it with norm="bwn" from the same seed
+    models = pytest.importorskip("normmatters.experiments.models")
+    kw = dict(num_classes=10, in_channels=1, input_dims=2)
+    torch.manual_seed(0)
+    converted = to_weight_normalized(models.create_model("resnet_digits", norm="l2", **kw), "bwn",
+                                     example_inputs=torch.zeros(2, 1, 8, 8))
+    torch.manual_seed(0)
+    built = models.create_model("resnet_digits", norm="bwn", **kw)
+    a, b = converted.state_dict(), built.state_dict()
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
+    assert [type(m).__name__ for m in converted.modules()] == [type(m).__name__ for m in built.modules()]

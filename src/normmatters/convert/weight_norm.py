@@ -11,11 +11,15 @@ learned per-channel bias (and, for BWN with a fixed ρ, the learned per-channel 
    into a batch norm (:class:`torch.nn.BatchNorm{1,2,3}d`, :class:`torch.nn.SyncBatchNorm`,
    :class:`normmatters.nn.LpBatchNorm{1,2,3}d`) with as many features as the layer has output
    channels (:func:`find_weight_norm_pairs`). The data flow is read from a :mod:`torch.fx`
-   trace; where a module cannot be traced (data-dependent control flow, ...), its children are
-   searched one by one, and inside an un-traceable :class:`torch.nn.Sequential` a layer and the
-   batch norm registered right after it are paired by registration order, which is the order
-   ``Sequential`` runs them in. Each such fallback is logged as a warning and marked
-   ``method="sequential"`` in the returned pairs.
+   trace. Where the model cannot be traced (data-dependent control flow, ``range(x.dim())``,
+   ...) and ``example_inputs`` are given, it is run once on them (in training mode, without
+   gradients; buffers and the random state are restored afterwards) and the data flow is
+   recorded: which module's output each batch norm receives, and whether any other operation
+   reads it (``method="example"``, logged at INFO level). Without example inputs, an un-traceable module's children
+   are traced one by one, and among the children of the un-traceable module itself a layer
+   and the batch norm registered right after it are paired by registration order: exact for
+   :class:`torch.nn.Sequential`, which runs its children in that order, a guess for any other
+   module (``method="sequential"`` / ``"registration"``), logged as a warning.
 2. apply :func:`~normmatters.parametrizations.bounded_weight_norm` (``kind="bwn"``),
    :func:`~normmatters.parametrizations.weight_norm` (``"wn"``) or
    :func:`~normmatters.parametrizations.lp_weight_norm` (``"lpwn"``) to the layer's weight;
@@ -44,11 +48,12 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
 from torch.fx import Tracer
+from torch.overrides import TorchFunctionMode
 
 from ..nn.meanbn import MeanOnlyBatchNorm1d, MeanOnlyBatchNorm2d, MeanOnlyBatchNorm3d
 from ..parametrizations import (
@@ -82,13 +87,15 @@ class WeightNormPair:
 
     :ivar weight: qualified name of the ``Linear`` / conv layer in the model.
     :ivar norm: qualified name of the batch norm that consumes its output.
-    :ivar method: ``"fx"`` (read from a torch.fx graph) or ``"sequential"`` (registration order
-        inside an ``nn.Sequential`` that torch.fx could not trace).
+    :ivar method: how the pair was found: ``"fx"`` (a torch.fx graph), ``"example"`` (the data
+        flow of one run on example inputs), ``"sequential"`` (registration order inside an
+        ``nn.Sequential`` that torch.fx could not trace) or ``"registration"`` (registration
+        order of the children of another un-traceable module: a guess).
     """
 
     weight: str
     norm: str
-    method: Literal["fx", "sequential"]
+    method: Literal["fx", "example", "sequential", "registration"]
 
 
 # ----------------------------------------------------------------------------------------
@@ -157,40 +164,144 @@ def _find(module: nn.Module, prefix: str, out: list[WeightNormPair]) -> None:
         graph = _LeafTracer().trace(module)
     except Exception as err:  # any failure of symbolic tracing: fall back, never give up
         name = prefix[:-1] or "the model"
-        if isinstance(module, nn.Sequential):
+        seq = isinstance(module, nn.Sequential)
+        children = list(module.named_children())
+        found = [
+            WeightNormPair(prefix + n1, prefix + n2, "sequential" if seq else "registration")
+            for (n1, m1), (n2, m2) in zip(children, children[1:]) if _compatible(m1, m2)
+        ]
+        if found or seq:
             logger.warning(
-                "to_weight_normalized: torch.fx could not trace %s (%s: %s); pairing a layer with "
-                "the batch norm registered right after it in this nn.Sequential",
-                name, type(err).__name__, err)
-            children = list(module.named_children())
-            for (n1, m1), (n2, m2) in zip(children, children[1:]):
-                if _compatible(m1, m2):
-                    out.append(WeightNormPair(prefix + n1, prefix + n2, "sequential"))
+                "to_weight_normalized: torch.fx could not trace %s (%s: %s); pairing each layer "
+                "with the batch norm registered right after it among its children%s: %s",
+                name, type(err).__name__, err,
+                "" if seq else " (a guess for a module that is not nn.Sequential: pass "
+                "example_inputs to read the data flow instead)",
+                ", ".join(f"{p.weight} -> {p.norm}" for p in found) or "none")
         else:
-            logger.warning(
-                "to_weight_normalized: torch.fx could not trace %s (%s: %s); searching its "
-                "children one by one", name, type(err).__name__, err)
-        for child_name, child in module.named_children():
+            logger.info("to_weight_normalized: torch.fx could not trace %s (%s: %s); tracing its "
+                        "children one by one", name, type(err).__name__, err)
+        out.extend(found)
+        for child_name, child in children:
             _find(child, f"{prefix}{child_name}.", out)
         return
     out.extend(_pairs_from_graph(graph, module, prefix))
 
 
-def find_weight_norm_pairs(model: nn.Module) -> list[WeightNormPair]:
+# reading tensor metadata is not a use of the values
+_METADATA_OPS = {"dim", "size", "__get__", "numel", "ndimension", "stride", "is_contiguous",
+                 "element_size", "nelement", "get_device", "data_ptr", "__len__"}
+
+
+class _FlowRecorder(TorchFunctionMode):
+    """Counts, for each tracked tensor, the operations outside layers and norms that read it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.produced: dict[int, str] = {}  # id(output tensor) -> layer name
+        self.keep: list[torch.Tensor] = []  # keep outputs alive so their ids are not reused
+        self.other_uses: dict[str, int] = {}
+        self.depth = 0  # > 0 while inside a layer's or a norm's own forward
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if self.depth == 0 and getattr(func, "__name__", "") not in _METADATA_OPS:
+            for t in _tensors((args, kwargs)):
+                name = self.produced.get(id(t))
+                if name is not None:
+                    self.other_uses[name] = self.other_uses.get(name, 0) + 1
+        return func(*args, **kwargs)
+
+
+def _tensors(obj):
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, (list, tuple)):
+        for o in obj:
+            yield from _tensors(o)
+    elif isinstance(obj, dict):
+        for o in obj.values():
+            yield from _tensors(o)
+
+
+def _pairs_from_example(model: nn.Module, example_inputs: tuple) -> list[WeightNormPair]:
+    """Run ``model`` once and read which layer's output each batch norm receives."""
+    rec = _FlowRecorder()
+    calls: dict[str, int] = {}
+    fed: list[tuple[str, str]] = []  # (layer, norm)
+    names = {id(m): n for n, m in model.named_modules()}
+    handles = []
+
+    def pre(m, args):
+        name = names[id(m)]
+        calls[name] = calls.get(name, 0) + 1
+        if _is_bn(m) and args and isinstance(args[0], torch.Tensor) and id(args[0]) in rec.produced:
+            fed.append((rec.produced[id(args[0])], name))
+        rec.depth += 1
+
+    def post(m, args, output):
+        rec.depth -= 1
+        if _is_weight(m) and isinstance(output, torch.Tensor):
+            rec.produced[id(output)] = names[id(m)]
+            rec.keep.append(output)
+
+    for m in model.modules():
+        if _is_weight(m) or _is_bn(m):
+            handles.append(m.register_forward_pre_hook(pre))
+            handles.append(m.register_forward_hook(post))
+    saved = {k: v.clone() for k, v in model.state_dict(keep_vars=False).items()}
+    modes = {m: m.training for m in model.modules()}
+    devices = sorted({t.device.index for t in saved.values() if t.device.type == "cuda"})
+    try:
+        model.train()  # the data flow of training, the mode the conversion is for
+        with torch.random.fork_rng(devices=devices), torch.no_grad(), rec:
+            model(*example_inputs)
+    finally:
+        for h in handles:
+            h.remove()
+        for m, mode in modes.items():
+            m.training = mode
+        model.load_state_dict(saved)  # undo running-statistics updates
+    pairs = []
+    for layer, norm in fed:
+        w, bn = model.get_submodule(layer), model.get_submodule(norm)
+        if not _compatible(w, bn):
+            continue
+        if calls.get(layer) != 1 or calls.get(norm) != 1 or rec.other_uses.get(layer, 0) or \
+                sum(1 for lyr, _ in fed if lyr == layer) != 1:
+            logger.info("to_weight_normalized: %s feeds %s but is used elsewhere too; left alone", layer, norm)
+            continue
+        pairs.append(WeightNormPair(layer, norm, "example"))
+    return pairs
+
+
+def find_weight_norm_pairs(model: nn.Module, example_inputs: Any = None) -> list[WeightNormPair]:
     """Find every ``Linear``/conv layer whose output goes only into a batch norm.
 
-    The data flow comes from a :mod:`torch.fx` trace of ``model``; for a part that cannot be
-    traced, its children are traced one by one, and inside an un-traceable ``nn.Sequential`` a
-    layer and the batch norm registered right after it are paired (logged as a warning, marked
-    ``method="sequential"``). The batch norm must have as many features as the layer has output
-    channels; a layer whose output is also used elsewhere (or a module called twice) is skipped.
+    The data flow comes from a :mod:`torch.fx` trace of ``model``. If that fails and
+    ``example_inputs`` (a tensor or a tuple of positional arguments) are given, the model is run
+    once on them and the data flow recorded instead. Otherwise, for a part that cannot be traced,
+    its children are traced one by one, and among the children of the un-traceable part a layer
+    and the batch norm registered right after it are paired (exact inside ``nn.Sequential``, a
+    guess elsewhere; logged as a warning). The batch norm must have as many features as the layer
+    has output channels; a layer whose output is also used elsewhere, or a module called twice,
+    is skipped.
 
     Returns:
-        the pairs, in graph order.
+        the pairs (:class:`WeightNormPair`), in the order found.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"find_weight_norm_pairs: expected an nn.Module, got {type(model).__name__}")
     out: list[WeightNormPair] = []
+    if example_inputs is not None:
+        try:
+            _LeafTracer().trace(model)
+        except Exception as err:
+            # exact, not a guess: information, not a warning
+            logger.info("to_weight_normalized: torch.fx could not trace the model (%s: %s); reading "
+                        "the data flow from one run on the example inputs", type(err).__name__, err)
+            args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+            return _pairs_from_example(model, args)
     _find(model, "", out)
     # a module reachable by two names appears once
     seen, unique = set(), []
@@ -263,6 +374,7 @@ def to_weight_normalized(
     *,
     gain: Literal["fixed", "bounded"] = "fixed",
     scale: bool | None = None,
+    example_inputs: Any = None,
 ) -> nn.Module:
     r"""Convert every *layer → batch norm* of ``model`` into *weight-normalized layer → mean-only BN*.
 
@@ -287,6 +399,9 @@ def to_weight_normalized(
         scale: whether the mean-only batch norm learns a per-channel scale; ``None`` means
             ``True`` for BWN with ``gain="fixed"`` and ``False`` otherwise. Without a scale, γ is
             multiplied into the layer's output channels before normalizing.
+        example_inputs: a tensor (or tuple of positional arguments) to run the model on once
+            when :mod:`torch.fx` cannot trace it, so that the data flow is read rather than
+            guessed from registration order (see :func:`find_weight_norm_pairs`).
 
     Returns:
         ``model``.
@@ -314,7 +429,7 @@ def to_weight_normalized(
     if scale is None:
         scale = kind == "bwn" and gain == "fixed"
 
-    pairs = find_weight_norm_pairs(model)
+    pairs = find_weight_norm_pairs(model, example_inputs)
     for pair in pairs:
         layer = model.get_submodule(pair.weight)
         if is_weight_normalized(layer):

@@ -50,6 +50,18 @@ def _constant(p: float, k: int | None, n: int, constant: str) -> float:
     return lp_constant(p, k, n, constant)
 
 
+def _kernels():
+    # Imported on use: normmatters.kernels imports this module.
+    from .. import kernels
+
+    return kernels
+
+
+def _fused_enabled() -> bool:
+    """Whether to offer a call to the fused kernels first (p=2 always runs torch's own kernels)."""
+    return _kernels().get_backend() == "auto"
+
+
 def _check_float(input: Tensor, where: str) -> None:
     if not isinstance(input, Tensor):
         raise TypeError(f"{where}: expected a torch.Tensor input, got {type(input).__name__}")
@@ -198,6 +210,32 @@ def lp_batch_norm(
         >>> x = torch.randn(32, 8, 5, 5)
         >>> y = lp_batch_norm(x, None, None, training=True, p=1)
     """
+    if _fused_enabled():
+        out = _kernels().try_batch_norm(input, running_mean, running_var, weight, bias, training,
+                                        momentum, eps, p, k, constant, ghost_batch_size)
+        if out is not None:
+            return out
+    return _reference_lp_batch_norm(input, running_mean, running_var, weight, bias, training,
+                                    momentum, eps, p=p, k=k, constant=constant,
+                                    ghost_batch_size=ghost_batch_size)
+
+
+def _reference_lp_batch_norm(
+    input: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    training: bool = False,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+    *,
+    p: float | int | str = 2,
+    k: int | None = None,
+    constant: str = "calibrated",
+    ghost_batch_size: int | None = None,
+) -> Tensor:
+    """The reference path of :func:`lp_batch_norm`: plain torch ops, gradients by autograd."""
     where = "lp_batch_norm"
     _check_float(input, where)
     p, k = _check_p_k(p, k)
@@ -312,6 +350,26 @@ def lp_layer_norm(
 
     Arguments and semantics of :func:`torch.nn.functional.layer_norm`; at ``p=2`` it calls it.
     """
+    if _fused_enabled():
+        out = _kernels().try_layer_norm(input, normalized_shape, weight, bias, eps, p, k, constant)
+        if out is not None:
+            return out
+    return _reference_lp_layer_norm(input, normalized_shape, weight, bias, eps, p=p, k=k,
+                                    constant=constant)
+
+
+def _reference_lp_layer_norm(
+    input: Tensor,
+    normalized_shape: Sequence[int],
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    eps: float = 1e-5,
+    *,
+    p: float | int | str = 2,
+    k: int | None = None,
+    constant: str = "calibrated",
+) -> Tensor:
+    """The reference path of :func:`lp_layer_norm`."""
     where = "lp_layer_norm"
     _check_float(input, where)
     p, k = _check_p_k(p, k)
@@ -346,6 +404,26 @@ def lp_group_norm(
 
     Arguments and semantics of :func:`torch.nn.functional.group_norm`; at ``p=2`` it calls it.
     """
+    if _fused_enabled():
+        out = _kernels().try_group_norm(input, num_groups, weight, bias, eps, p, k, constant)
+        if out is not None:
+            return out
+    return _reference_lp_group_norm(input, num_groups, weight, bias, eps, p=p, k=k,
+                                    constant=constant)
+
+
+def _reference_lp_group_norm(
+    input: Tensor,
+    num_groups: int,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    eps: float = 1e-5,
+    *,
+    p: float | int | str = 2,
+    k: int | None = None,
+    constant: str = "calibrated",
+) -> Tensor:
+    """The reference path of :func:`lp_group_norm`."""
     where = "lp_group_norm"
     _check_float(input, where)
     p, k = _check_p_k(p, k)
@@ -380,6 +458,25 @@ def lp_rms_norm(
     Arguments and semantics of :func:`torch.nn.functional.rms_norm` (``eps=None`` means the
     input dtype's machine epsilon); at ``p=2`` it calls it.
     """
+    if _fused_enabled():
+        out = _kernels().try_rms_norm(input, normalized_shape, weight, eps, p, k, constant)
+        if out is not None:
+            return out
+    return _reference_lp_rms_norm(input, normalized_shape, weight, eps, p=p, k=k,
+                                  constant=constant)
+
+
+def _reference_lp_rms_norm(
+    input: Tensor,
+    normalized_shape: Sequence[int],
+    weight: Tensor | None = None,
+    eps: float | None = None,
+    *,
+    p: float | int | str = 2,
+    k: int | None = None,
+    constant: str = "calibrated",
+) -> Tensor:
+    """The reference path of :func:`lp_rms_norm`."""
     where = "lp_rms_norm"
     _check_float(input, where)
     p, k = _check_p_k(p, k)

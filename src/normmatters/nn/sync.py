@@ -98,7 +98,7 @@ class _SyncLpBatchNormFunction(torch.autograd.Function):
         world = dist.get_world_size(group)
         c = x.shape[1]
         dims = _reduce_dims(x)
-        m = x.numel() // c if c else 0  # local values per channel; 0 for an empty shard
+        m = x.numel() // c  # local values per channel; 0 for an empty shard
         dt = x.dtype
         # Counts and first-round sums travel in float64: a float32 count is exact only to 2^24.
         if p == 2.0:
@@ -170,7 +170,7 @@ class _SyncLpBatchNormFunction(torch.autograd.Function):
         dims = _reduce_dims(d)
         grad = grad.to(d.dtype)
         sums = [grad.sum(dims), (grad * d).sum(dims)]
-        sign = d.sign()
+        sign = d.sign() if p != 2.0 else None
         if p == 1.0:
             sums.append(sign.sum(dims))
         elif p == math.inf:

@@ -18,9 +18,30 @@ from normmatters.optim.invariance import (
     scale_invariant_parameters,
     split_param_groups,
 )
+from normmatters.optim.lr_correction import LRCorrection, reference_group_norms
+from normmatters.optim.norm_schedule import NormSchedule, ReferenceNormSchedule, multistep_lambda
+from normmatters.optim.tracker import (
+    NormTracker,
+    ReferenceNorms,
+    angle_between,
+    effective_lr_rule,
+    plot_norm_log,
+    read_norm_log,
+)
 
 __all__ = [
     "InvarianceReport",
+    "LRCorrection",
+    "NormSchedule",
+    "NormTracker",
+    "ReferenceNormSchedule",
+    "ReferenceNorms",
+    "angle_between",
+    "effective_lr_rule",
+    "multistep_lambda",
+    "plot_norm_log",
+    "read_norm_log",
+    "reference_group_norms",
     "ScaleInvarianceTraceError",
     "ScaleInvariantParam",
     "analyze_scale_invariance",

@@ -290,11 +290,43 @@ def _understood_leaf(m: nn.Module) -> bool:
     )
 
 
+_MISSING = object()
+
+
+class _ValueProxy(torch.fx.Proxy):
+    """A proxy that also knows its value on the example input, so that shape queries
+    (``x.dim()``, ``x.shape``, ``x.size(i)``, ``x.ndim``) give concrete numbers while tracing —
+    plain :mod:`torch.fx` cannot trace ``range(2, x.dim())``. The graph is only analysed for
+    that input's shapes, so baking them in is what we want."""
+
+    def _value(self, what: str) -> Tensor:
+        v = self.tracer._values.get(self.node, _MISSING)  # type: ignore[attr-defined]
+        if not isinstance(v, Tensor):
+            raise torch.fx.proxy.TraceError(f"cannot evaluate {what} of {self.node.name} while tracing")
+        return v
+
+    def dim(self) -> int:  # type: ignore[override]
+        return self._value("dim()").dim()
+
+    def size(self, dim: int | None = None) -> Any:  # type: ignore[override]
+        v = self._value("size()")
+        return v.size() if dim is None else v.size(dim)
+
+    @property
+    def shape(self) -> torch.Size:  # type: ignore[override]
+        return self._value("shape").shape
+
+    @property
+    def ndim(self) -> int:  # type: ignore[override]
+        return self._value("ndim").dim()
+
+
 class _Tracer(torch.fx.Tracer):
     """FX tracer that keeps normalizations (ours included) and layers it understands as leaves,
-    traces into everything else, and keeps functional normalizations as single calls."""
+    traces into everything else, keeps functional normalizations as single calls, and evaluates
+    every node on the example input as it goes (see :class:`_ValueProxy`)."""
 
-    def __init__(self) -> None:
+    def __init__(self, inputs: Sequence[Any] = ()) -> None:
         fns: list[Callable[..., Any]] = []
         try:  # the library's own functional norms, when present
             from normmatters import functional as nmF
@@ -303,11 +335,66 @@ class _Tracer(torch.fx.Tracer):
         except Exception:  # pragma: no cover - the functional package is optional here
             fns = []
         super().__init__(autowrap_functions=tuple(fns))
+        self._inputs = list(inputs)
+        self._values: dict[torch.fx.Node, Any] = {}
+        self._computing = False  # evaluating a node on real tensors: no tracing inside
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if _understood_leaf(m):
             return True
         return super().is_leaf_module(m, module_qualified_name)
+
+    def proxy(self, node: torch.fx.Node) -> torch.fx.Proxy:
+        return _ValueProxy(node, self)
+
+    def call_module(self, m: nn.Module, forward: Callable[..., Any], args: Any, kwargs: Any) -> Any:
+        if self._computing:
+            return forward(*args, **kwargs)
+        return super().call_module(m, forward, args, kwargs)
+
+    def getattr(self, attr: str, attr_val: Any, parameter_proxy_cache: dict[str, Any]) -> Any:
+        if self._computing:
+            return attr_val
+        return super().getattr(attr, attr_val, parameter_proxy_cache)
+
+    def _concrete(self, a: Any) -> Any:
+        def one(x: Any) -> Any:
+            if isinstance(x, torch.fx.Proxy):
+                v = self._values.get(x.node, _MISSING)
+                if v is _MISSING:
+                    raise LookupError(x.node.name)
+                return v
+            return x
+
+        return torch.fx.node.map_aggregate(a, one)
+
+    def create_proxy(self, kind: str, target: Any, args: Any, kwargs: Any, *rest: Any,
+                     **kw: Any) -> torch.fx.Proxy:
+        proxy = super().create_proxy(kind, target, args, kwargs, *rest, **kw)
+        value: Any = _MISSING
+        try:
+            if kind == "placeholder":
+                idx = sum(1 for n in self._values if n.op == "placeholder")
+                value = self._inputs[idx] if idx < len(self._inputs) else _MISSING
+            elif kind == "get_attr":
+                value = self.root
+                for part in str(target).split("."):
+                    value = getattr(value, part)
+            elif kind in ("call_function", "call_method", "call_module"):
+                a, k = self._concrete(tuple(args)), self._concrete(dict(kwargs))
+                self._computing = True
+                if kind == "call_function":
+                    value = target(*a, **k)
+                elif kind == "call_method":
+                    value = getattr(a[0], target)(*a[1:], **k)
+                else:
+                    value = self.root.get_submodule(target)(*a, **k)
+        except Exception:  # a value we cannot compute only matters if its shape is asked for
+            value = _MISSING
+        finally:
+            self._computing = False
+        self._values[proxy.node] = value
+        return proxy
 
 
 # ----------------------------------------------------------------------------------------------
@@ -427,7 +514,9 @@ class _Analysis:
                 if m.max_norm is not None:  # renormalizes rows: not linear in the table
                     return OTHER, 1, False
                 return _S(_HOM, ndim - 1), 1, False
-        known = _understood_leaf(m)
+        # Parameters of modules the analysis does not model, or reached through a
+        # parametrization (weight norm's `parametrizations.weight.original`), are opaque.
+        known = _understood_leaf(m) and attr in ("weight", "bias")
         return OTHER, 0, not known
 
     # -- propagation --------------------------------------------------------------------------
@@ -741,9 +830,11 @@ def _as_args(example_input: Any) -> tuple[Any, ...]:
 
 def _fx_analysis(model: nn.Module, args: tuple[Any, ...]) -> InvarianceReport:
     work = copy.deepcopy(model).train()
-    tracer = _Tracer()
+    tracer = _Tracer(args)
     try:
-        graph = tracer.trace(work)
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            graph = tracer.trace(work)
     except Exception as exc:  # torch.fx raises TraceError, TypeError, NotImplementedError...
         raise ScaleInvarianceTraceError(
             f"scale_invariant_parameters: torch.fx could not trace {type(model).__name__} "

@@ -34,7 +34,6 @@ Example::
 from __future__ import annotations
 
 import json
-import math
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -134,7 +133,8 @@ class NormTracker:
         log_path: JSONL file the records are appended to (created with its folder).
         every: record every ``every`` calls of :meth:`step` (the angle is then the rotation
             over those ``every`` updates).
-        per_channel: also record per-channel values (lists).
+        per_channel: also put per-channel values (lists) in the records; the per-channel
+            norms are kept for :meth:`reference_norms` either way.
         rule: ``"sgd"`` (effective LR ``η·s/‖w‖²``), ``"adam"`` (``η·s/‖w‖``) or ``"auto"``
             (from the optimizer's class).
         lr_scale: optional ``callable(name) -> per-channel tensor or None``: a per-channel
@@ -173,6 +173,11 @@ class NormTracker:
         if self.log_path is not None:
             self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self.history: list[dict[str, Any]] = []
+        # Per-channel norms of every record, kept as compact tensors for reference_norms()
+        # even when the records themselves carry no per-channel lists.
+        self._ref_steps: list[int] = []
+        self._ref_epochs: list[int | None] = []
+        self._ref_norms: dict[str, list[Tensor]] = {t.name: [] for t in self.tracked}
         self.num_steps = 0
         self.epoch: int | None = None
         self._prev: dict[str, Tensor] = {}
@@ -201,6 +206,7 @@ class NormTracker:
             w = t.param.detach()
             rows = _rows(w, t.channel_dim).double()
             ch_norm = torch.linalg.vector_norm(rows, dim=1)
+            self._ref_norms[t.name].append(ch_norm)
             norm = float(torch.linalg.vector_norm(rows))
             entry: dict[str, Any] = {"norm": norm}
             lr = self._lr_of(t.param)
@@ -215,9 +221,11 @@ class NormTracker:
                 if scale is None:
                     entry["eff_lr"] = lr / max(norm, 1e-300) ** power
                 else:
-                    # One number per layer: the rate that gives the layer's mean squared
-                    # channel norm the same step, i.e. the norm-weighted mean of the channels.
-                    entry["eff_lr"] = float((ch_eff * ch_norm**power).sum() / (ch_norm**power).sum())
+                    # Per layer: η/‖w‖^power with each channel's norm divided by its multiplier
+                    # s_i^(1/power); with s_i = (‖w_i‖/‖r_i‖)^power this is η/‖r‖^power, the
+                    # reference layer's rate.
+                    eq = torch.linalg.vector_norm(ch_norm / scale.clamp_min(1e-300) ** (1 / power))
+                    entry["eff_lr"] = lr / max(float(eq), 1e-300) ** power
                     entry["lr_scale_mean"] = float(scale.mean())
             prev = self._prev.get(t.name)
             if prev is not None and self.history:
@@ -231,6 +239,8 @@ class NormTracker:
                         prev.double(), w.double(), dim=t.channel_dim
                     ).tolist()
             layers[t.name] = entry
+        self._ref_steps.append(self.num_steps)
+        self._ref_epochs.append(self.epoch)
         rec: dict[str, Any] = {"step": self.num_steps}
         if self.epoch is not None:
             rec["epoch"] = self.epoch
@@ -273,7 +283,16 @@ class NormTracker:
     def reference_norms(self) -> ReferenceNorms:
         """The recorded per-channel norms, as a reference for LR correction / norm
         scheduling (see :class:`ReferenceNorms`)."""
-        return ReferenceNorms.from_records(self.history)
+        if not self._ref_steps:
+            raise ValueError("NormTracker.reference_norms: nothing recorded yet")
+        epochs = None
+        if all(e is not None for e in self._ref_epochs):
+            epochs = torch.tensor(self._ref_epochs, dtype=torch.int64)
+        return ReferenceNorms(
+            torch.tensor(self._ref_steps, dtype=torch.int64),
+            {n: torch.stack(v) for n, v in self._ref_norms.items()},
+            epochs,
+        )
 
     def summary(self) -> dict[str, dict[str, float]]:
         """Last recorded ``norm``, ``eff_lr`` and ``angle`` per layer."""
@@ -342,6 +361,24 @@ class ReferenceNorms:
     def from_jsonl(cls, path: str | os.PathLike[str]) -> ReferenceNorms:
         """Load from a :class:`NormTracker` JSONL log."""
         return cls.from_records(read_norm_log(path))
+
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        """Write to ``path`` with :func:`torch.save` (atomically: a temporary file, then
+        ``os.replace``)."""
+        out = Path(path)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(out.name + ".tmp")
+        torch.save({"steps": self.steps, "norms": self.norms, "epochs": self.epochs}, tmp)
+        os.replace(tmp, out)
+        return out
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> ReferenceNorms:
+        """Read a file written by :meth:`save` (tensors only: ``weights_only=True``)."""
+        d = torch.load(Path(path), map_location="cpu", weights_only=True)
+        if not isinstance(d, dict) or "steps" not in d or "norms" not in d:
+            raise ValueError(f"ReferenceNorms.load: {path} is not a saved ReferenceNorms")
+        return cls(d["steps"], dict(d["norms"]), d.get("epochs"))
 
     def at(self, name: str, step: int) -> Tensor:
         """Norms of ``name``'s channels at the last record with ``steps <= step``."""
@@ -422,5 +459,3 @@ def plot_norm_log(
     os.replace(tmp, out)
     return out
 
-
-_ = math  # math is used in docstrings' formulas only

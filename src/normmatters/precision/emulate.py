@@ -147,6 +147,54 @@ class NonfiniteRecorder:
         """``{"scope/stage": {"nonfinite", "underflow", "numel", "calls"}}``."""
         return {k: vars(v).copy() for k, v in self.counts.items()}
 
+    def attach(self, model: torch.nn.Module, types: tuple[type, ...] | None = None) -> list:
+        """Record inside every submodule of ``model`` of the given ``types`` (default: the Lp and
+        Range batch norms and :class:`~normmatters.nn.LpLayerNorm`), scoped by its name.
+
+        Forward hooks make this recorder active for the module's forward only. Returns the hook
+        handles; call ``handle.remove()`` on each (or :meth:`detach`) to stop.
+        """
+        if types is None:
+            from ..nn.batchnorm import _LpNormBase
+
+            types = (_LpNormBase,)
+            try:
+                from ..nn import LpLayerNorm
+
+                types = types + (LpLayerNorm,)
+            except ImportError:  # pragma: no cover - layer norms are optional here
+                pass
+        handles = []
+        for name, module in model.named_modules():
+            if isinstance(module, types):
+                handles.append(module.register_forward_pre_hook(self._pre_hook(name or type(module).__name__)))
+                handles.append(module.register_forward_hook(self._post_hook()))
+        self._handles = getattr(self, "_handles", []) + handles
+        return handles
+
+    def detach(self) -> None:
+        """Remove the hooks installed by :meth:`attach`."""
+        for h in getattr(self, "_handles", []):
+            h.remove()
+        self._handles = []
+
+    def _pre_hook(self, name: str):
+        def hook(module, args):
+            _active_recorders().append(self)
+            self._scopes.append(name)
+
+        return hook
+
+    def _post_hook(self):
+        def hook(module, args, output):
+            if self._scopes:
+                self._scopes.pop()
+            stack = _active_recorders()
+            if stack and stack[-1] is self:
+                stack.pop()
+
+        return hook
+
     def total_nonfinite(self, stage: str | None = None) -> int:
         """Sum of non-finite counts, over every stage or over stages named ``stage``."""
         return sum(v.nonfinite for k, v in self.counts.items() if stage is None or k.rsplit("/", 1)[-1] == stage)

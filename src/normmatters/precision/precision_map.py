@@ -128,14 +128,18 @@ class PrecisionMap:
         logs = np.log10(np.clip(np.nan_to_num(self.errors, nan=np.inf, posinf=1e3), 1e-8, 1e3))
         x = np.log10(np.asarray(self.scales))
         y = np.log2(np.asarray(self.sizes, dtype=float))
+        from matplotlib.colors import TwoSlopeNorm
+
+        # Diverging at the tolerance: blue passes, red fails.
+        cnorm = TwoSlopeNorm(vcenter=math.log10(self.tol), vmin=-8, vmax=1)
         mesh = None
         for fi, f in enumerate(self.formats):
             for pi, p in enumerate(self.norms):
                 ax = axes[fi, pi]
-                mesh = ax.pcolormesh(x, y, logs[fi, pi], vmin=-8, vmax=1, cmap="viridis", shading="nearest")
+                mesh = ax.pcolormesh(x, y, logs[fi, pi], norm=cnorm, cmap="RdBu_r", shading="nearest")
                 ok = self.passes()[fi, pi].astype(float)
                 if 0 < ok.sum() < ok.size and len(self.sizes) > 1:
-                    ax.contour(x, y, ok, levels=[0.5], colors="white", linewidths=1.2)
+                    ax.contour(x, y, ok, levels=[0.5], colors="black", linewidths=1.0)
                 ax.set_title(f"{f} · {p}", fontsize=8)
                 if pi == 0:
                     ax.set_ylabel("log2 n")
@@ -143,7 +147,7 @@ class PrecisionMap:
                     ax.set_xlabel("log10 input scale")
                 ax.tick_params(labelsize=7)
         if mesh is not None:
-            fig.colorbar(mesh, ax=axes, shrink=0.6, label="log10 relative error of σ̂ (white: 1% boundary)")
+            fig.colorbar(mesh, ax=axes, shrink=0.6, label="log10 relative error of σ̂ (black: the 1% boundary)")
         fig.suptitle(f"Dispersion computed in low precision vs float64 (pass: error ≤ {self.tol:.0%})", fontsize=10)
         path = os.fspath(path)
         directory = os.path.dirname(os.path.abspath(path))
@@ -178,7 +182,7 @@ def precision_map(
     norms: Sequence[tuple[str, float, int | None]] = DEFAULT_NORMS,
     sizes: Sequence[int] = (16, 64, 256, 1024, 4096, 16384),
     scales: Sequence[float] | np.ndarray = np.logspace(-6, 6, 25),
-    channels: int = 8,
+    channels: int = 16,
     tol: float = 0.01,
     constant: str = "calibrated",
     summation: str = "pairwise",

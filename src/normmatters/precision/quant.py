@@ -412,7 +412,7 @@ def quantize_model(
             elif _is_batch_norm(child):
                 new = child if norm == "keep" else _convert_norm(child, norm, kwargs)
                 if quantize_norms:
-                    new = QuantizedNorm(new, quant)
+                    new = QuantizedNorm(new, quant).train(child.training)
             if new is not None:
                 setattr(module, name, new)
             else:

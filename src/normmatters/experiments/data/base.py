@@ -113,8 +113,8 @@ def load_or_build_arrays(path: Path, build: Callable[[], dict[str, np.ndarray]])
         try:
             with np.load(path, allow_pickle=False) as z:
                 return {k: z[k] for k in z.files}
-        except (OSError, ValueError, EOFError):
-            pass  # damaged cache: rebuild below
+        except Exception:  # noqa: BLE001 - any damage (truncated zip, bad header): rebuild below
+            pass
     arrays = build()
     buf = io.BytesIO()
     np.savez(buf, **arrays)

@@ -88,7 +88,7 @@ def _folder(name: str, root) -> Path:
     return cache_dir(root, "data") if root is None else Path(root)
 
 
-def load_cifar(name: str, root=None, *, train: bool = True, download: bool = False, augment: bool = True, **_):
+def load_cifar(name: str, root=None, *, train: bool = True, download: bool = False, augment: bool = True):
     """CIFAR-10/100 as an :class:`ArrayDataset` of ((3, 32, 32) normalized tensors, labels).
 
     :param root: the folder that contains (or will contain) the archive's folder; default
@@ -105,10 +105,11 @@ def load_cifar(name: str, root=None, *, train: bool = True, download: bool = Fal
         download_and_extract(spec["url"], base, spec["md5"], what=name)
         missing = [f for f in needed if not (folder / f).is_file()]
     if missing:
+        what = "not found" if len(missing) == len(needed) else f"incomplete (missing {', '.join(missing)})"
         raise DataNotFoundError(
-            f"{name}: data not found in {folder} (missing {', '.join(missing)}; expected "
-            f"{', '.join(needed)} from {spec['url'].rsplit('/', 1)[-1]}); "
-            f"pass --download (download=True) or --data-root pointing at the folder that holds {spec['folder']}/"
+            f"{name}: data folder {folder} {what}; expected {', '.join(needed)} from "
+            f"{spec['url'].rsplit('/', 1)[-1]}; pass --download (download=True), or --data-root "
+            f"(root=) naming the folder that holds {spec['folder']}/"
         )
     xs, ys = [], []
     for fname in spec["train"] if train else spec["test"]:

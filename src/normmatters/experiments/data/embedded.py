@@ -47,7 +47,7 @@ def mnist1d_arrays(root: str | Path | None = None, *, num_samples: int = 5000, s
 
 
 def load_mnist1d(root=None, *, train: bool = True, augment: bool = False, shift: int = 4, num_samples: int = 5000,
-                 seed: int = 42, **_):
+                 seed: int = 42, download: bool = False):
     """MNIST-1D as an :class:`ArrayDataset` of ((1, 40) float tensors, int labels).
 
     :param augment: random shifts of up to ``shift`` samples (zero-padded) for training.
@@ -66,7 +66,7 @@ def load_mnist1d(root=None, *, train: bool = True, augment: bool = False, shift:
 
 
 def load_digits(root=None, *, train: bool = True, augment: bool = False, test_fraction: float = 0.2,
-                split_seed: int = 0, **_):
+                split_seed: int = 0, download: bool = False):
     """scikit-learn's digits as an :class:`ArrayDataset` of ((1, 8, 8) float tensors, int labels).
 
     :param augment: random 1-pixel translations for training.

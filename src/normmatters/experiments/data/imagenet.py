@@ -90,7 +90,8 @@ class ImageFolder(Dataset):
         return (x - self._mean) / self._std, label
 
 
-def load_imagenet(root=None, *, train: bool = True, image_size: int = 224, **_):
+def load_imagenet(root=None, *, train: bool = True, image_size: int = 224, augment: bool = True,
+                  download: bool = False):
     """ImageNet from ``root/train`` and ``root/val`` (class folders), as an :class:`ImageFolder`."""
     if root is None:
         raise DataNotFoundError("imagenet: pass root= (--data-root) pointing at a folder with train/ and val/")
@@ -100,7 +101,7 @@ def load_imagenet(root=None, *, train: bool = True, image_size: int = 224, **_):
         if not d.is_dir():
             raise DataNotFoundError(f"imagenet: folder {d} not found (expected {root}/train/<class>/… and {root}/val/<class>/…)")
     classes = sorted(p.name for p in train_dir.iterdir() if p.is_dir())
-    ds = ImageFolder(train_dir if train else val_dir, train=train, image_size=image_size, classes=classes)
+    ds = ImageFolder(train_dir if train else val_dir, train=train and augment, image_size=image_size, classes=classes)
     info = DatasetInfo("imagenet", "classification", len(classes), (3, image_size, image_size), 2, 3,
                        train_size=len(ds) if train else 0, test_size=0 if train else len(ds),
                        extra={"root": str(root), "classes": len(classes)})

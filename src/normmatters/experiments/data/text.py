@@ -78,11 +78,13 @@ class TokenDataset(Dataset):
 
 
 def load_text(root=None, *, train: bool = True, path: str | os.PathLike | None = None, level: str = "char",
-              block_size: int = 128, test_fraction: float = 0.1, max_chars: int | None = None, **_):
+              block_size: int = 128, test_fraction: float = 0.1, max_chars: int | None = None,
+              augment: bool = False, download: bool = False):
     """A :class:`TokenDataset` over a UTF-8 file (``path``, or ``root`` if it names a file) or the default corpus.
 
     :param level: ``"char"`` (vocabulary = the corpus's characters) or ``"byte"`` (256 ids).
     :param max_chars: use only the first ``max_chars`` characters (quick runs).
+    :param augment, download: accepted for a uniform interface; text has neither.
     """
     path = path if path is not None else (root if root is not None and Path(root).is_file() else None)
     if path is not None:

@@ -1,0 +1,318 @@
+"""``normmatters reproduce``: run the paper's claims C1–C5 and write one report (SPEC §1, §6).
+
+::
+
+    normmatters reproduce                                   # every claim, embedded scale, reports/embedded
+    normmatters reproduce --claims C2,C3 --seeds 3          # two claims, three seeds each
+    normmatters reproduce --scale paper --data-root /data   # the paper's configurations where data is present
+
+The embedded scale (default) trains on data that needs no network (MNIST-1D, scikit-learn's
+digits, CPython's pydoc text) and is sized to finish in about 20 minutes on a 2-core CPU. The
+paper scale trains the paper's networks on CIFAR-10, ImageNet and a text corpus found under
+``--data-root`` and lists what is missing, with how to provide it.
+
+Output folder::
+
+    REPORT.md          a table per claim beside the paper's and seed 003's numbers, verdicts,
+                       figures, environment, resolved configs, wall times
+    results.json       the same for programs
+    figures/           summary bar charts
+    runs/              the shared run cache (one folder per configuration and seed)
+    c1/ … c5/          each claim's folder: its own runs and figures, result.json when finished
+
+Continuing. A claim whose ``result.json`` was written for the same scale and seeds is not run
+again (``--force`` runs it again); inside a claim, a finished run (its ``summary.json``) is read
+back and an unfinished one resumes from its checkpoint. An interrupted reproduce therefore
+continues where it stopped when started again with the same arguments.
+
+Failures. A claim whose module is missing or raises is reported as "not run: <error>" (the
+traceback is in its folder as ``error.txt``) and the other claims still run. The exit status is
+0 when at least one claim ran, 1 when every requested claim failed, 2 for bad arguments and 130
+when interrupted (after writing the report of what finished).
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import logging
+import shlex
+import sys
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from .claims import CLAIMS, SCALES, load_claim, missing_paper_data, paper_data, parse_claims
+from .claims.report import verdict_for, write_report
+from .errors import ConfigError, InputError
+from .io import atomic_write_text
+
+__all__ = ["main", "build_parser", "reproduce", "RESULT_NAME"]
+
+log = logging.getLogger(__name__)
+
+PROG = "normmatters reproduce"
+#: A finished claim's record in its folder.
+RESULT_NAME = "result.json"
+RUN_CACHE = "runs"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The parser of ``normmatters reproduce``."""
+    p = argparse.ArgumentParser(
+        prog=PROG,
+        description="Run the paper's claims C1–C5 and write REPORT.md and results.json.",
+        epilog="Runs already finished in the output folder are reused, so an interrupted reproduce continues "
+               "where it stopped. Claims: " + "; ".join(f"{c}: {i.title}" for c, i in CLAIMS.items()),
+    )
+    p.add_argument("--scale", choices=SCALES, default="embedded",
+                   help="embedded (default: real data that needs no network, ~20 min on 2 CPU cores) or paper "
+                        "(the paper's configurations, where the data is present)")
+    p.add_argument("--claims", default=None, metavar="C1,C2,...",
+                   help=f"comma-separated claims to run (default: all of {','.join(CLAIMS)})")
+    p.add_argument("--out", default=None, metavar="DIR", help="report folder (default: reports/<scale>)")
+    p.add_argument("--seeds", type=int, default=1, metavar="N",
+                   help="seeds per configuration, 0..N-1 (default 1); with N > 1 tables show mean ± std and "
+                        "verdict tolerances widen to twice the spread")
+    p.add_argument("--data-root", dest="data_root", default=None, metavar="DIR",
+                   help="paper scale: folder with cifar-10-batches-py/, imagenet/{train,val}/, lm_corpus.txt "
+                        "(default $NORMMATTERS_CACHE/data)")
+    p.add_argument("--force", action="store_true",
+                   help="run every requested claim again even if its result.json exists (finished runs in the "
+                        "run cache are still reused; delete the folder for a fresh start)")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+    p.add_argument("-v", "--verbose", action="store_true", help="also log every training epoch")
+    return p
+
+
+class _TqdmHandler(logging.Handler):
+    """Log records written with ``tqdm.write``, so they do not break the progress bars."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            from tqdm.auto import tqdm
+
+            tqdm.write(self.format(record), file=sys.stderr)
+        except Exception:  # logging must never raise
+            self.handleError(record)
+
+
+def _setup_logging(verbose: bool) -> logging.Handler:
+    handler = _TqdmHandler()
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    for name in ("normmatters.experiments.claims", __name__):
+        lg = logging.getLogger(name)
+        lg.setLevel(logging.INFO)
+        lg.addHandler(handler)
+        lg.propagate = False
+    if verbose:
+        lg = logging.getLogger("normmatters.experiments.trainer")
+        lg.setLevel(logging.INFO)
+        lg.addHandler(handler)
+    return handler
+
+
+def _teardown_logging(handler: logging.Handler) -> None:
+    for name in ("normmatters.experiments.claims", __name__, "normmatters.experiments.trainer"):
+        lg = logging.getLogger(name)
+        if handler in lg.handlers:
+            lg.removeHandler(handler)
+        if name != "normmatters.experiments.trainer":
+            lg.propagate = True
+
+
+def _load_finished(claim_dir: Path, scale: str, seeds: Sequence[int]) -> dict[str, Any] | None:
+    """The record of a claim finished earlier with the same scale and seeds, or ``None``."""
+    path = claim_dir / RESULT_NAME
+    if not path.is_file():
+        return None
+    try:
+        rec = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        log.warning("%s is unreadable; the claim runs again", path)
+        return None
+    if not isinstance(rec, dict) or rec.get("status") != "ok":
+        return None
+    if rec.get("scale") != scale or list(rec.get("seeds", [])) != list(seeds):
+        log.info("%s was written for scale %s, seeds %s; running again for scale %s, seeds %s", path,
+                 rec.get("scale"), rec.get("seeds"), scale, list(seeds))
+        return None
+    return rec
+
+
+def _call_kwargs(fn: Callable[..., Any], extra: dict[str, Any]) -> dict[str, Any]:
+    """The optional keywords ``fn`` accepts (by name or through ``**kwargs``)."""
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return {}
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return dict(extra)
+    return {k: v for k, v in extra.items() if k in params}
+
+
+def _one_line(exc: BaseException) -> str:
+    msg = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return f"{type(exc).__name__}: {msg}" if msg else type(exc).__name__
+
+
+def _check_result(cid: str, res: Any) -> dict[str, Any]:
+    if not isinstance(res, dict):
+        raise TypeError(f"{cid}: run() returned {type(res).__name__}, expected a dict with 'rows'")
+    rows = res.get("rows")
+    if not isinstance(rows, list) or not all(isinstance(r, dict) and "run" in r for r in rows):
+        raise TypeError(f"{cid}: run() returned no 'rows' list of dicts with a 'run' key")
+    return res
+
+
+def run_claim(cid: str, root: Path, *, scale: str, seeds: Sequence[int], progress: bool,
+              data_root: str | None = None, force: bool = False,
+              runner: Callable[..., dict[str, Any]] | None = None) -> dict[str, Any]:
+    """Run (or reuse) one claim and return its record; never raises for a failing claim module.
+
+    :param runner: the claim's ``run`` function (default: the registry's module).
+    """
+    claim_dir = root / cid.lower()
+    if not force:
+        rec = _load_finished(claim_dir, scale, seeds)
+        if rec is not None:
+            rec["reused"] = True
+            log.info("%s: finished earlier, reusing %s (%.0f s then)", cid, claim_dir / RESULT_NAME,
+                     rec.get("wall_time") or 0.0)
+            return rec
+    base = {"claim": cid, "scale": scale, "seeds": list(seeds), "dir": cid.lower(), "reused": False}
+    if scale == "paper":
+        missing = missing_paper_data(cid, data_root)
+        if len(missing) == len(CLAIMS[cid].paper_data):
+            names = ", ".join(d.name for d in missing)
+            log.info("%s: not run, paper-scale data missing (%s)", cid, names)
+            return {**base, "status": "error", "wall_time": 0.0, "error": f"data missing: {names}",
+                    "missing_data": [d.to_dict() for d in missing]}
+    t0 = time.perf_counter()
+    try:
+        fn = runner if runner is not None else load_claim(cid)
+        kwargs = _call_kwargs(fn, {"cache_dir": root / RUN_CACHE, "data_root": data_root})
+        claim_dir.mkdir(parents=True, exist_ok=True)
+        res = _check_result(cid, fn(claim_dir, seeds=tuple(seeds), scale=scale, progress=progress, **kwargs))
+    except KeyboardInterrupt:
+        raise
+    except Exception as exc:
+        wall = time.perf_counter() - t0
+        claim_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(claim_dir / "error.txt", traceback.format_exc())
+        log.error("%s: not run: %s (traceback in %s)", cid, _one_line(exc), claim_dir / "error.txt")
+        rec = {**base, "status": "error", "wall_time": wall, "error": _one_line(exc)}
+        if scale == "paper":
+            rec["missing_data"] = [d.to_dict() for d in missing_paper_data(cid, data_root)]
+        return rec
+    wall = time.perf_counter() - t0
+    rec = {**base, **{k: v for k, v in res.items() if k not in base}, "claim": cid, "status": "ok",
+           "wall_time": wall, "finished_at": time.strftime("%Y-%m-%d %H:%M:%S")}
+    rec.setdefault("figures", [])
+    rec.setdefault("notes", "")
+    atomic_write_text(claim_dir / RESULT_NAME, json.dumps(rec, indent=1, default=str) + "\n")
+    return rec
+
+
+def reproduce(
+    out_dir: str | Path,
+    *,
+    claims: Sequence[str] | None = None,
+    scale: str = "embedded",
+    seeds: Sequence[int] = (0,),
+    data_root: str | None = None,
+    progress: bool = True,
+    force: bool = False,
+    command: str | None = None,
+    runners: dict[str, Callable[..., dict[str, Any]]] | None = None,
+) -> dict[str, Any]:
+    """Run the claims and write the report; the library form of ``normmatters reproduce``.
+
+    :param out_dir: the report folder.
+    :param claims: claim ids (default all).
+    :param scale: ``"embedded"`` or ``"paper"``.
+    :param seeds: the seeds every configuration runs with.
+    :param data_root: paper-scale data folder.
+    :param progress: tqdm bars.
+    :param force: run claims again even if finished.
+    :param command: the command line, for the report.
+    :param runners: claim id → ``run`` function, replacing the registry's (for tests).
+    :returns: ``{"results": {claim: record}, "report": path, "json": path, "wall_time": s,
+        "interrupted": bool}``.
+    """
+    if scale not in SCALES:
+        raise ConfigError(f"--scale: expected one of {', '.join(SCALES)}, got {scale!r}")
+    ids = parse_claims(claims)
+    seeds = [int(s) for s in seeds]
+    if not seeds:
+        raise ConfigError("--seeds: expected at least one seed")
+    root = Path(out_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    meta: dict[str, Any] = {"scale": scale, "seeds": seeds, "claims": ids,
+                            "command": command or f"normmatters reproduce --scale {scale} --out {root}"}
+    if scale == "paper":
+        status = paper_data(data_root)
+        meta["paper_data"] = {k: d.to_dict() for k, d in status.items()}
+        meta["data_root"] = data_root
+        for d in status.values():
+            if not d.present:
+                log.warning("paper scale: %s missing (%s: %s); to provide it: %s", d.name, d.path, d.detail, d.how)
+    t0 = time.perf_counter()
+    results: dict[str, dict[str, Any]] = {}
+    interrupted = False
+    try:
+        for i, cid in enumerate(ids, 1):
+            log.info("%s [%d/%d]: %s", cid, i, len(ids), CLAIMS[cid].title)
+            rec = run_claim(cid, root, scale=scale, seeds=seeds, progress=progress, data_root=data_root,
+                            force=force, runner=(runners or {}).get(cid))
+            results[cid] = rec
+            if rec["status"] == "ok":
+                v = verdict_for(cid, rec).verdict
+                log.info("%s: %s in %.0f s%s", cid, v, rec.get("wall_time") or 0.0,
+                         " (reused)" if rec.get("reused") else "")
+    except KeyboardInterrupt:
+        interrupted = True
+        for cid in ids:
+            results.setdefault(cid, {"claim": cid, "status": "error", "error": "interrupted; run the same command "
+                                     "again to continue", "wall_time": None, "seeds": seeds, "scale": scale})
+    meta["wall_time"] = time.perf_counter() - t0
+    meta["claim_wall_time_total"] = sum((r.get("wall_time") or 0.0) for r in results.values())
+    report, js = write_report(root, results, meta)
+    return {"results": results, "report": report, "json": js, "wall_time": meta["wall_time"],
+            "interrupted": interrupted}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``normmatters reproduce``: returns the exit status (see the module docstring)."""
+    args = build_parser().parse_args(argv)
+    handler = _setup_logging(args.verbose)
+    try:
+        if args.seeds < 1:
+            raise ConfigError(f"--seeds: expected a number of seeds >= 1, got {args.seeds}")
+        claims = parse_claims(args.claims)
+        out = Path(args.out) if args.out else Path("reports") / args.scale
+        command = "normmatters reproduce " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[2:]))
+        out_info = reproduce(out, claims=claims, scale=args.scale, seeds=list(range(args.seeds)),
+                             data_root=args.data_root, progress=args.progress, force=args.force,
+                             command=command.strip())
+    except InputError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        _teardown_logging(handler)
+    results = out_info["results"]
+    width = max(len(c) for c in results) if results else 2
+    for cid, rec in results.items():
+        v = verdict_for(cid, rec).verdict
+        t = rec.get("wall_time")
+        print(f"{cid:<{width}}  {v}" + (f"  ({t:.0f} s{', reused' if rec.get('reused') else ''})" if t else ""))
+    print(f"report: {out_info['report']} (total {out_info['wall_time']:.0f} s); machine-readable: {out_info['json']}")
+    if out_info["interrupted"]:
+        print(f"{PROG}: interrupted; run the same command again to continue", file=sys.stderr)
+        return 130
+    if results and all(r.get("status") != "ok" for r in results.values()):
+        return 1
+    return 0

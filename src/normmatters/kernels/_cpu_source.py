@@ -1,0 +1,604 @@
+"""C++ source of the fused CPU Lp normalization kernels (compiled on first use by :mod:`.cpu`).
+
+Kept as a Python string so it ships with the package whatever the build backend does with data
+files. The code includes no torch headers: it builds in about a second with a plain C++ compiler
+and is called through ``ctypes`` on raw pointers of tensors that the Python side allocates.
+
+Layouts: a tensor is viewed as ``[N, C, S]`` (statistics per channel c over N·S values), stored
+either ``NCS`` (each (n, c) a contiguous run of S values: NCHW batch norm, and layer/group norm
+as N=1, C=rows) or ``NSC`` (each of the N·S rows holds C contiguous values: channels-last).
+
+Modes: 1 = L1 (σ̂ = C·mean|d|), 2 = Top(k) (σ̂ = C·mean of the k largest |d|; L∞ is k=1).
+The Top(k) set is found in the same pass as the mean: the k largest |x − μ| lie among the k
+largest and the k smallest x, kept in two small heaps that most chunks skip after one vectorised
+min/max. The backward pass finds the set again from x and the saved μ (deterministically the same
+set), so nothing but x, μ and 1/(σ̂+eps) is saved for backward, as for torch's batch norm.
+"""
+
+SOURCE = r"""
+#include <cstdint>
+#include <cstring>
+#include <cmath>
+#include <vector>
+#include <algorithm>
+#include <limits>
+#include <omp.h>
+
+// Each build instantiates one storage dtype (compile time is per dtype; a process loads only
+// the libraries of the dtypes it uses).
+#ifndef NM_DTYPE
+#define NM_DTYPE 0
+#endif
+
+namespace {
+
+typedef uint16_t bf16_t;
+typedef _Float16 f16_t;
+const int64_t CH = 2048;   // chunk of a run summed in the accumulation type before a double add
+const int64_t RB = 64;     // rows per block in the NSC layout
+
+template <typename T> struct IO;
+template <> struct IO<float> {
+  typedef float A;
+  static inline float ld(const float* p, int64_t i) { return p[i]; }
+  static inline void st(float* p, int64_t i, float v) { p[i] = v; }
+};
+template <> struct IO<double> {
+  typedef double A;
+  static inline double ld(const double* p, int64_t i) { return p[i]; }
+  static inline void st(double* p, int64_t i, double v) { p[i] = v; }
+};
+template <> struct IO<bf16_t> {
+  typedef float A;
+  static inline float ld(const bf16_t* p, int64_t i) {
+    uint32_t u = ((uint32_t)p[i]) << 16; float f; std::memcpy(&f, &u, 4); return f;
+  }
+  static inline void st(bf16_t* p, int64_t i, float v) {
+    uint32_t u; std::memcpy(&u, &v, 4);
+    uint32_t r = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;   // round to nearest even
+    uint32_t q = (u >> 16) | 0x40u;                          // quiet NaN
+    p[i] = (bf16_t)(((u & 0x7fffffffu) > 0x7f800000u) ? q : r);
+  }
+};
+template <> struct IO<f16_t> {
+  typedef float A;
+  static inline float ld(const f16_t* p, int64_t i) { return (float)p[i]; }
+  static inline void st(f16_t* p, int64_t i, float v) { p[i] = (f16_t)v; }
+};
+
+// Keeps the k largest (value, −index) pairs pushed: larger values first, and among equal values
+// the lower index, so the kept set does not depend on the order of the pushes (nor on how rows
+// are split between threads). Root = the worst kept pair (the admission threshold).
+template <typename A> struct Heap {
+  int k = 0, n = 0; A* v = nullptr; int64_t* id = nullptr;
+  static inline bool better(A x, int64_t i, A y, int64_t j) { return x > y || (x == y && i < j); }
+  inline A thr() const { return n < k ? -std::numeric_limits<A>::infinity() : v[0]; }
+  void push(A x, int64_t i) {
+    if (n < k) {
+      int j = n++;
+      while (j > 0) { int p = (j - 1) / 2; if (!better(v[p], id[p], x, i)) break; v[j] = v[p]; id[j] = id[p]; j = p; }
+      v[j] = x; id[j] = i; return;
+    }
+    if (!better(x, i, v[0], id[0])) return;
+    int j = 0;
+    for (;;) {
+      int l = 2 * j + 1; if (l >= n) break;
+      int r = l + 1; int m = (r < n && better(v[l], id[l], v[r], id[r])) ? r : l;
+      if (!better(x, i, v[m], id[m])) break;
+      v[j] = v[m]; id[j] = id[m]; j = m;
+    }
+    v[j] = x; id[j] = i;
+  }
+};
+
+// Storage for `count` pairs of heaps (largest x, largest −x), each of capacity k.
+template <typename A> struct HeapSet {
+  std::vector<A> vals; std::vector<int64_t> ids; std::vector<Heap<A>> hi, lo;
+  void init(int64_t count, int k) {
+    vals.assign((size_t)(2 * count * k), A(0)); ids.assign((size_t)(2 * count * k), 0);
+    hi.assign((size_t)count, Heap<A>()); lo.assign((size_t)count, Heap<A>());
+    for (int64_t c = 0; c < count; ++c) {
+      hi[c].k = k; hi[c].v = vals.data() + 2 * c * k; hi[c].id = ids.data() + 2 * c * k;
+      lo[c].k = k; lo[c].v = hi[c].v + k; lo[c].id = hi[c].id + k;
+    }
+  }
+};
+
+// Push the values of a contiguous piece that can enter the heap (NEG: push −x). The piece is
+// split into blocks of 64 whose maximum is taken vectorised first, so the scalar insertion loop
+// only visits blocks that can contribute.
+template <typename T, typename A, bool NEG>
+inline void scan_piece(const T* x, int64_t len, int64_t base, Heap<A>& h) {
+  const int64_t SB = 64;
+  for (int64_t s0 = 0; s0 < len; s0 += SB) {
+    const int64_t l = std::min(SB, len - s0);
+    const T* xb = x + s0;
+    A m = -std::numeric_limits<A>::infinity();
+#pragma omp simd reduction(max:m)
+    for (int64_t i = 0; i < l; ++i) { A v = NEG ? -IO<T>::ld(xb, i) : IO<T>::ld(xb, i); m = v > m ? v : m; }
+    if (!(m >= h.thr())) continue;
+    for (int64_t i = 0; i < l; ++i) {
+      A v = NEG ? -IO<T>::ld(xb, i) : IO<T>::ld(xb, i);
+      if (v >= h.thr()) h.push(v, base + s0 + i);
+    }
+  }
+}
+
+// The pieces (contiguous chunks) of one channel with their max and min, recorded during the
+// pass that computes the mean. The k largest values lie in the k pieces with the largest maxima
+// (each holds its own maximum, so after scanning them the threshold is at least the k-th largest
+// piece maximum and no other piece can beat it, ties aside): only those are scanned.
+template <typename T, typename A> struct Pieces {
+  std::vector<A> mx, mn; std::vector<int64_t> off, base, len, order;
+  void clear() { mx.clear(); mn.clear(); off.clear(); base.clear(); len.clear(); }
+  inline void add(int64_t o, int64_t b, int64_t l, A hi, A lo) {
+    off.push_back(o); base.push_back(b); len.push_back(l); mx.push_back(hi); mn.push_back(lo);
+  }
+  template <bool NEG> void fill(const T* x, int k, Heap<A>& h) {
+    const int64_t P = (int64_t)mx.size();
+    order.resize((size_t)P);
+    for (int64_t p = 0; p < P; ++p) order[p] = p;
+    const int64_t m = std::min<int64_t>(k, P);
+    auto key = [&](int64_t p) { return NEG ? -mn[p] : mx[p]; };
+    std::nth_element(order.begin(), order.begin() + (m - 1), order.end(), [&](int64_t a, int64_t b) {
+      return key(a) > key(b) || (key(a) == key(b) && a < b); });
+    for (int64_t j = 0; j < m; ++j) scan_piece<T, A, NEG>(x + off[order[j]], len[order[j]], base[order[j]], h);
+    for (int64_t j = m; j < P; ++j)
+      if (key(order[j]) >= h.thr()) scan_piece<T, A, NEG>(x + off[order[j]], len[order[j]], base[order[j]], h);
+  }
+  void finish(const T* x, int k, Heap<A>& hi, Heap<A>& lo) {
+    hi.n = 0; lo.n = 0;
+    if (mx.empty()) return;
+    fill<false>(x, k, hi); fill<true>(x, k, lo);
+  }
+};
+
+struct Cand { double a; int64_t id; int s; };
+
+// The k largest |x − mu| among the candidates of `nsrc` heap pairs; returns their sum and writes
+// their within-channel indices and signs. Order: |d| descending, then index ascending.
+template <typename A>
+double select_topk(Heap<A>* const* his, Heap<A>* const* los, int nsrc, int k, A mu,
+                   int64_t* out_id, int* out_s, std::vector<Cand>& buf) {
+  buf.clear();
+  for (int t = 0; t < nsrc; ++t) {
+    for (int j = 0; j < his[t]->n; ++j) { A d = his[t]->v[j] - mu; buf.push_back({(double)std::fabs(d), his[t]->id[j], (d > 0) - (d < 0)}); }
+    for (int j = 0; j < los[t]->n; ++j) { A d = -los[t]->v[j] - mu; buf.push_back({(double)std::fabs(d), los[t]->id[j], (d > 0) - (d < 0)}); }
+  }
+  std::sort(buf.begin(), buf.end(), [](const Cand& p, const Cand& q) { return p.id < q.id; });
+  buf.erase(std::unique(buf.begin(), buf.end(), [](const Cand& p, const Cand& q) { return p.id == q.id; }), buf.end());
+  int m = std::min<int>(k, (int)buf.size());
+  std::partial_sort(buf.begin(), buf.begin() + m, buf.end(), [](const Cand& p, const Cand& q) {
+    return p.a > q.a || (p.a == q.a && p.id < q.id); });
+  double s = 0.0;
+  for (int j = 0; j < m; ++j) { s += buf[j].a; if (out_id) { out_id[j] = buf[j].id; out_s[j] = buf[j].s; } }
+  return s;
+}
+
+// ---------------------------------------------------------------- NCS layout: one channel per task
+template <typename T>
+void fwd_ncs(const T* x, T* y, int64_t N, int64_t C, int64_t S,
+             const typename IO<T>::A* w, const typename IO<T>::A* b, int mode, int k,
+             double cst, double eps, int center,
+             typename IO<T>::A* mean_o, typename IO<T>::A* inv_o, typename IO<T>::A* sig_o, int nt) {
+  typedef typename IO<T>::A A;
+  const int64_t n = N * S;
+#pragma omp parallel num_threads(nt)
+  {
+    HeapSet<A> hs; std::vector<Cand> buf; Pieces<T, A> pieces;
+    if (mode == 2) hs.init(1, k);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t c = 0; c < C; ++c) {
+      double sum = 0.0;
+      Heap<A>* hi = mode == 2 ? &hs.hi[0] : nullptr; Heap<A>* lo = mode == 2 ? &hs.lo[0] : nullptr;
+      pieces.clear();
+      for (int64_t q = 0; q < N; ++q) {
+        const T* xp = x + (q * C + c) * S;
+        for (int64_t s0 = 0; s0 < S; s0 += CH) {
+          const int64_t len = std::min(CH, S - s0);
+          const T* xc = xp + s0;
+          A ls = 0;
+          if (mode == 2) {
+            A mx = -std::numeric_limits<A>::infinity(), mn = std::numeric_limits<A>::infinity();
+#pragma omp simd reduction(+:ls) reduction(max:mx) reduction(min:mn)
+            for (int64_t i = 0; i < len; ++i) { A v = IO<T>::ld(xc, i); ls += v; mx = v > mx ? v : mx; mn = v < mn ? v : mn; }
+            pieces.add((q * C + c) * S + s0, q * S + s0, len, mx, mn);
+          } else {
+#pragma omp simd reduction(+:ls)
+            for (int64_t i = 0; i < len; ++i) ls += IO<T>::ld(xc, i);
+          }
+          sum += (double)ls;
+        }
+      }
+      const A mu = center ? (A)(sum / (double)n) : A(0);
+      double sig;
+      if (mode == 1) {
+        double sa = 0.0;
+        for (int64_t q = 0; q < N; ++q) {
+          const T* xp = x + (q * C + c) * S;
+          for (int64_t s0 = 0; s0 < S; s0 += CH) {
+            const int64_t len = std::min(CH, S - s0);
+            const T* xc = xp + s0;
+            A la = 0;
+#pragma omp simd reduction(+:la)
+            for (int64_t i = 0; i < len; ++i) { A d = IO<T>::ld(xc, i) - mu; la += d < 0 ? -d : d; }
+            sa += (double)la;
+          }
+        }
+        sig = cst * sa / (double)n;
+      } else {
+        pieces.finish(x, k, *hi, *lo);
+        sig = cst * select_topk<A>(&hi, &lo, 1, k, mu, nullptr, nullptr, buf) / (double)k;
+      }
+      const A sg = (A)sig;
+      const A inv = A(1) / (sg + (A)eps);
+      const A a = inv * (w ? w[c] : A(1));
+      const A off = b ? b[c] : A(0);
+      for (int64_t q = 0; q < N; ++q) {
+        const T* xp = x + (q * C + c) * S;
+        T* yp = y + (q * C + c) * S;
+#pragma omp simd
+        for (int64_t i = 0; i < S; ++i) IO<T>::st(yp, i, (IO<T>::ld(xp, i) - mu) * a + off);
+      }
+      mean_o[c] = mu; inv_o[c] = inv; sig_o[c] = sg;
+    }
+  }
+}
+
+template <typename T>
+void bwd_ncs(const T* dy, const T* x, T* dx, int64_t N, int64_t C, int64_t S,
+             const typename IO<T>::A* w, const typename IO<T>::A* mean, const typename IO<T>::A* invs,
+             int mode, int k, double cst, int center,
+             typename IO<T>::A* dw, typename IO<T>::A* db, int nt) {
+  typedef typename IO<T>::A A;
+  const int64_t n = N * S;
+#pragma omp parallel num_threads(nt)
+  {
+    HeapSet<A> hs; std::vector<Cand> buf; Pieces<T, A> pieces;
+    std::vector<int64_t> tid((size_t)std::max(k, 1)); std::vector<int> tsg((size_t)std::max(k, 1));
+    if (mode == 2) hs.init(1, k);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t c = 0; c < C; ++c) {
+      const A mu = mean[c];
+      const bool want_sign = (mode == 1 && center);
+      const bool want_top = (mode == 2 && dx != nullptr);
+      Heap<A>* hi = mode == 2 ? &hs.hi[0] : nullptr; Heap<A>* lo = mode == 2 ? &hs.lo[0] : nullptr;
+      pieces.clear();
+      double sdy = 0.0, sdyd = 0.0, ssg = 0.0;
+      for (int64_t q = 0; q < N; ++q) {
+        const T* xp = x + (q * C + c) * S; const T* gp = dy + (q * C + c) * S;
+        for (int64_t s0 = 0; s0 < S; s0 += CH) {
+          const int64_t len = std::min(CH, S - s0);
+          const T* xc = xp + s0; const T* gc = gp + s0;
+          A l1 = 0, l2 = 0, l3 = 0;
+          if (want_top) {
+            A mx = -std::numeric_limits<A>::infinity(), mn = std::numeric_limits<A>::infinity();
+#pragma omp simd reduction(+:l1, l2) reduction(max:mx) reduction(min:mn)
+            for (int64_t i = 0; i < len; ++i) {
+              A v = IO<T>::ld(xc, i), g = IO<T>::ld(gc, i);
+              l1 += g; l2 += g * (v - mu); mx = v > mx ? v : mx; mn = v < mn ? v : mn;
+            }
+            pieces.add((q * C + c) * S + s0, q * S + s0, len, mx, mn);
+          } else if (want_sign) {
+#pragma omp simd reduction(+:l1, l2, l3)
+            for (int64_t i = 0; i < len; ++i) {
+              A d = IO<T>::ld(xc, i) - mu, g = IO<T>::ld(gc, i);
+              l1 += g; l2 += g * d; l3 += (A)((d > 0) - (d < 0));
+            }
+          } else {
+#pragma omp simd reduction(+:l1, l2)
+            for (int64_t i = 0; i < len; ++i) { A g = IO<T>::ld(gc, i); l1 += g; l2 += g * (IO<T>::ld(xc, i) - mu); }
+          }
+          sdy += (double)l1; sdyd += (double)l2; ssg += (double)l3;
+        }
+      }
+      const double inv = (double)invs[c];
+      const double gam = w ? (double)w[c] : 1.0;
+      if (dw) dw[c] = (A)(inv * sdyd);
+      if (db) db[c] = (A)sdy;
+      if (!dx) continue;
+      // g' = γ·dy; M = mean(g'·x̂); dx = inv·(g' − mean(g') − C·(s − mean(s))·M) (SPEC §2)
+      const double M = gam * inv * sdyd / (double)n;
+      const double mg = center ? gam * sdy / (double)n : 0.0;
+      const A a = (A)(inv * gam);
+      if (mode == 1) {
+        const A bc = (A)(inv * (-mg + (center ? cst * M * ssg / (double)n : 0.0)));
+        const A e = (A)(-inv * cst * M);
+        for (int64_t q = 0; q < N; ++q) {
+          const T* xp = x + (q * C + c) * S; const T* gp = dy + (q * C + c) * S; T* op = dx + (q * C + c) * S;
+#pragma omp simd
+          for (int64_t i = 0; i < S; ++i) {
+            A d = IO<T>::ld(xp, i) - mu;
+            IO<T>::st(op, i, a * IO<T>::ld(gp, i) + bc + e * (A)((d > 0) - (d < 0)));
+          }
+        }
+      } else {
+        pieces.finish(x, k, *hi, *lo);
+        select_topk<A>(&hi, &lo, 1, k, mu, tid.data(), tsg.data(), buf);
+        double st = 0.0;
+        for (int j = 0; j < k; ++j) st += tsg[j];
+        const double bcd = inv * (-mg + (center ? cst * M * st / (double)k : 0.0));
+        const A bc = (A)bcd;
+        for (int64_t q = 0; q < N; ++q) {
+          const T* gp = dy + (q * C + c) * S; T* op = dx + (q * C + c) * S;
+#pragma omp simd
+          for (int64_t i = 0; i < S; ++i) IO<T>::st(op, i, a * IO<T>::ld(gp, i) + bc);
+        }
+        const double e = -inv * cst * M * (double)n / (double)k;
+        for (int j = 0; j < k; ++j) {
+          const int64_t q = tid[j] / S, s = tid[j] % S, off = (q * C + c) * S + s;
+          IO<T>::st(dx, off, (A)((double)a * (double)IO<T>::ld(dy, off) + bcd + e * tsg[j]));
+        }
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------- NSC layout: rows split across threads
+inline void row_range(int64_t R, int t, int nth, int64_t& r0, int64_t& r1) { r0 = R * t / nth; r1 = R * (t + 1) / nth; }
+
+template <typename T, typename A>
+void nsc_track_rows(const T* x, int64_t r0, int64_t r1, int64_t C, HeapSet<A>& hs, std::vector<A>& th, std::vector<A>& tl) {
+  for (int64_t c = 0; c < C; ++c) { th[c] = hs.hi[c].thr(); tl[c] = -hs.lo[c].thr(); }
+  for (int64_t r = r0; r < r1; ++r) {
+    const T* xr = x + r * C;
+    int any = 0;
+#pragma omp simd reduction(|:any)
+    for (int64_t c = 0; c < C; ++c) { A v = IO<T>::ld(xr, c); any |= (v >= th[c]) | (v <= tl[c]); }
+    if (!any) continue;
+    for (int64_t c = 0; c < C; ++c) {
+      A v = IO<T>::ld(xr, c);
+      if (v >= th[c]) { hs.hi[c].push(v, r); th[c] = hs.hi[c].thr(); }
+      if (v <= tl[c]) { hs.lo[c].push(-v, r); tl[c] = -hs.lo[c].thr(); }
+    }
+  }
+}
+
+template <typename T>
+void fwd_nsc(const T* x, T* y, int64_t N, int64_t C, int64_t S,
+             const typename IO<T>::A* w, const typename IO<T>::A* b, int mode, int k,
+             double cst, double eps, int center,
+             typename IO<T>::A* mean_o, typename IO<T>::A* inv_o, typename IO<T>::A* sig_o, int nt) {
+  typedef typename IO<T>::A A;
+  const int64_t R = N * S, n = R;
+  std::vector<double> part((size_t)(nt * C), 0.0);
+  std::vector<HeapSet<A>> heaps(mode == 2 ? nt : 0);
+  std::vector<A> mu((size_t)C), a((size_t)C), off((size_t)C);
+#pragma omp parallel num_threads(nt)
+  {
+    const int t = omp_get_thread_num(), nth = omp_get_num_threads();
+    int64_t r0, r1; row_range(R, t, nth, r0, r1);
+    double* ps = part.data() + t * C;
+    std::vector<A> acc((size_t)C);
+    for (int64_t rb = r0; rb < r1; rb += RB) {
+      const int64_t re = std::min(rb + RB, r1);
+      std::fill(acc.begin(), acc.end(), A(0));
+      for (int64_t r = rb; r < re; ++r) {
+        const T* xr = x + r * C;
+#pragma omp simd
+        for (int64_t c = 0; c < C; ++c) acc[c] += IO<T>::ld(xr, c);
+      }
+      for (int64_t c = 0; c < C; ++c) ps[c] += (double)acc[c];
+    }
+    if (mode == 2) {
+      heaps[t].init(C, k);
+      std::vector<A> th((size_t)C), tl((size_t)C);
+      nsc_track_rows<T, A>(x, r0, r1, C, heaps[t], th, tl);
+    }
+#pragma omp barrier
+#pragma omp for
+    for (int64_t c = 0; c < C; ++c) {
+      double s = 0.0; for (int u = 0; u < nth; ++u) s += part[(size_t)(u * C + c)];
+      mu[c] = center ? (A)(s / (double)n) : A(0);
+    }
+    if (mode == 1) {
+      std::fill(ps, ps + C, 0.0);
+      for (int64_t rb = r0; rb < r1; rb += RB) {
+        const int64_t re = std::min(rb + RB, r1);
+        std::fill(acc.begin(), acc.end(), A(0));
+        for (int64_t r = rb; r < re; ++r) {
+          const T* xr = x + r * C;
+#pragma omp simd
+          for (int64_t c = 0; c < C; ++c) { A d = IO<T>::ld(xr, c) - mu[c]; acc[c] += d < 0 ? -d : d; }
+        }
+        for (int64_t c = 0; c < C; ++c) ps[c] += (double)acc[c];
+      }
+#pragma omp barrier
+    }
+    std::vector<Cand> buf; std::vector<Heap<A>*> hp((size_t)nth), lp((size_t)nth);
+#pragma omp for
+    for (int64_t c = 0; c < C; ++c) {
+      double sig;
+      if (mode == 1) {
+        double s = 0.0; for (int u = 0; u < nth; ++u) s += part[(size_t)(u * C + c)];
+        sig = cst * s / (double)n;
+      } else {
+        for (int u = 0; u < nth; ++u) { hp[u] = &heaps[u].hi[c]; lp[u] = &heaps[u].lo[c]; }
+        sig = cst * select_topk<A>(hp.data(), lp.data(), nth, k, mu[c], nullptr, nullptr, buf) / (double)k;
+      }
+      const A sg = (A)sig;
+      const A inv = A(1) / (sg + (A)eps);
+      a[c] = inv * (w ? w[c] : A(1)); off[c] = b ? b[c] : A(0);
+      mean_o[c] = mu[c]; inv_o[c] = inv; sig_o[c] = sg;
+    }
+    for (int64_t r = r0; r < r1; ++r) {
+      const T* xr = x + r * C; T* yr = y + r * C;
+#pragma omp simd
+      for (int64_t c = 0; c < C; ++c) IO<T>::st(yr, c, (IO<T>::ld(xr, c) - mu[c]) * a[c] + off[c]);
+    }
+  }
+}
+
+template <typename T>
+void bwd_nsc(const T* dy, const T* x, T* dx, int64_t N, int64_t C, int64_t S,
+             const typename IO<T>::A* w, const typename IO<T>::A* mean, const typename IO<T>::A* invs,
+             int mode, int k, double cst, int center,
+             typename IO<T>::A* dw, typename IO<T>::A* db, int nt) {
+  typedef typename IO<T>::A A;
+  const int64_t R = N * S, n = R;
+  const bool want_sign = (mode == 1 && center && dx);
+  const bool want_top = (mode == 2 && dx);
+  std::vector<double> part((size_t)(3 * nt * C), 0.0);
+  std::vector<HeapSet<A>> heaps(want_top ? nt : 0);
+  std::vector<A> av((size_t)C), bv((size_t)C), ev((size_t)C);
+  std::vector<int64_t> tid((size_t)(C * std::max(k, 1))); std::vector<int> tsg((size_t)(C * std::max(k, 1)));
+  std::vector<double> bcd((size_t)C), ed((size_t)C);
+#pragma omp parallel num_threads(nt)
+  {
+    const int t = omp_get_thread_num(), nth = omp_get_num_threads();
+    int64_t r0, r1; row_range(R, t, nth, r0, r1);
+    double* p1 = part.data() + (size_t)(3 * t * C); double* p2 = p1 + C; double* p3 = p2 + C;
+    std::vector<A> a1((size_t)C), a2((size_t)C), a3((size_t)C);
+    for (int64_t rb = r0; rb < r1; rb += RB) {
+      const int64_t re = std::min(rb + RB, r1);
+      std::fill(a1.begin(), a1.end(), A(0)); std::fill(a2.begin(), a2.end(), A(0)); std::fill(a3.begin(), a3.end(), A(0));
+      for (int64_t r = rb; r < re; ++r) {
+        const T* xr = x + r * C; const T* gr = dy + r * C;
+        if (want_sign) {
+#pragma omp simd
+          for (int64_t c = 0; c < C; ++c) {
+            A d = IO<T>::ld(xr, c) - mean[c], g = IO<T>::ld(gr, c);
+            a1[c] += g; a2[c] += g * d; a3[c] += (A)((d > 0) - (d < 0));
+          }
+        } else {
+#pragma omp simd
+          for (int64_t c = 0; c < C; ++c) { A g = IO<T>::ld(gr, c); a1[c] += g; a2[c] += g * (IO<T>::ld(xr, c) - mean[c]); }
+        }
+      }
+      for (int64_t c = 0; c < C; ++c) { p1[c] += (double)a1[c]; p2[c] += (double)a2[c]; p3[c] += (double)a3[c]; }
+    }
+    if (want_top) {
+      heaps[t].init(C, k);
+      std::vector<A> th((size_t)C), tl((size_t)C);
+      nsc_track_rows<T, A>(x, r0, r1, C, heaps[t], th, tl);
+    }
+#pragma omp barrier
+    std::vector<Cand> buf; std::vector<Heap<A>*> hp((size_t)nth), lp((size_t)nth);
+#pragma omp for
+    for (int64_t c = 0; c < C; ++c) {
+      double sdy = 0.0, sdyd = 0.0, ssg = 0.0;
+      for (int u = 0; u < nth; ++u) { const double* q = part.data() + (size_t)(3 * u * C); sdy += q[c]; sdyd += q[C + c]; ssg += q[2 * C + c]; }
+      const double inv = (double)invs[c];
+      const double gam = w ? (double)w[c] : 1.0;
+      if (dw) dw[c] = (A)(inv * sdyd);
+      if (db) db[c] = (A)sdy;
+      const double M = gam * inv * sdyd / (double)n;
+      const double mg = center ? gam * sdy / (double)n : 0.0;
+      av[c] = (A)(inv * gam);
+      if (mode == 1) {
+        bv[c] = (A)(inv * (-mg + (center ? cst * M * ssg / (double)n : 0.0)));
+        ev[c] = (A)(-inv * cst * M);
+      } else {
+        double st = 0.0;
+        if (want_top) {
+          for (int u = 0; u < nth; ++u) { hp[u] = &heaps[u].hi[c]; lp[u] = &heaps[u].lo[c]; }
+          select_topk<A>(hp.data(), lp.data(), nth, k, mean[c], tid.data() + c * k, tsg.data() + c * k, buf);
+          for (int j = 0; j < k; ++j) st += tsg[(size_t)(c * k + j)];
+        }
+        bcd[c] = inv * (-mg + (center ? cst * M * st / (double)k : 0.0));
+        bv[c] = (A)bcd[c];
+        ed[c] = -inv * cst * M * (double)n / (double)k;
+        ev[c] = A(0);
+      }
+    }
+    if (dx) {
+      for (int64_t r = r0; r < r1; ++r) {
+        const T* xr = x + r * C; const T* gr = dy + r * C; T* orow = dx + r * C;
+        if (mode == 1) {
+#pragma omp simd
+          for (int64_t c = 0; c < C; ++c) {
+            A d = IO<T>::ld(xr, c) - mean[c];
+            IO<T>::st(orow, c, av[c] * IO<T>::ld(gr, c) + bv[c] + ev[c] * (A)((d > 0) - (d < 0)));
+          }
+        } else {
+#pragma omp simd
+          for (int64_t c = 0; c < C; ++c) IO<T>::st(orow, c, av[c] * IO<T>::ld(gr, c) + bv[c]);
+        }
+      }
+#pragma omp barrier
+      if (mode == 2) {
+#pragma omp for
+        for (int64_t c = 0; c < C; ++c)
+          for (int j = 0; j < k; ++j) {
+            const int64_t off = tid[(size_t)(c * k + j)] * C + c;
+            IO<T>::st(dx, off, (A)((double)av[c] * (double)IO<T>::ld(dy, off) + bcd[c] + ed[c] * tsg[(size_t)(c * k + j)]));
+          }
+      }
+    }
+  }
+}
+
+template <typename T>
+int fwd_t(int layout, const void* x, void* y, int64_t N, int64_t C, int64_t S, const void* w, const void* b,
+          int mode, int k, double cst, double eps, int center, void* m, void* inv, void* sig, int nt) {
+  typedef typename IO<T>::A A;
+  if (layout == 0)
+    fwd_ncs<T>((const T*)x, (T*)y, N, C, S, (const A*)w, (const A*)b, mode, k, cst, eps, center, (A*)m, (A*)inv, (A*)sig, nt);
+  else
+    fwd_nsc<T>((const T*)x, (T*)y, N, C, S, (const A*)w, (const A*)b, mode, k, cst, eps, center, (A*)m, (A*)inv, (A*)sig, nt);
+  return 0;
+}
+
+template <typename T>
+int bwd_t(int layout, const void* dy, const void* x, void* dx, int64_t N, int64_t C, int64_t S, const void* w,
+          const void* m, const void* inv, int mode, int k, double cst, int center, void* dw, void* db, int nt) {
+  typedef typename IO<T>::A A;
+  if (layout == 0)
+    bwd_ncs<T>((const T*)dy, (const T*)x, (T*)dx, N, C, S, (const A*)w, (const A*)m, (const A*)inv, mode, k, cst, center, (A*)dw, (A*)db, nt);
+  else
+    bwd_nsc<T>((const T*)dy, (const T*)x, (T*)dx, N, C, S, (const A*)w, (const A*)m, (const A*)inv, mode, k, cst, center, (A*)dw, (A*)db, nt);
+  return 0;
+}
+
+}  // namespace
+
+extern "C" {
+
+int nm_abi_version() { return 1; }
+int nm_dtype() { return NM_DTYPE; }
+
+// dtype: 0 float32, 1 float64, 2 bfloat16, 3 float16; layout: 0 NCS, 1 NSC.
+int nm_forward(int dtype, int layout, const void* x, void* y, int64_t N, int64_t C, int64_t S,
+               const void* w, const void* b, int mode, int k, double cst, double eps, int center,
+               void* mean, void* inv, void* sig, int nt) {
+  if (nt < 1) nt = 1;
+  switch (dtype) {
+#if NM_DTYPE == 0
+    case 0: return fwd_t<float>(layout, x, y, N, C, S, w, b, mode, k, cst, eps, center, mean, inv, sig, nt);
+#endif
+#if NM_DTYPE == 1
+    case 1: return fwd_t<double>(layout, x, y, N, C, S, w, b, mode, k, cst, eps, center, mean, inv, sig, nt);
+#endif
+#if NM_DTYPE == 2
+    case 2: return fwd_t<bf16_t>(layout, x, y, N, C, S, w, b, mode, k, cst, eps, center, mean, inv, sig, nt);
+#endif
+#if NM_DTYPE == 3
+    case 3: return fwd_t<f16_t>(layout, x, y, N, C, S, w, b, mode, k, cst, eps, center, mean, inv, sig, nt);
+#endif
+  }
+  return -2;  // a dtype this build does not instantiate
+}
+
+int nm_backward(int dtype, int layout, const void* dy, const void* x, void* dx, int64_t N, int64_t C, int64_t S,
+                const void* w, const void* mean, const void* inv, int mode, int k, double cst, int center,
+                void* dw, void* db, int nt) {
+  if (nt < 1) nt = 1;
+  switch (dtype) {
+#if NM_DTYPE == 0
+    case 0: return bwd_t<float>(layout, dy, x, dx, N, C, S, w, mean, inv, mode, k, cst, center, dw, db, nt);
+#endif
+#if NM_DTYPE == 1
+    case 1: return bwd_t<double>(layout, dy, x, dx, N, C, S, w, mean, inv, mode, k, cst, center, dw, db, nt);
+#endif
+#if NM_DTYPE == 2
+    case 2: return bwd_t<bf16_t>(layout, dy, x, dx, N, C, S, w, mean, inv, mode, k, cst, center, dw, db, nt);
+#endif
+#if NM_DTYPE == 3
+    case 3: return bwd_t<f16_t>(layout, dy, x, dx, N, C, S, w, mean, inv, mode, k, cst, center, dw, db, nt);
+#endif
+  }
+  return -2;  // a dtype this build does not instantiate
+}
+
+}  // extern "C"
+"""

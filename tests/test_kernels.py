@@ -1,0 +1,330 @@
+"""Fused Lp normalization kernels (normmatters.kernels) against the reference path.
+
+The reference is the plain-torch path of normmatters.functional (autograd through torch ops),
+selected with ``use_backend("reference")``. The fused path must agree with it in outputs,
+gradients and running statistics, and its closed-form backward must pass gradcheck in float64.
+The CPU kernels are compiled once (float32, float64 and bfloat16, about 2 s of compiler time each)
+and cached on disk.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+
+import pytest
+import torch
+
+import normmatters.kernels as K
+from normmatters.functional import lp_batch_norm, lp_group_norm, lp_layer_norm, lp_rms_norm
+from normmatters.kernels import cpu
+from normmatters.kernels.autograd import lp_norm_fwd
+from normmatters.nn import LpBatchNorm2d, LpLayerNorm
+
+pytestmark = pytest.mark.skipif(not K.available("cpu"), reason="no C++ compiler for the kernels")
+
+NORMS = [(1, None), (math.inf, None), (math.inf, 3), (math.inf, 10)]
+NORM_IDS = ["l1", "linf", "top3", "top10"]
+
+
+def _fused(y: torch.Tensor) -> bool:
+    """Whether the autograd graph of ``y`` contains the fused custom op."""
+    seen, stack = set(), [y.grad_fn]
+    while stack:
+        f = stack.pop()
+        if f is None or f in seen:
+            continue
+        seen.add(f)
+        if "normmatters_lp_norm_fwd" in f.name():
+            return True
+        stack.extend(n for n, _ in f.next_functions)
+    return False
+
+
+def _run(fn, tensors, grad):
+    """Output and gradients of ``fn(*tensors)`` for the given output gradient."""
+    out = fn(*tensors)
+    grads = torch.autograd.grad(out, [t for t in tensors if t is not None and t.requires_grad], grad)
+    return out, grads
+
+
+def _compare(fn, tensors, grad, atol, rtol=0.0):
+    fused_out, fused_grads = _run(fn, tensors, grad)
+    with K.use_backend("reference"):
+        ref_out, ref_grads = _run(fn, tensors, grad)
+    assert fused_out.dtype == ref_out.dtype and fused_out.shape == ref_out.shape
+    assert fused_out.stride() == ref_out.stride()
+    torch.testing.assert_close(fused_out, ref_out, atol=atol, rtol=rtol)
+    for a, b in zip(fused_grads, ref_grads):
+        torch.testing.assert_close(a, b, atol=atol, rtol=rtol)
+    return fused_out
+
+
+def _leaf(*shape, dtype=torch.float32, scale=1.0, shift=0.0, channels_last=False):
+    t = torch.randn(*shape, dtype=torch.float64) * scale + shift
+    t = t.to(dtype)
+    if channels_last:
+        t = t.contiguous(memory_format=torch.channels_last)
+    return t.requires_grad_(True)
+
+
+# ------------------------------------------------------------------ batch norm
+@pytest.mark.parametrize("dtype,atol", [(torch.float32, 1e-5), (torch.float64, 1e-10)])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("p,k", NORMS, ids=NORM_IDS)
+def test_batch_norm_matches_reference(p, k, channels_last, dtype, atol):
+    x = _leaf(6, 5, 7, 9, dtype=dtype, scale=3.0, shift=1.0, channels_last=channels_last)
+    w = _leaf(5, dtype=dtype)
+    b = _leaf(5, dtype=dtype)
+    g = torch.randn(6, 5, 7, 9, dtype=dtype)
+    stats = {}
+
+    def fn(x, w, b):
+        rm, rv = torch.zeros(5, dtype=dtype), torch.ones(5, dtype=dtype)
+        y = lp_batch_norm(x, rm, rv, w, b, True, 0.1, 1e-5, p=p, k=k)
+        stats[K.get_backend()] = (rm, rv)
+        return y
+
+    y = _compare(fn, (x, w, b), g, atol=atol)
+    assert y.is_contiguous(memory_format=torch.channels_last) == channels_last
+    # Running statistics (Bessel-corrected σ̂², momentum) as the reference's.
+    for a, r in zip(stats["auto"], stats["reference"]):
+        torch.testing.assert_close(a, r, atol=atol, rtol=0)
+
+
+@pytest.mark.parametrize("shape", [(16, 4), (8, 3, 11), (2, 3, 2, 3, 4)], ids=["1d", "1d-len", "3d"])
+@pytest.mark.parametrize("p,k", NORMS[:3], ids=NORM_IDS[:3])
+def test_batch_norm_other_ranks(shape, p, k):
+    x = _leaf(*shape, scale=2.0)
+    w, b = _leaf(shape[1]), _leaf(shape[1])
+    g = torch.randn(shape)
+    _compare(lambda x, w, b: lp_batch_norm(x, None, None, w, b, True, p=p, k=k), (x, w, b), g, 1e-5)
+
+
+@pytest.mark.parametrize("p,k", NORMS[:3], ids=NORM_IDS[:3])
+def test_batch_norm_without_affine_and_noncontiguous(p, k):
+    base = _leaf(6, 10, 5, 8)
+    x = base[:, ::2]  # neither NCHW- nor channels-last-contiguous: copied to NCHW
+    g = torch.randn(x.shape)
+    _compare(lambda x: lp_batch_norm(x, None, None, None, None, True, p=p, k=k), (x,), g, 1e-5)
+
+
+@pytest.mark.parametrize("p,k", NORMS[:3], ids=NORM_IDS[:3])
+def test_batch_norm_bfloat16_close_to_reference(p, k):
+    x = _leaf(8, 4, 6, 6, dtype=torch.bfloat16, scale=2.0)
+    w, b = _leaf(4), _leaf(4)
+    g = torch.randn(8, 4, 6, 6).to(torch.bfloat16)
+    # Both compute in float32; they differ by the rounding of their outputs (one bf16 ulp).
+    _compare(lambda x, w, b: lp_batch_norm(x, None, None, w, b, True, p=p, k=k), (x, w, b), g,
+             atol=0.05, rtol=0.02)
+
+
+@pytest.mark.parametrize("p,k", NORMS[:3], ids=NORM_IDS[:3])
+def test_closed_form_backward_gradcheck(p, k):
+    # Finite differences of the fused forward against its closed-form backward (SPEC §2).
+    x = _leaf(3, 2, 4, 5, dtype=torch.float64)
+    w, b = _leaf(2, dtype=torch.float64), _leaf(2, dtype=torch.float64)
+    assert torch.autograd.gradcheck(
+        lambda x, w, b: lp_batch_norm(x, None, None, w, b, True, p=p, k=k), (x, w, b))
+    y = _leaf(4, 3, 6, dtype=torch.float64)
+    assert torch.autograd.gradcheck(lambda y: lp_rms_norm(y, (6,), None, 1e-3, p=p, k=k), (y,))
+
+
+def test_fused_path_is_the_default_and_switchable():
+    x = _leaf(4, 3, 5, 5)
+    assert K.get_backend() == "auto"
+    assert _fused(lp_batch_norm(x, None, None, training=True, p=1))
+    with K.use_backend("reference"):
+        assert not _fused(lp_batch_norm(x, None, None, training=True, p=1))
+    assert K.get_backend() == "auto"
+    K.set_backend("reference")
+    try:
+        assert not _fused(lp_batch_norm(x, None, None, training=True, p=1))
+    finally:
+        K.set_backend("auto")
+    with pytest.raises(ValueError, match="backend"):
+        K.set_backend("cuda-please")
+
+
+def test_module_uses_fused_path_and_matches_reference():
+    m = LpBatchNorm2d(4, p=1)
+    ref = LpBatchNorm2d(4, p=1)
+    x = _leaf(8, 4, 3, 3)
+    y = m(x)
+    with K.use_backend("reference"):
+        y_ref = ref(x)
+    assert _fused(y)
+    torch.testing.assert_close(y, y_ref, atol=1e-5, rtol=0)
+    torch.testing.assert_close(m.running_var, ref.running_var, atol=1e-6, rtol=0)
+    assert int(m.num_batches_tracked) == 1
+    m.eval()
+    ref.eval()
+    with K.use_backend("reference"):
+        expected = ref(x)
+    torch.testing.assert_close(m(x), expected)
+
+
+@pytest.mark.parametrize("call", [
+    lambda x: lp_batch_norm(x, torch.zeros(3), torch.ones(3), training=False, p=1),  # eval
+    lambda x: lp_batch_norm(x, None, None, training=True, p=1, ghost_batch_size=2),
+    lambda x: lp_batch_norm(x, None, None, training=True, p=2),
+    lambda x: lp_batch_norm(x, None, None, training=True, p=math.inf, k=K.autograd.MAX_K + 1),
+], ids=["eval", "ghost", "p2", "large-k"])
+def test_unsupported_cases_fall_back_to_reference(call):
+    x = _leaf(4, 3, 5, 5)
+    y = call(x)
+    assert not _fused(y)
+    with K.use_backend("reference"):
+        torch.testing.assert_close(y, call(x))
+
+
+def test_errors_are_the_reference_errors():
+    x = torch.randn(4, 3, 2, 2)
+    with pytest.raises(ValueError, match="eps must be positive"):
+        lp_batch_norm(x, None, None, training=True, eps=0.0, p=1)
+    with pytest.raises(ValueError, match="k <= n"):
+        lp_batch_norm(x, None, None, training=True, p=math.inf, k=17)
+    with pytest.raises(ValueError, match="more than 1 value"):
+        lp_batch_norm(torch.randn(1, 3), None, None, training=True, p=1)
+    with pytest.raises(ValueError, match="constant"):
+        lp_batch_norm(x, None, None, training=True, p=1, constant="bogus")
+    with pytest.raises(ValueError, match="p must be"):
+        lp_batch_norm(x, None, None, training=True, p=3)
+    y = lp_batch_norm(torch.randn(0, 3, 2, 2), None, None, training=True, p=1)
+    assert y.shape == (0, 3, 2, 2)
+
+
+def test_ties_go_to_the_first_position():
+    # Two equal maxima of |x − μ| in channel 0: the L∞ kernel gives the gradient of σ̂ to the
+    # first (lowest index) of them; the reference's amax splits it. With the second copy
+    # nudged the maximum is unique and both agree.
+    base = torch.tensor([0.0, 3.0, -1.0, 0.5, 3.0, -2.0, 1.0, -4.5], dtype=torch.float64)
+    x = base.view(8, 1).clone().requires_grad_(True)
+    g = torch.randn(8, 1, dtype=torch.float64)
+    (gx,) = torch.autograd.grad(lp_batch_norm(x, None, None, training=True, p="inf"), x, g)
+    with K.use_backend("reference"):
+        (gx_ref,) = torch.autograd.grad(lp_batch_norm(x, None, None, training=True, p="inf"), x, g)
+    # mean is 0, the two +3 ties are at positions 1 and 4; -4.5 is the max |d| → unique: agree.
+    torch.testing.assert_close(gx, gx_ref)
+    tied = torch.tensor([0.0, 4.0, -1.0, 0.5, -4.0, -2.0, 1.0, 1.5], dtype=torch.float64)
+    x2 = (tied - tied.mean()).view(8, 1).requires_grad_(True)
+    (gt,) = torch.autograd.grad(lp_batch_norm(x2, None, None, training=True, p="inf"), x2, g)
+    # Expected: the closed form with the whole σ̂ gradient at position 1 (the first maximum).
+    d = x2.detach().view(-1)
+    c = K.autograd._constant(math.inf, None, 8, "calibrated")
+    sig = c * d.abs().max()
+    inv = 1.0 / (sig + 1e-5)
+    xhat = d * inv
+    gv = g.view(-1)
+    big_m = (gv * xhat).mean()
+    s_top = torch.zeros(8, dtype=torch.float64)
+    s_top[1] = torch.sign(d[1])
+    expected = inv * (gv - gv.mean() - c * 8 * (s_top - s_top.mean()) * big_m)
+    torch.testing.assert_close(gt.view(-1), expected)
+
+
+# ------------------------------------------------------------------ layer, group, RMS norm
+@pytest.mark.parametrize("p,k", NORMS, ids=NORM_IDS)
+def test_layer_norm_matches_reference(p, k):
+    x = _leaf(4, 6, 16, scale=2.0, shift=-1.0)
+    w, b = _leaf(16), _leaf(16)
+    g = torch.randn(4, 6, 16)
+    _compare(lambda x, w, b: lp_layer_norm(x, (16,), w, b, 1e-5, p=p, k=k), (x, w, b), g, 1e-5)
+    x2 = _leaf(3, 4, 5, 6)
+    _compare(lambda x: lp_layer_norm(x, (5, 6), None, None, p=p, k=k), (x2,), torch.randn(3, 4, 5, 6), 1e-5)
+
+
+@pytest.mark.parametrize("p,k", NORMS, ids=NORM_IDS)
+def test_group_norm_matches_reference(p, k):
+    x = _leaf(3, 6, 5, 4, scale=2.0)
+    w, b = _leaf(6), _leaf(6)
+    g = torch.randn(3, 6, 5, 4)
+    _compare(lambda x, w, b: lp_group_norm(x, 3, w, b, 1e-5, p=p, k=k), (x, w, b), g, 1e-5)
+
+
+@pytest.mark.parametrize("p,k", NORMS, ids=NORM_IDS)
+def test_rms_norm_matches_reference(p, k):
+    x = _leaf(5, 7, 32, scale=2.0, shift=0.5)
+    w = _leaf(32)
+    g = torch.randn(5, 7, 32)
+    _compare(lambda x, w: lp_rms_norm(x, (32,), w, None, p=p, k=k), (x, w), g, 1e-5)
+
+
+def test_layer_norm_module_default_path():
+    m = LpLayerNorm(16, p=1)
+    y = m(_leaf(2, 3, 16))
+    assert y.grad_fn is not None
+    assert torch.allclose(y.detach().mean(-1), torch.zeros(2, 3), atol=1e-5)
+
+
+# ------------------------------------------------------------------ integration
+def test_torch_compile_traces_through_the_custom_ops():
+    m = LpBatchNorm2d(3, p=1)
+    x = _leaf(4, 3, 5, 5)
+    compiled = torch.compile(m, backend="aot_eager", fullgraph=True)
+    y = compiled(x)
+    (gx,) = torch.autograd.grad(y.sum(), x)
+    m2 = LpBatchNorm2d(3, p=1)
+    y2 = m2(x)
+    (gx2,) = torch.autograd.grad(y2.sum(), x)
+    torch.testing.assert_close(y, y2)
+    torch.testing.assert_close(gx, gx2)
+    torch.testing.assert_close(m.running_var, m2.running_var)
+
+
+@pytest.mark.parametrize("mode,k,center", [(1, 1, True), (2, 1, True), (2, 3, False)])
+def test_custom_op_registration(mode, k, center):
+    x = torch.randn(3, 4, 6, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(4, dtype=torch.float64, requires_grad=True)
+    torch.library.opcheck(lp_norm_fwd, (x, w, None, 0, mode, k, 1.25, 1e-5, center))
+
+
+def test_saves_no_more_for_backward_than_torch():
+    from normmatters.kernels.bench import saved_bytes
+
+    x = _leaf(16, 8, 6, 6)
+    ours = saved_bytes(lambda: LpBatchNorm2d(8, p=1)(x))
+    top = saved_bytes(lambda: LpBatchNorm2d(8, p="inf", k=10)(x))
+    theirs = saved_bytes(lambda: torch.nn.BatchNorm2d(8)(x))
+    with K.use_backend("reference"):
+        reference = saved_bytes(lambda: LpBatchNorm2d(8, p=1)(x))
+    assert ours <= theirs and top <= theirs
+    assert reference > 1.5 * ours  # the op chain keeps more than one tensor of x's size
+
+
+def test_compile_failure_falls_back_to_reference(tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("NORMMATTERS_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(cpu, "_compiler", lambda: None)
+    monkeypatch.setattr(cpu, "_libs", {})
+    with caplog.at_level(logging.WARNING, logger="normmatters.kernels"):
+        assert cpu.library(torch.float32) is None
+        assert not K.available("cpu")
+        x = _leaf(4, 3, 5, 5)
+        y = lp_batch_norm(x, None, None, training=True, p=1)
+    assert not _fused(y)
+    assert "unavailable" in caplog.text
+
+
+def test_library_is_cached_on_disk():
+    lib = cpu.library(torch.float32)
+    assert lib is cpu.library(torch.float32)
+    assert any(cpu.cache_dir().joinpath("kernels").glob("lp_norm_cpu_float32_*.so"))
+
+
+def test_bench_main_writes_table_and_json(tmp_path, capsys):
+    from normmatters.kernels.bench import main
+
+    out = tmp_path / "bench.json"
+    rc = main(["--shapes", "4x3x4x4", "--layer-shapes", "4x16", "--dtypes", "float32",
+               "--norms", "l1", "top10", "--repeat", "1", "--warmup", "0", "--json", str(out)])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "ratio" in text and "4x3x4x4" in text
+    rows = json.loads(out.read_text())["rows"]
+    assert {(r["kind"], r["norm"]) for r in rows} == {("batch", "l1"), ("batch", "top10"),
+                                                      ("layer", "l1"), ("layer", "top10")}
+    for r in rows:
+        assert r["ours_fwdbwd_ms"] > 0 and r["torch_fwdbwd_ms"] > 0
+        assert r["fwdbwd_ratio"] == pytest.approx(r["ours_fwdbwd_ms"] / r["torch_fwdbwd_ms"])
+        assert r["ours_saved_bytes"] <= r["torch_saved_bytes"] or r["kind"] == "layer"

@@ -1,0 +1,18 @@
+"""Claim C4's experiment runs end to end on real data (digits) and reports what it promises."""
+
+import pytest
+
+
+@pytest.mark.slow
+def test_c4_runs_and_reports_nonfinite_counts(tmp_path):
+    from normmatters.experiments.claims import c4
+
+    out = c4.run(tmp_path, runs=("fp16-l2", "fp16-l1"), epochs=1, progress=False, with_map=False)
+    assert out["claim"] == "C4" and [r["run"] for r in out["rows"]] == ["fp16-l2", "fp16-l1"]
+    l2, l1 = out["rows"]
+    # The first batch norm's squares overflow fp16 at the stated input scale; |d| does not.
+    assert l2["nonfinite"] > 0 and any(k.endswith("/square") for k in l2["nonfinite_by_stage"])
+    assert l1["nonfinite"] == 0
+    assert 0.0 <= l1["test_acc"] <= 1.0
+    assert (tmp_path / "fp16-l2-s0" / "nonfinite.jsonl").stat().st_size > 0
+    assert (tmp_path / "c4.md").exists()
