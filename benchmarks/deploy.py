@@ -75,16 +75,22 @@ def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int, lr: f
     return time.perf_counter() - t0
 
 
-def latency_ms(fn, x: torch.Tensor, repeats: int) -> float:
-    """Median wall time of one call, in milliseconds (after two warm-up calls)."""
-    for _ in range(2):
-        fn(x)
-    times = []
+def latency_ms(fns: dict, x: torch.Tensor, repeats: int) -> dict[str, float]:
+    """Median wall time of one call of each function, in milliseconds.
+
+    The functions are timed in interleaved rounds (a, b, c, a, b, c, ...) so that a change in the
+    machine's load during the measurement affects all of them alike.
+    """
+    for fn in fns.values():
+        for _ in range(2):  # warm-up
+            fn(x)
+    times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn(x)
-        times.append(time.perf_counter() - t0)
-    return 1000.0 * statistics.median(times)
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn(x)
+            times[name].append(time.perf_counter() - t0)
+    return {name: 1000.0 * statistics.median(t) for name, t in times.items()}
 
 
 def state_bytes(model: nn.Module) -> int:
@@ -138,9 +144,8 @@ def run_one(norm: str, data, args, out_dir: Path) -> dict:
     for batch in args.batches:
         xb = x_test[:batch]
         with torch.inference_mode():
-            t_model = latency_ms(model, xb, args.repeats)
-            t_folded = latency_ms(folded, xb, args.repeats)
-        t_ort = latency_ms(run_ort, xb, args.repeats)
+            t = latency_ms({"unfolded": model, "folded": folded, "ort": run_ort}, xb, args.repeats)
+        t_model, t_folded, t_ort = t["unfolded"], t["folded"], t["ort"]
         timings[str(batch)] = {"unfolded_ms": t_model, "folded_ms": t_folded, "onnxruntime_ms": t_ort,
                                "speedup_folded": t_model / t_folded, "speedup_onnxruntime": t_model / t_ort}
     return {

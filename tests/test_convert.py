@@ -96,3 +96,14 @@ def test_errors():
 def test_root_module_is_replaced():
     out = convert_norms(nn.BatchNorm1d(4), p=1)
     assert type(out).__name__ == "LpBatchNorm1d" and out.p == 1
+
+
+def test_sync_layers_stay_synchronized():
+    from normmatters.nn import SyncLpBatchNorm
+
+    sentinel = object()
+    model = nn.Sequential(SyncLpBatchNorm(4, p=2, process_group=sentinel))
+    out = convert_norms(model, p=1)
+    assert type(out[0]) is SyncLpBatchNorm and out[0].p == 1 and out[0].process_group is sentinel
+    back = to_torch_norms(convert_norms(out, p=2))
+    assert type(back[0]) is nn.SyncBatchNorm and back[0].process_group is sentinel

@@ -49,10 +49,16 @@ WORLD = 2
 
 def _start_method() -> str:
     # Forked children start in milliseconds with torch already imported (as in torch's own
-    # distributed tests); spawned ones re-import torch and normmatters, seconds on a busy 2-core
-    # machine. Fork only where it is safe: Linux, no other thread, CUDA untouched.
-    safe = sys.platform == "linux" and threading.active_count() == 1 and not torch.cuda.is_initialized()
-    return "fork" if safe else "spawn"
+    # distributed tests); spawned ones re-import torch and normmatters, seconds each on a busy
+    # 2-core machine. Fork only where it is safe (Linux, no other thread, CUDA untouched);
+    # otherwise fork from a clean server process that imports torch and normmatters once.
+    if sys.platform == "linux" and threading.active_count() == 1 and not torch.cuda.is_initialized():
+        return "fork"
+    if "forkserver" in mp.get_all_start_methods():
+        mp.set_forkserver_preload(["torch", "normmatters.nn.sync", "normmatters.convert.sync",
+                                   "normmatters.experiments.distributed"])
+        return "forkserver"
+    return "spawn"
 
 
 TORCHRUN_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")

@@ -333,3 +333,56 @@ def test_resnet_digits_l1_and_bwn() -> None:
         assert _norm_count(folded) <= 1 < before
         assert len(report.folded) >= before - 1
         _assert_same(model, folded, torch.randn(5, 1, 8, 8))
+
+
+def test_frozen_norms_fold_too() -> None:
+    from normmatters.deploy import freeze_norms
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 6, 3), LpBatchNorm2d(6, p=INF, k=2), nn.ReLU(),
+                          nn.Conv2d(6, 6, 1), MeanOnlyBatchNorm2d(6, scale=True), nn.Flatten(),
+                          nn.Linear(6 * 16, 4), LpLayerNorm(4, p=1))
+    x = torch.randn(8, 3, 6, 6)
+    _train_stats(_randomize(model), x)
+    frozen = freeze_norms(model).eval()
+    folded, report = fold_norms(frozen, x, return_report=True)
+    assert [n for _, n in report.folded] == ["1", "4"]
+    assert [n for n, _ in report.skipped] == ["7"]  # the layer norm: per-sample statistics
+    _assert_same(frozen, folded, x)
+
+
+def test_custom_tracer_class() -> None:
+    import torch.fx as fx
+
+    class KeepBlocks(fx.Tracer):  # a user tracer that keeps a whole block opaque
+        def is_leaf_module(self, m, qualname):
+            return qualname == "1" or super().is_leaf_module(m, qualname)
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Sequential(nn.Conv2d(4, 4, 1), LpBatchNorm2d(4, p=1)),
+                          LpBatchNorm2d(4, p=1))
+    x = torch.randn(6, 3, 5, 5)
+    _train_stats(_randomize(model), x)
+    folded, report = fold_norms(model, tracer_class=KeepBlocks, return_report=True)
+    # the opaque block is searched on its own; the norm after it is not fed by a conv
+    assert report.folded == [("1.0", "1.1")]
+    assert report.skipped == [("2", "fed by module '1' (Sequential), not by a Conv1d/2d/3d or Linear")]
+    _assert_same(model, folded, x)
+    folded, report = fold_norms(model, return_report=True)
+    # traced through: conv -> norm -> norm, and both norms fold into the conv, one after the other
+    assert report.folded == [("1.0", "1.1"), ("1.0", "2")]
+    _assert_same(model, folded, x)
+    with pytest.raises(TypeError, match="tracer_class"):
+        fold_norms(model, tracer_class=object)  # type: ignore[arg-type]
+
+
+def test_norm_after_norm_folds_both_into_the_conv() -> None:
+    # conv -> L1 BN -> mean-only BN -> torch BN: each norm folds into the already-fused conv
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 5, 3), LpBatchNorm2d(5, p=1), MeanOnlyBatchNorm2d(5, scale=True),
+                          nn.BatchNorm2d(5), nn.ReLU())
+    x = torch.randn(8, 3, 6, 6) * 2
+    _train_stats(_randomize(model), x)
+    folded, report = fold_norms(model, return_report=True)
+    assert report.folded == [("0", "1"), ("0", "2"), ("0", "3")]
+    assert _norm_count(folded) == 0
+    _assert_same(model, folded, x)

@@ -9,7 +9,6 @@ schedule in both runs.
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable
 
 import pytest
@@ -248,11 +247,39 @@ def test_reference_norm_schedule_sets_channel_norms() -> None:
             want = want * factor(t + 1) ** -0.5
             torch.testing.assert_close(info.group_norms().double(), want, rtol=1e-10, atol=0)
         assert k >= 0
-    # Buffers are rescaled inversely to the weights: buffer·w is unchanged by a rescaling.
+    # Tracking the reference leaves the momentum buffer alone (a radial correction, like the
+    # weight decay it replaces)...
     info = inv["0.weight"]
-    before = copy.deepcopy(info.param.detach())
     buf = opt.state[info.param]["momentum_buffer"].clone()
     ref2 = ReferenceNorms(torch.tensor([0]), {n: 2 * v[:1] for n, v in norms.items()})
     ReferenceNormSchedule(opt, inv, ref2)
-    r = grouped_norms(info.param.detach(), 0) / grouped_norms(before, 0)
-    torch.testing.assert_close(opt.state[info.param]["momentum_buffer"], buf / r.view(-1, 1, 1, 1))
+    torch.testing.assert_close(opt.state[info.param]["momentum_buffer"], buf)
+    torch.testing.assert_close(info.group_norms().double(),
+                               2 * norms["0.weight"][0])
+    # ...and a jump of the LR factor by 1/a scales the buffer by 1/√a, as in NormSchedule.
+    sched2 = ReferenceNormSchedule(opt, inv, ref2, lr_factor=lambda t: 1.0 if t < 1 else 0.25)
+    sched2.step()
+    torch.testing.assert_close(opt.state[info.param]["momentum_buffer"], buf / 2)
+    torch.testing.assert_close(info.group_norms().double(), 2 * norms["0.weight"][0] * 2)
+
+
+def test_reference_norm_schedule_is_stable_with_momentum() -> None:
+    # Following a fixed reference for many momentum steps must not blow up the buffers.
+    model = make_model(1e-5)
+    inv = scale_invariant_parameters(model, make_data()[0][0])
+    opt = torch.optim.SGD(split_param_groups(model, inv, weight_decay=0.0, decay="none"),
+                          lr=0.5, momentum=0.9)
+    ref = ReferenceNorms(torch.tensor([0]), {
+        n: grouped_norms(i.param.detach(), i.channel_dim)[None] for n, i in inv.items()})
+    sched = ReferenceNormSchedule(opt, inv, ref)
+    data, loss_fn = make_data(), nn.CrossEntropyLoss()
+    for t in range(300):
+        xb, yb = data[t % len(data)]
+        opt.zero_grad()
+        loss_fn(model(xb), yb).backward()
+        opt.step()
+        sched.step()
+    for n, i in inv.items():
+        assert torch.isfinite(opt.state[i.param]["momentum_buffer"]).all()
+        want = ref.norms[n][0].pow(2).reshape(i.groups, -1).sum(1).sqrt()
+        torch.testing.assert_close(i.group_norms().double(), want)

@@ -253,3 +253,25 @@ def test_mnist1d_resnet20_learns(tmp_path):
     s = train(cfg, tmp_path / "run", progress=False)
     assert s["final_test_acc"] > 0.5  # chance is 0.1
     assert (tmp_path / "run" / "accuracy.png").is_file()
+
+
+def test_presets_are_valid_configs():
+    from normmatters.experiments.config import PRESETS, preset
+
+    for name in PRESETS:
+        cfg = preset(name)
+        cfg.validate()
+        assert cfg == load_config_from_text(cfg.to_toml())
+    assert preset("digits", epochs=3).epochs == 3
+    with pytest.raises(ConfigError, match="digits"):
+        preset("nope")
+
+
+def load_config_from_text(text):
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory() as d:
+        p = Path(d) / "c.toml"
+        p.write_text(text)
+        return load_config(p)

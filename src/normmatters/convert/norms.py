@@ -17,6 +17,7 @@ from torch import nn
 from ..functional.constants import normalize_p
 from ..nn.batchnorm import LpBatchNorm1d, LpBatchNorm2d, LpBatchNorm3d, _LpNormBase
 from ..nn.layernorm import LpGroupNorm, LpLayerNorm, LpRMSNorm
+from ..nn.sync import SyncLpBatchNorm
 
 __all__ = ["convert_norms", "to_torch_norms"]
 
@@ -65,6 +66,12 @@ def _bn_class(module: nn.Module) -> type | None:
 
 def _convert_one(module: nn.Module, kinds: tuple[str, ...], opts: dict[str, Any]) -> nn.Module | None:
     fk = _factory(module)
+    if "batch" in kinds and isinstance(module, SyncLpBatchNorm):
+        sync_opts = {k: v for k, v in opts.items() if k in ("p", "k", "constant")}
+        new = SyncLpBatchNorm(module.num_features, module.eps, module.momentum, module.affine,
+                              module.track_running_stats, module.process_group,
+                              bias=module.bias is not None or not module.affine, **fk, **sync_opts)
+        return _copy_state(module, new)
     lp_cls = _bn_class(module) if "batch" in kinds else None
     if lp_cls is not None:
         extra = {k: getattr(module, k) for k in ("ghost_batch_size", "compute_dtype", "accumulate_dtype")
@@ -115,7 +122,8 @@ def convert_norms(
     normmatters' own Lp layers are converted; affine parameters, running statistics,
     ``num_batches_tracked``, ``requires_grad`` and the ``training`` flag are copied. The model is
     modified in place and returned (a norm passed as ``model`` itself is returned replaced).
-    ``nn.SyncBatchNorm`` is left alone (see ``convert_sync_lp_batchnorm``).
+    ``nn.SyncBatchNorm`` is left alone (see ``convert_sync_lp_batchnorm``); a ``SyncLpBatchNorm``
+    becomes one of the new kind with the same process group.
 
     Args:
         model: any module.
@@ -179,7 +187,10 @@ def to_torch_norms(model: nn.Module, *, strict: bool = True) -> nn.Module:
                 f"(pass strict=False to convert anyway)"
             )
         fk = _factory(m)
-        if isinstance(m, _LpNormBase):
+        if isinstance(m, SyncLpBatchNorm):
+            new = nn.SyncBatchNorm(m.num_features, m.eps, m.momentum, m.affine, m.track_running_stats,
+                                   m.process_group, **fk)
+        elif isinstance(m, _LpNormBase):
             cls = _LP_BN_TO_TORCH[type(m)] if type(m) in _LP_BN_TO_TORCH else nn.BatchNorm2d
             kw = {"bias": m.bias is not None or not m.affine} if "bias" in cls.__init__.__code__.co_varnames else {}
             new = cls(m.num_features, m.eps, m.momentum, m.affine, m.track_running_stats, **fk, **kw)

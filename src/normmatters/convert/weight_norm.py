@@ -249,9 +249,13 @@ def _pairs_from_example(model: nn.Module, example_inputs: tuple) -> list[WeightN
         if _is_weight(m) or _is_bn(m):
             handles.append(m.register_forward_pre_hook(pre))
             handles.append(m.register_forward_hook(post))
-    saved = {k: v.clone() for k, v in model.state_dict(keep_vars=False).items()}
+    buffers = list(model.buffers())
+    saved = [b.detach().clone() for b in buffers]
     modes = {m: m.training for m in model.modules()}
-    devices = sorted({t.device.index for t in saved.values() if t.device.type == "cuda"})
+    devices = sorted({b.device.index for b in buffers if b.device.type == "cuda"})
+    ref = next(iter(list(model.parameters()) + buffers), None)
+    if ref is not None:  # example inputs made on the CPU for a model on an accelerator
+        example_inputs = tuple(a.to(ref.device) if isinstance(a, torch.Tensor) else a for a in example_inputs)
     try:
         model.train()  # the data flow of training, the mode the conversion is for
         with torch.random.fork_rng(devices=devices), torch.no_grad(), rec:
@@ -261,7 +265,9 @@ def _pairs_from_example(model: nn.Module, example_inputs: tuple) -> list[WeightN
             h.remove()
         for m, mode in modes.items():
             m.training = mode
-        model.load_state_dict(saved)  # undo running-statistics updates
+        with torch.no_grad():  # undo running-statistics updates
+            for b, old in zip(buffers, saved):
+                b.copy_(old)
     pairs = []
     for layer, norm in fed:
         w, bn = model.get_submodule(layer), model.get_submodule(norm)

@@ -41,6 +41,7 @@ from torch.nn.utils import parametrize
 from ..nn.batchnorm import _LpNormBase
 from ..nn.layernorm import LpGroupNorm, LpLayerNorm, LpRMSNorm
 from ..nn.meanbn import _MeanOnlyBatchNorm
+from .freeze import FrozenNorm
 
 __all__ = ["fold_norms", "FoldReport", "bake_weight_norms", "norm_eval_affine", "check_eval_mode"]
 
@@ -52,11 +53,13 @@ _PER_SAMPLE = (nn.LayerNorm, nn.GroupNorm, nn.RMSNorm, nn.modules.instancenorm._
 
 
 def _is_batch_norm(m: nn.Module) -> bool:
+    if isinstance(m, FrozenNorm):
+        return m.kind in ("batch", "mean")
     return isinstance(m, (nn.modules.batchnorm._BatchNorm, _LpNormBase, _MeanOnlyBatchNorm))
 
 
 def _is_norm(m: nn.Module) -> bool:
-    return _is_batch_norm(m) or isinstance(m, _PER_SAMPLE)
+    return _is_batch_norm(m) or isinstance(m, _PER_SAMPLE + (FrozenNorm,))
 
 
 @dataclass
@@ -125,7 +128,7 @@ def norm_eval_affine(norm: nn.Module) -> tuple[Tensor, Tensor] | str:
     b = getattr(norm, "bias", None)
     gamma = torch.ones_like(mu) if w is None else w.detach().double()
     beta = torch.zeros_like(mu) if b is None else b.detach().double()
-    if isinstance(norm, _MeanOnlyBatchNorm):
+    if isinstance(norm, _MeanOnlyBatchNorm) or getattr(norm, "kind", None) == "mean":
         s = torch.ones_like(mu)
     else:
         rv = getattr(norm, "running_var", None)
@@ -221,7 +224,17 @@ def _module_calls(model: nn.Module, args: tuple[Any, ...]) -> Counter:
     return counts
 
 
-def _describe(node: Any, modules: dict[str, nn.Module]) -> str:
+class _LiveModules:
+    """``gm``'s submodules by qualified name, always current (fusions replace them)."""
+
+    def __init__(self, gm: nn.Module) -> None:
+        self.gm = gm
+
+    def __getitem__(self, target: str) -> nn.Module:
+        return self.gm.get_submodule(target)
+
+
+def _describe(node: Any, modules: _LiveModules) -> str:
     if not isinstance(node, fx.Node):
         return f"a constant {type(node).__name__}"
     if node.op == "call_module":
@@ -235,7 +248,8 @@ def _describe(node: Any, modules: dict[str, nn.Module]) -> str:
 
 def _fold_graph(gm: fx.GraphModule, prefix: str, report: FoldReport, registered: Counter,
                 calls: Counter | None) -> None:
-    modules = dict(gm.named_modules())
+    # Looked up afresh at each use: a conv already fused with one norm may meet a second one.
+    modules = _LiveModules(gm)
     node_calls = Counter(n.target for n in gm.graph.nodes if n.op == "call_module")
     changed = False
     for node in list(gm.graph.nodes):
@@ -246,8 +260,9 @@ def _fold_graph(gm: fx.GraphModule, prefix: str, report: FoldReport, registered:
         if not _is_norm(norm):
             continue
         if not _is_batch_norm(norm):
-            report.skipped.append((name, f"{type(norm).__name__} normalizes with per-sample statistics; "
-                                         "it is not an affine map to fold"))
+            if all(n != name for n, _ in report.skipped):
+                report.skipped.append((name, f"{type(norm).__name__} normalizes with per-sample "
+                                             "statistics; it is not an affine map to fold"))
             continue
 
         def skip(reason: str) -> None:
@@ -300,6 +315,17 @@ def _fold_graph(gm: fx.GraphModule, prefix: str, report: FoldReport, registered:
         gm.recompile()
 
 
+def _worth_searching(m: nn.Module) -> bool:
+    """A module that is neither a norm nor a conv/linear and holds a batch norm somewhere inside."""
+    return (not _is_norm(m) and type(m) not in _FOLD_INTO
+            and any(_is_batch_norm(x) for x in m.modules() if x is not m))
+
+
+def _set_path(root: nn.Module, path: str, new: nn.Module) -> None:
+    parent, _, leaf = path.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, leaf, new)
+
+
 def _fold_tree(module: nn.Module, prefix: str, report: FoldReport, registered: Counter,
                calls: Counter | None, tracer_cls: type[fx.Tracer]) -> nn.Module:
     tracer = tracer_cls()
@@ -309,18 +335,31 @@ def _fold_tree(module: nn.Module, prefix: str, report: FoldReport, registered: C
         reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
         report.untraced.append((prefix.rstrip(".") or "<root>", reason))
         for cname, child in list(module.named_children()):
-            if tracer.is_leaf_module(child, prefix + cname):
-                if _is_batch_norm(child):
-                    report.skipped.append((prefix + cname, "called from code torch.fx could not trace"))
-                continue
-            new = _fold_tree(child, f"{prefix}{cname}.", report, registered, calls, tracer_cls)
-            if new is not child:
-                setattr(module, cname, new)
+            if _is_batch_norm(child):
+                report.skipped.append((prefix + cname, "called from code torch.fx could not trace"))
+            elif _worth_searching(child):
+                new = _fold_tree(child, f"{prefix}{cname}.", report, registered, calls, tracer_cls)
+                if new is not child:
+                    setattr(module, cname, new)
         return module
     gm = fx.GraphModule(tracer.root, graph, type(module).__name__)
     before = len(report.folded)
     _fold_graph(gm, prefix, report, registered, calls)
-    return gm if len(report.folded) > before else module
+    folded_here = len(report.folded) > before
+    # Leaves the tracer kept opaque (a user's tracer_class, or a torch.nn module with children)
+    # are searched on their own: folding inside a block does not change what the block computes.
+    seen: set[str] = set()
+    for node in list(gm.graph.nodes):
+        if node.op != "call_module" or node.target in seen:
+            continue
+        seen.add(node.target)
+        sub = gm.get_submodule(node.target)
+        if _worth_searching(sub):
+            new = _fold_tree(sub, f"{prefix}{node.target}.", report, registered, calls, tracer_cls)
+            if new is not sub:
+                _set_path(gm, node.target, new)
+                _set_path(module, node.target, new)
+    return gm if folded_here else module
 
 
 def _as_args(example_inputs: Any) -> tuple[Any, ...]:

@@ -61,6 +61,9 @@ def build_train_parser() -> argparse.ArgumentParser:
     )
     S = argparse.SUPPRESS
     p.add_argument("--config", metavar="FILE.toml", help="read the run's configuration from a TOML file")
+    from .config import PRESETS
+
+    p.add_argument("--preset", metavar="NAME", help=f"start from a named configuration: {', '.join(PRESETS)}")
     p.add_argument("--out", metavar="DIR", help="run folder (default: runs/<model>-<dataset>-<norm>-s<seed>-<time>)")
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --out from its checkpoint (its config.toml unless --config is given)")
@@ -109,21 +112,20 @@ def _parse_set(item: str) -> tuple[str, Any]:
     return key, value
 
 
-def _overrides(args: argparse.Namespace) -> dict[str, Any]:
-    from .config import TrainConfig
-
-    skip = {"config", "out", "resume", "sets", "progress", "verbose"}
+def _apply_overrides(config, args: argparse.Namespace):
+    """``config`` with the flags and ``--set`` items applied (``KEY.SUB`` merges into a table)."""
+    skip = {"config", "preset", "out", "resume", "sets", "progress", "verbose"}
     over = {k: v for k, v in vars(args).items() if k not in skip}
     for item in args.sets:
         key, value = _parse_set(item)
         if "." in key:
             table, sub = key.split(".", 1)
-            if table not in TrainConfig.field_names() or not table.endswith("_kwargs"):
+            if table not in config.field_names() or not table.endswith("_kwargs"):
                 raise ConfigError(f"--set: {table!r} is not a *_kwargs table of the config")
-            over.setdefault(table, {})[sub] = value
+            over.setdefault(table, dict(getattr(config, table)))[sub] = value
         else:
             over[key] = value
-    return over
+    return config.replace(source="command line", **over) if over else config
 
 
 def _summary_line(s: dict[str, Any]) -> str:
@@ -141,23 +143,26 @@ def _summary_line(s: dict[str, Any]) -> str:
 
 def train_main(argv: Sequence[str] | None = None) -> int:
     """``normmatters train``: returns the exit status."""
-    from .config import TrainConfig, load_config
+    from .config import TrainConfig, load_config, preset
     from .trainer import CHECKPOINT_NAME, train
 
     args = build_train_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     try:
-        over = _overrides(args)
         if args.resume and not args.out:
             raise ConfigError("--resume needs --out RUN_FOLDER (the folder holding checkpoint.pt)")
+        if args.config and args.preset:
+            raise ConfigError("--config and --preset are exclusive; pass one")
         if args.config:
             config = load_config(args.config)
+        elif args.preset:
+            config = preset(args.preset)
         elif args.resume and (Path(args.out) / "config.toml").is_file():
             config = load_config(Path(args.out) / "config.toml")
         else:
             config = TrainConfig()
-        config = config.replace(source="command line", **over) if over else config
+        config = _apply_overrides(config, args)
         config.validate()
         out = args.out or str(Path("runs") / f"{config.model}-{config.dataset}-{config.norm}-s{config.seed}-"
                                                 f"{time.strftime('%Y%m%d-%H%M%S')}")
@@ -215,5 +220,4 @@ def main(argv: Sequence[str] | None = None) -> int:
         return train_main(rest)
     if cmd in _DISPATCH:
         return _dispatch(cmd, rest)
-    print(_top_help(), file=sys.stderr)
-    return _error("", f"unknown command {cmd!r}; expected one of {', '.join(_SUBCOMMANDS)}")
+    return _error("", f"unknown command {cmd!r}; expected one of {', '.join(_SUBCOMMANDS)} (see {PROG} --help)")

@@ -19,6 +19,7 @@ Example ``run.toml``::
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import math
@@ -31,7 +32,7 @@ from typing import Any
 
 from .errors import ConfigError
 
-__all__ = ["TrainConfig", "load_config", "config_to_toml"]
+__all__ = ["TrainConfig", "load_config", "config_to_toml", "PRESETS", "preset"]
 
 
 @dataclass
@@ -130,7 +131,7 @@ class TrainConfig:
         """
         names = self.field_names()
         hints = typing.get_type_hints(type(self))
-        new = dataclasses.replace(self)
+        new = copy.deepcopy(self)  # the copy shares no list or dict with ``self``
         for key, value in changes.items():
             if key not in names:
                 import difflib
@@ -301,3 +302,52 @@ def config_to_toml(d: dict[str, Any]) -> str:
             continue
         lines.append(f"{k} = {_toml_value(v)}")
     return "\n".join(lines) + "\n"
+
+
+#: Named starting points (``normmatters train --preset NAME``): the embedded scale, sized for a
+#: 2-core CPU, and the paper's scale (SPEC §6), with the paper's schedules.
+PRESETS: dict[str, dict[str, Any]] = {
+    # ResNet-20 (1-D) on MNIST-1D: the defaults of TrainConfig.
+    "mnist1d": {},
+    # ResNet-8 on scikit-learn's 8×8 digits: seconds on a CPU.
+    "digits": {"model": "resnet_digits", "dataset": "digits", "epochs": 20, "batch_size": 64},
+    # Character-level Transformer LM on CPython's pydoc text, Lp layer norm.
+    "text_transformer": {
+        "model": "transformer_lm", "dataset": "text", "norm": "l2", "epochs": 4, "batch_size": 32,
+        "optimizer": "adamw", "lr": 2e-3, "weight_decay": 0.1, "wd_exclude_norm_bias": True,
+        "warmup_epochs": 0.25, "grad_clip": 1.0, "eval_batch_size": 64,
+        "dataset_kwargs": {"block_size": 128},
+    },
+    # 2-layer LSTM LM with bounded weight normalization on the same text.
+    "text_lstm": {
+        "model": "lstm_lm", "dataset": "text", "norm": "bwn", "epochs": 4, "batch_size": 32, "optimizer": "adamw",
+        "lr": 3e-3, "weight_decay": 0.0, "grad_clip": 1.0, "eval_batch_size": 64,
+        "dataset_kwargs": {"block_size": 64},
+    },
+    # He et al. (2016) CIFAR schedule, as in the paper's ResNet-56 runs (C2, C3, C5).
+    "cifar10_resnet56": {
+        "model": "resnet56", "dataset": "cifar10", "epochs": 164, "batch_size": 128, "lr": 0.1,
+        "weight_decay": 1e-4, "lr_schedule": "step", "lr_milestones": [81, 122], "num_workers": 4,
+    },
+    # VGG11 on CIFAR-10 (C1).
+    "cifar10_vgg11": {
+        "model": "vgg11", "dataset": "cifar10", "epochs": 160, "batch_size": 128, "lr": 0.1,
+        "weight_decay": 5e-4, "lr_schedule": "step", "lr_milestones": [80, 120], "num_workers": 4,
+    },
+    # ImageNet ResNet-50, 90 epochs, LR ÷10 at 30/60/80 (C2, C4, C5).
+    "imagenet_resnet50": {
+        "model": "resnet50", "dataset": "imagenet", "epochs": 90, "batch_size": 256, "lr": 0.1,
+        "weight_decay": 1e-4, "lr_schedule": "step", "lr_milestones": [30, 60, 80], "num_workers": 8,
+        "eval_batch_size": 256, "channels_last": True,
+    },
+}
+
+
+def preset(name: str, **overrides: Any) -> TrainConfig:
+    """The :class:`TrainConfig` of preset ``name`` (see :data:`PRESETS`), with ``overrides``.
+
+    :raises ConfigError: an unknown preset.
+    """
+    if name not in PRESETS:
+        raise ConfigError(f"preset: unknown preset {name!r}; expected one of {', '.join(PRESETS)}")
+    return TrainConfig.from_dict({**PRESETS[name], **overrides}, source=f"preset {name}")

@@ -104,7 +104,7 @@ def param_groups(model: nn.Module, weight_decay: float, *, exclude_norm_bias: bo
     """Split the parameters into a ``"decay"`` and a ``"no_decay"`` optimizer group.
 
     :param exclude_norm_bias: no weight decay on normalization parameters (γ, β) and on any
-        parameter with fewer than two dimensions (biases, gains).
+        per-channel parameter (biases, gains such as weight norm's g).
     :param last_layer_only: weight decay only on the classifier
         (:func:`~normmatters.experiments.models.last_layer`): every other weight feeds a
         normalization, so its decay changes only its effective learning rate (SPEC §4, C1).
@@ -116,7 +116,9 @@ def param_groups(model: nn.Module, weight_decay: float, *, exclude_norm_bias: bo
     for _, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        excluded = exclude_norm_bias and (id(p) in norm_ids or p.ndim < 2)
+        # A gain or bias has one number per channel: 1-D, or (C, 1, 1, …) like weight norm's g.
+        per_channel = p.ndim < 2 or p.numel() == p.shape[0]
+        excluded = exclude_norm_bias and (id(p) in norm_ids or per_channel)
         if head_ids is not None and id(p) not in head_ids:
             excluded = True
         (no_decay if excluded else decay).append(p)

@@ -44,10 +44,15 @@ __all__ = [
 _FLOAT_TYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-@torch.compiler.assume_constant_result
 def _constant(p: float, k: int | None, n: int, constant: str) -> float:
-    # A Python float computed once per shape; marked constant so torch.compile folds it in.
+    # A Python float computed once per shape, which torch.compile must fold in as a constant.
     return lp_constant(p, k, n, constant)
+
+
+# What torch.compiler.assume_constant_result(_constant) does, without importing torch._dynamo at
+# import time (about 3 s per process, paid again by every worker torchrun starts). A test compiles
+# a model with fullgraph=True, so a change in torch's mechanism fails loudly.
+_constant._dynamo_marked_constant = True  # type: ignore[attr-defined]
 
 
 def _kernels():

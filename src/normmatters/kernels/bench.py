@@ -72,9 +72,16 @@ def saved_bytes(fn: Callable[[], Tensor]) -> int:
     return sum(storages.values())
 
 
+_CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+
+
 def _time_pair(fns: Sequence[Callable[[], Any]], repeat: int, warmup: int,
-               device: torch.device) -> list[float]:
-    """Median seconds of each of ``fns``, interleaved within each repetition."""
+               device: torch.device, clock: Callable[[], float] = time.perf_counter) -> list[float]:
+    """Median seconds of each of ``fns``, interleaved within each repetition.
+
+    The clock is wall time, or with ``--clock cpu`` the process's CPU time, which on a shared
+    machine does not count the time other processes hold the cores (use it with one thread).
+    """
     for _ in range(warmup):
         for f in fns:
             f()
@@ -83,10 +90,10 @@ def _time_pair(fns: Sequence[Callable[[], Any]], repeat: int, warmup: int,
     for _ in range(repeat):
         for i, f in enumerate(fns):
             _sync(device)
-            t0 = time.perf_counter()
+            t0 = clock()
             f()
             _sync(device)
-            times[i].append(time.perf_counter() - t0)
+            times[i].append(clock() - t0)
     return [statistics.median(t) for t in times]
 
 
@@ -104,11 +111,13 @@ def _layers(kind: str, shape: tuple[int, ...], p: float, k: int | None, dtype: t
 
 def run(kind: str, shapes: Sequence[tuple[int, ...]], dtypes: Sequence[torch.dtype],
         norms: Sequence[str], repeat: int = 7, warmup: int = 2, device: str = "cpu",
-        channels_last: bool = False, with_reference: bool = False) -> list[dict[str, Any]]:
+        channels_last: bool = False, with_reference: bool = False,
+        clock: str = "wall") -> list[dict[str, Any]]:
     """Benchmark rows (one per shape × dtype × norm) for ``kind`` ``"batch"`` or ``"layer"``."""
     from . import use_backend
 
     dev = torch.device(device)
+    tick = _CLOCKS[clock]
     rows = []
     for shape in shapes:
         for dtype in dtypes:
@@ -134,8 +143,8 @@ def run(kind: str, shapes: Sequence[tuple[int, ...]], dtypes: Sequence[torch.dty
                 def fb_ours(m: nn.Module = ours) -> None:
                     m(x).backward(g)
 
-                t_f, o_f = _time_pair([fwd, fwd_ours], repeat, warmup, dev)
-                t_fb, o_fb = _time_pair([fb, fb_ours], repeat, warmup, dev)
+                t_f, o_f = _time_pair([fwd, fwd_ours], repeat, warmup, dev, tick)
+                t_fb, o_fb = _time_pair([fb, fb_ours], repeat, warmup, dev, tick)
                 nbytes = x.numel() * x.element_size()
                 row = {
                     "kind": kind, "shape": list(shape), "dtype": str(dtype).split(".")[-1],
@@ -152,7 +161,7 @@ def run(kind: str, shapes: Sequence[tuple[int, ...]], dtypes: Sequence[torch.dty
                 }
                 if with_reference:
                     with use_backend("reference"):
-                        (r_fb,) = _time_pair([fb_ours], max(1, repeat // 2), 1, dev)
+                        (r_fb,) = _time_pair([fb_ours], max(1, repeat // 2), 1, dev, tick)
                         row["reference_fwdbwd_ms"] = r_fb * 1e3
                         row["reference_saved_bytes"] = saved_bytes(fwd_ours)
                 x.grad = None
@@ -225,6 +234,8 @@ def main(argv: list[str] | None = None, out: TextIO | None = None) -> int:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--clock", default="wall", choices=sorted(_CLOCKS),
+                    help="wall time, or process CPU time (robust to other load; use --threads 1)")
     ap.add_argument("--channels-last", action="store_true", help="also time channels-last inputs")
     ap.add_argument("--with-reference", action="store_true",
                     help="also time the plain-torch reference path (slow)")
@@ -248,10 +259,12 @@ def main(argv: list[str] | None = None, out: TextIO | None = None) -> int:
         layouts = [False, True] if (args.channels_last and kind == "batch") else [False]
         for cl in layouts:
             rows += run(kind, shapes, dtypes, args.norms, args.repeat, args.warmup, args.device,
-                        cl, args.with_reference)
+                        cl, args.with_reference, args.clock)
     machine = _machine(args.device)
+    machine["clock"] = args.clock
     print(f"# {machine.get('cpu', platform.processor())}, {machine['threads']} threads, "
-          f"torch {torch.__version__}, device {args.device}, backend {get_backend()}", file=out)
+          f"torch {torch.__version__}, device {args.device}, backend {get_backend()}, "
+          f"{args.clock} clock, median of {args.repeat}", file=out)
     print(format_table(rows), file=out)
     if args.json:
         _write_json(args.json, {"machine": machine, "rows": rows})

@@ -4,6 +4,7 @@ from .batchnorm import LpBatchNorm1d, LpBatchNorm2d, LpBatchNorm3d
 from .factory import create_norm_layer, get_norm_layer, norm_layer_names
 from .layernorm import LpGroupNorm, LpLayerNorm, LpRMSNorm
 from .meanbn import MeanOnlyBatchNorm1d, MeanOnlyBatchNorm2d, MeanOnlyBatchNorm3d
+from .sync import SyncLpBatchNorm
 
 __all__ = [
     "LpBatchNorm1d",
@@ -15,6 +16,7 @@ __all__ = [
     "MeanOnlyBatchNorm1d",
     "MeanOnlyBatchNorm2d",
     "MeanOnlyBatchNorm3d",
+    "SyncLpBatchNorm",
     "get_norm_layer",
     "create_norm_layer",
     "norm_layer_names",

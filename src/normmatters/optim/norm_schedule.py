@@ -173,8 +173,15 @@ class ReferenceNormSchedule:
     """Set each scale-invariant channel's norm to a recorded reference after each update.
 
     After update ``t`` (counted by :meth:`step`), each group ``g`` of each invariant weight is
-    rescaled to ``‖w_ref,g(t)‖ · f(t)^{-1/power}`` (momentum / moment buffers rescaled
-    inversely). With the invariant weights trained at a fixed learning rate ``η`` and without
+    rescaled to ``‖w_ref,g(t)‖ · f(t)^{-1/power}``.
+
+    Optimizer buffers. Following the reference's norm is a radial correction, like the weight
+    decay it replaces, and it leaves the momentum buffer alone: after it the weight has the
+    reference's scale, so the gradients in the buffer are on the right scale already.
+    (Dividing the buffer by every per-step ratio ``r`` feeds back — the momentum grows the
+    norm, the projection shrinks it, the buffer grows by ``1/r`` — and diverges within a few
+    hundred steps.) Only the jump of the LR factor, ``(f(t-1)/f(t))^{1/power}``, is applied to
+    the buffers as in :class:`NormSchedule`. With the invariant weights trained at a fixed learning rate ``η`` and without
     weight decay, the effective rate becomes ``η f(t)/‖w_ref,g(t)‖^power``: that of the
     reference run, trained with weight decay and the LR schedule ``η f(t)``. This replaces both
     weight decay and the LR schedule by norms (the paper's norm scheduling, Figure 1).
@@ -227,28 +234,39 @@ class ReferenceNormSchedule:
         self.every = every
         self.power = step_power(optimizer, power, who)
         self.num_steps = int(step_offset)
+        self._applied_factor = self._factor(self.num_steps)
         if apply_now:
             self.apply()
+
+    def _factor(self, t: int) -> float:
+        f = 1.0 if self.lr_factor is None else float(self.lr_factor(t))
+        if not f > 0:
+            raise ValueError(f"ReferenceNormSchedule: lr_factor must be > 0, got {f} at t={t}")
+        return f
 
     def target(self, name: str, step: int | None = None) -> Tensor:
         """Target norm of each group of ``name`` after ``step`` updates."""
         t = self.num_steps if step is None else step
         info = self.invariant[name]
         ref = reference_group_norms(self.reference.at(name, t), info.groups)
-        f = 1.0 if self.lr_factor is None else float(self.lr_factor(t))
-        if not f > 0:
-            raise ValueError(f"ReferenceNormSchedule: lr_factor must be > 0, got {f} at t={t}")
-        return ref * f ** (-1.0 / self.power)
+        return ref * self._factor(t) ** (-1.0 / self.power)
 
     @torch.no_grad()
     def apply(self) -> None:
         """Rescale every invariant weight to its target norms now."""
+        f = self._factor(self.num_steps)
+        jump = (self._applied_factor / f) ** (1.0 / self.power)
+        self._applied_factor = f
         for name, info in self.invariant.items():
             cur = info.group_norms().double()
             r = self.target(name) / cur.clamp_min(1e-300)
             r = torch.where(cur > 0, r, torch.ones_like(r))  # a zero channel stays zero
-            rescale(self.optimizer, info.param, info.expand(r).to(info.param.dtype),
-                    "ReferenceNormSchedule")
+            p = info.param
+            if jump != 1.0:
+                # The LR factor changed: the identity of NormSchedule, buffers included.
+                rescale(self.optimizer, p, jump, "ReferenceNormSchedule")
+                r = r / jump
+            p.mul_(info.expand(r).to(p.dtype))
 
     def step(self) -> None:
         """Count one optimizer update (call after ``optimizer.step()``) and rescale."""
@@ -257,7 +275,8 @@ class ReferenceNormSchedule:
             self.apply()
 
     def state_dict(self) -> dict[str, Any]:
-        return {"num_steps": self.num_steps}
+        return {"num_steps": self.num_steps, "applied_factor": self._applied_factor}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.num_steps = int(state["num_steps"])
+        self._applied_factor = float(state.get("applied_factor", self._factor(self.num_steps)))

@@ -24,6 +24,19 @@ from .formats import (
     stochastic_round,
 )
 from .norm import emulated_batch_norm, emulated_dispersion, emulated_layer_norm, emulated_statistics
+from .precision_map import PrecisionMap, precision_map
+from .quant import (
+    QConv1d,
+    QConv2d,
+    QLinear,
+    QuantConfig,
+    QuantizedNorm,
+    quantize_grad,
+    quantize_model,
+    quantize_ste,
+    quantize_uniform,
+)
+from .range_bn import RangeBatchNorm1d, RangeBatchNorm2d, expected_range, range_batch_norm, range_constant
 
 __all__ = [
     "FORMATS",
@@ -41,4 +54,20 @@ __all__ = [
     "emulated_layer_norm",
     "emulated_dispersion",
     "emulated_statistics",
+    "PrecisionMap",
+    "precision_map",
+    "QuantConfig",
+    "QLinear",
+    "QConv1d",
+    "QConv2d",
+    "QuantizedNorm",
+    "quantize_model",
+    "quantize_uniform",
+    "quantize_ste",
+    "quantize_grad",
+    "RangeBatchNorm1d",
+    "RangeBatchNorm2d",
+    "range_batch_norm",
+    "range_constant",
+    "expected_range",
 ]

@@ -48,7 +48,8 @@ from .formats import FloatFormat
 
 __all__ = ["emulated_batch_norm", "emulated_layer_norm", "emulated_dispersion", "emulated_statistics"]
 
-DType = "str | torch.dtype | FloatFormat"
+#: what a ``compute_dtype`` / ``accumulate_dtype`` may be: a torch dtype, a format name or object.
+DType = str | torch.dtype | FloatFormat
 
 
 def emulated_statistics(

@@ -59,14 +59,14 @@ LN_RUNS: dict[str, tuple[str, dict[str, Any]]] = {
 }
 
 # -- embedded scale: the hyperparameters, in one place --------------------------------------------
-# ResNet-20 (1-D) on MNIST-1D: 32 steps of 128 sequences per epoch, ~3 s per epoch on 2 cores.
-IMAGE_EPOCHS = 10
+# ResNet-20 (1-D) on MNIST-1D: 32 steps of 128 sequences per epoch, ~2-4 s per epoch on 2 cores.
+IMAGE_EPOCHS = 15
 IMAGE_BATCH = 128
 IMAGE_LR = 0.1              # per batch of 128, cosine to 0, no warm-up
 IMAGE_WD = 5e-4             # coupled L2 (SGD), on every parameter as in the paper's code
 # Transformer LM: 2 layers, width 64, 4 heads, context 64 characters, on the first 300 k
 # characters of the corpus (the last 10 % of them are the test split).
-LM_EPOCHS = 2
+LM_EPOCHS = 3
 LM_BATCH = 16               # sequences of 64 characters per step
 LM_LR = 3e-3                # AdamW, cosine to 0 after 0.2 epochs of warm-up
 LM_CHARS = 300_000

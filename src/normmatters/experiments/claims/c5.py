@@ -17,7 +17,8 @@ Two models, each trained from the same seed in every variant:
 
 * a 2-layer LSTM language model on the embedded text (CPython's pydoc topics; the paper scale
   reads ``<data_root>/lm_corpus.txt``), with plain weights (``lstm-plain``, the baseline: an
-  LSTM has no batch norm), WN (``lstm-wn``) or BWN (``lstm-bwn``) on every input and recurrent
+  LSTM has no batch norm), WN (``lstm-wn``), BWN (``lstm-bwn``, ρ fixed, no gain) or the official
+  code's BWN (``lstm-bounded-bwn``, learned gain of bounded norm) on every input and recurrent
   weight, reported in test bits per character.
 
 Each run also records, every epoch, how far the normalized weights have moved from their initial
@@ -70,10 +71,10 @@ SETTINGS: dict[str, dict[str, _Setting]] = {
         ),
         "lstm": _Setting(
             "lstm_lm", "2-layer LSTM LM, pydoc text",
-            dict(model="lstm_lm", dataset="text", epochs=3, batch_size=32, optimizer="adamw", lr=3e-3,
+            dict(model="lstm_lm", dataset="text", epochs=3, batch_size=16, optimizer="adamw", lr=1e-2,
                  weight_decay=0.0, lr_schedule="cosine", grad_clip=1.0, eval_batch_size=256,
                  model_kwargs={"embed_size": 48, "hidden_size": 96, "dropout": 0.0},
-                 dataset_kwargs={"block_size": 48, "max_chars": 60000}),
+                 dataset_kwargs={"block_size": 32, "max_chars": 60000}),
         ),
     },
     "paper": {
@@ -101,6 +102,7 @@ RUNS: dict[str, tuple[str, str | None]] = {
     "lstm-plain": ("lstm", None),
     "lstm-wn": ("lstm", "wn"),
     "lstm-bwn": ("lstm", "bwn"),
+    "lstm-bounded-bwn": ("lstm", "bwn-bounded"),
 }
 
 
@@ -302,7 +304,9 @@ def _notes(rows: list[dict[str, Any]], settings: dict[str, _Setting], scale: str
         "(conv → BN becomes (B)WN conv → mean-only BN), so all start from the same weights.",
         f"LSTM LM: {lstm.label}; {lm['optimizer']} lr {lm['lr']}, grad clip {lm['grad_clip']}, batch "
         f"{lm['batch_size']}, {lm['epochs']} epochs; WN/BWN on every input and recurrent weight; the baseline "
-        "has plain weights (an LSTM has no batch norm). BWN here has no learned gain: ρ is fixed per matrix.",
+        "has plain weights (an LSTM has no batch norm). lstm-bwn has no learned gain at all (ρ fixed per matrix, "
+        "nothing after the gates to rescale them); lstm-bounded-bwn keeps the official code's learned gain of "
+        "bounded norm.",
         "Reported: final-epoch test accuracy (CNN) and test bits per character (LM), single numbers per seed; "
         "at this scale differences under about one point of accuracy are within seed noise.",
     ]
@@ -313,7 +317,12 @@ def _notes(rows: list[dict[str, Any]], settings: dict[str, _Setting], scale: str
     for seed in sorted({r["seed"] for r in rows}):
         accs = {n: by[(n, seed)].get("test_acc") for n in ("cnn-bn", "cnn-wn", "cnn-bwn") if (n, seed) in by}
         if len(accs) == 3 and all(v is not None for v in accs.values()):
-            parts.append(f"Seed {seed}: BN {accs['cnn-bn']:.4f}, WN {accs['cnn-wn']:.4f}, BWN {accs['cnn-bwn']:.4f}.")
+            parts.append(f"Seed {seed}, CNN test accuracy: BN {accs['cnn-bn']:.4f}, WN {accs['cnn-wn']:.4f}, "
+                         f"BWN {accs['cnn-bwn']:.4f}.")
+        bpc = {n: by[(n, seed)].get("test_bpc") for n in ("lstm-plain", "lstm-wn", "lstm-bwn") if (n, seed) in by}
+        if len(bpc) == 3 and all(v is not None for v in bpc.values()):
+            parts.append(f"Seed {seed}, LSTM test bits/char: plain {bpc['lstm-plain']:.3f}, WN {bpc['lstm-wn']:.3f}, "
+                         f"BWN {bpc['lstm-bwn']:.3f}.")
     devs = [r["rho_dev"] for r in rows if r.get("rho_dev") is not None]
     if devs:
         parts.append(f"BWN channel norms stayed at ρ to within {max(devs):.1e} (relative) after training.")
