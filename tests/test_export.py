@@ -77,9 +77,6 @@ def test_torch_export_train_mode_matches_and_updates_statistics() -> None:
     assert not torch.allclose(eager.get_buffer("1.running_var"), model.get_buffer("1.running_var"))
 
 
-@pytest.mark.xfail(reason="lp_constant's first evaluation runs torch ops, which torch.export traces as "
-                          "fake tensors; needs the constants computed outside tracing (see "
-                          "normmatters.deploy.warm_constants)", strict=False)
 def test_torch_export_with_a_cold_constant_cache() -> None:
     from normmatters.functional import constants
 

@@ -5,10 +5,12 @@
 * :mod:`normmatters.nn` — drop-in layers: ``LpBatchNorm{1,2,3}d``, ``LpLayerNorm``,
   ``LpGroupNorm``, ``LpRMSNorm``, ``MeanOnlyBatchNorm{1,2,3}d`` and a norm factory.
 * :mod:`normmatters.convert` — ``convert_norms`` and friends.
+* :mod:`normmatters.deploy` — ``fold_norms``, ``freeze_norms``, ONNX export.
 """
 
 from . import functional, nn
-from .convert import convert_norms, to_torch_norms
+from .convert import convert_norms, convert_sync_lp_batchnorm, from_official_state_dict, to_torch_norms
+from .deploy import fold_norms, freeze_norms, unfreeze_norms
 from .functional import C_L1, lp_constant, paper_constant, topk_constant
 from .nn import (
     LpBatchNorm1d,
@@ -31,6 +33,11 @@ __all__ = [
     "nn",
     "convert_norms",
     "to_torch_norms",
+    "convert_sync_lp_batchnorm",
+    "from_official_state_dict",
+    "fold_norms",
+    "freeze_norms",
+    "unfreeze_norms",
     "C_L1",
     "lp_constant",
     "paper_constant",

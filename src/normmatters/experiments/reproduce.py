@@ -191,7 +191,7 @@ def run_claim(cid: str, root: Path, *, scale: str, seeds: Sequence[int], progres
             log.info("%s: not run, paper-scale data missing (%s)", cid, names)
             return {**base, "status": "error", "wall_time": 0.0, "error": f"data missing: {names}",
                     "missing_data": [d.to_dict() for d in missing]}
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     try:
         fn = runner if runner is not None else load_claim(cid)
         kwargs = _call_kwargs(fn, {"cache_dir": root / RUN_CACHE, "data_root": data_root})
@@ -210,7 +210,7 @@ def run_claim(cid: str, root: Path, *, scale: str, seeds: Sequence[int], progres
         return rec
     wall = time.perf_counter() - t0
     rec = {**base, **{k: v for k, v in res.items() if k not in base}, "claim": cid, "status": "ok",
-           "wall_time": wall, "finished_at": time.strftime("%Y-%m-%d %H:%M:%S")}
+           "wall_time": wall, "cpu_time": time.process_time() - c0, "finished_at": time.strftime("%Y-%m-%d %H:%M:%S")}
     rec.setdefault("figures", [])
     rec.setdefault("notes", "")
     atomic_write_text(claim_dir / RESULT_NAME, json.dumps(rec, indent=1, default=str) + "\n")

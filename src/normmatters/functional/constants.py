@@ -26,8 +26,9 @@ from __future__ import annotations
 
 import functools
 import math
+from statistics import NormalDist
 
-import torch
+import numpy as np
 
 __all__ = ["C_L1", "topk_constant", "paper_constant", "lp_constant", "normalize_p"]
 
@@ -54,13 +55,13 @@ def normalize_p(p: float | int | str) -> float:
     return value
 
 
-def _log_phi2(x: torch.Tensor) -> torch.Tensor:
-    """log(2 φ(x)) for the standard normal density φ."""
-    return math.log(2.0) - 0.5 * math.log(2.0 * math.pi) - 0.5 * x * x
+_NORMAL = NormalDist()
 
 
 @functools.lru_cache(maxsize=4096)
 def _expected_topk_mean(n: int, k: int) -> float:
+    # numpy and the standard library only, never torch: the first call may happen while
+    # torch.export or torch.compile is tracing a model, where torch ops would be traced too.
     if k == n:
         return math.sqrt(2.0 / math.pi)
     a, b = float(n - k), float(k)  # U ~ Beta(a, b); a, b >= 1
@@ -71,17 +72,24 @@ def _expected_topk_mean(n: int, k: int) -> float:
     width = math.sqrt(1.0 / a + 1.0 / b)
     # The unit Beta(a, 1) / Beta(1, b) cases are skewed: give the light tail more room.
     lo, hi = mode - 45.0 * width - 40.0 / b, mode + 45.0 * width + 40.0 / a
-    t = torch.linspace(lo, hi, 20001, dtype=torch.float64)
-    logu = torch.nn.functional.logsigmoid(t)
-    log1mu = torch.nn.functional.logsigmoid(-t)
+    t = np.linspace(lo, hi, 20001)
+    logu = -np.logaddexp(0.0, -t)  # log σ(t)
+    log1mu = -np.logaddexp(0.0, t)  # log σ(−t) = log(1 − u), without cancellation
     # log of the density in t: a·log u + b·log(1−u) (the Jacobian du/dt = u(1−u) adds one to each).
     logw = a * logu + b * log1mu
-    w = torch.exp(logw - logw.max())
+    w = np.exp(logw - logw.max())
+    keep = w > 1e-300  # elsewhere the weight underflows and the point contributes nothing
     # Q(u) = Φ⁻¹((1+u)/2) = −Φ⁻¹((1−u)/2), computed from 1−u = σ(−t) without cancellation.
-    q = -torch.special.ndtri(0.5 * torch.exp(log1mu))
-    h = torch.exp(_log_phi2(q))
-    expectation = torch.trapezoid(w * h, t) / torch.trapezoid(w, t)
+    inv_cdf = _NORMAL.inv_cdf
+    q = np.zeros_like(t)
+    q[keep] = [-inv_cdf(max(0.5 * math.exp(v), 1e-300)) for v in log1mu[keep]]
+    h = 2.0 * np.exp(-0.5 * q * q) / math.sqrt(2.0 * math.pi)  # 2 φ(Q(u))
+    expectation = _trapezoid(w * h, t) / _trapezoid(w, t)
     return float(expectation) * n / k
+
+
+def _trapezoid(y: np.ndarray, x: np.ndarray) -> float:
+    return float(np.sum((y[1:] + y[:-1]) * np.diff(x)) / 2.0)
 
 
 def topk_constant(n: int, k: int) -> float:

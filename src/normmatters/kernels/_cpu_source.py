@@ -104,23 +104,31 @@ template <typename A> struct HeapSet {
   }
 };
 
-// Push the values of a contiguous piece that can enter the heap (NEG: push −x). The piece is
-// split into blocks of 64 whose maximum is taken vectorised first, so the scalar insertion loop
-// only visits blocks that can contribute.
+// Push the values of a contiguous piece that can enter the heap (NEG: push −x). A vectorised
+// pass takes the maxima of blocks of 16; the k-th largest block maximum T is a lower bound of the
+// piece's k-th largest value (k blocks each hold a value >= T), so only values >= T (and >= the
+// heap's threshold) are pushed: a few dozen, found by a loop whose branch is almost never taken.
 template <typename T, typename A, bool NEG>
-inline void scan_piece(const T* x, int64_t len, int64_t base, Heap<A>& h) {
-  const int64_t SB = 64;
-  for (int64_t s0 = 0; s0 < len; s0 += SB) {
-    const int64_t l = std::min(SB, len - s0);
+inline void scan_piece(const T* x, int64_t len, int64_t base, Heap<A>& h, std::vector<A>& bm) {
+  const int64_t SB = 16;
+  const int64_t nb = (len + SB - 1) / SB;
+  bm.resize((size_t)nb);
+  for (int64_t j = 0; j < nb; ++j) {
+    const int64_t s0 = j * SB, l = std::min(SB, len - s0);
     const T* xb = x + s0;
     A m = -std::numeric_limits<A>::infinity();
 #pragma omp simd reduction(max:m)
     for (int64_t i = 0; i < l; ++i) { A v = NEG ? -IO<T>::ld(xb, i) : IO<T>::ld(xb, i); m = v > m ? v : m; }
-    if (!(m >= h.thr())) continue;
-    for (int64_t i = 0; i < l; ++i) {
-      A v = NEG ? -IO<T>::ld(xb, i) : IO<T>::ld(xb, i);
-      if (v >= h.thr()) h.push(v, base + s0 + i);
-    }
+    bm[j] = m;
+  }
+  A t = h.thr();
+  if (nb >= h.k) {
+    std::nth_element(bm.begin(), bm.begin() + (h.k - 1), bm.end(), [](A p, A q) { return p > q; });
+    t = std::max(t, bm[h.k - 1]);
+  }
+  for (int64_t i = 0; i < len; ++i) {
+    A v = NEG ? -IO<T>::ld(x, i) : IO<T>::ld(x, i);
+    if (v >= t && v >= h.thr()) h.push(v, base + i);
   }
 }
 
@@ -129,7 +137,7 @@ inline void scan_piece(const T* x, int64_t len, int64_t base, Heap<A>& h) {
 // (each holds its own maximum, so after scanning them the threshold is at least the k-th largest
 // piece maximum and no other piece can beat it, ties aside): only those are scanned.
 template <typename T, typename A> struct Pieces {
-  std::vector<A> mx, mn; std::vector<int64_t> off, base, len, order;
+  std::vector<A> mx, mn, bm; std::vector<int64_t> off, base, len, order;
   void clear() { mx.clear(); mn.clear(); off.clear(); base.clear(); len.clear(); }
   inline void add(int64_t o, int64_t b, int64_t l, A hi, A lo) {
     off.push_back(o); base.push_back(b); len.push_back(l); mx.push_back(hi); mn.push_back(lo);
@@ -142,9 +150,9 @@ template <typename T, typename A> struct Pieces {
     auto key = [&](int64_t p) { return NEG ? -mn[p] : mx[p]; };
     std::nth_element(order.begin(), order.begin() + (m - 1), order.end(), [&](int64_t a, int64_t b) {
       return key(a) > key(b) || (key(a) == key(b) && a < b); });
-    for (int64_t j = 0; j < m; ++j) scan_piece<T, A, NEG>(x + off[order[j]], len[order[j]], base[order[j]], h);
+    for (int64_t j = 0; j < m; ++j) scan_piece<T, A, NEG>(x + off[order[j]], len[order[j]], base[order[j]], h, bm);
     for (int64_t j = m; j < P; ++j)
-      if (key(order[j]) >= h.thr()) scan_piece<T, A, NEG>(x + off[order[j]], len[order[j]], base[order[j]], h);
+      if (key(order[j]) >= h.thr()) scan_piece<T, A, NEG>(x + off[order[j]], len[order[j]], base[order[j]], h, bm);
   }
   void finish(const T* x, int k, Heap<A>& hi, Heap<A>& lo) {
     hi.n = 0; lo.n = 0;

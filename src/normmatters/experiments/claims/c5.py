@@ -294,35 +294,46 @@ def _table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def _mean_std(vals: list[float]) -> str:
+    m = sum(vals) / len(vals)
+    if len(vals) < 2:
+        return f"{m:.4f}"
+    sd = (sum((v - m) ** 2 for v in vals) / (len(vals) - 1)) ** 0.5
+    return f"{m:.4f} ± {sd:.4f}"
+
+
 def _notes(rows: list[dict[str, Any]], settings: dict[str, _Setting], scale: str, wall: float) -> str:
     cnn, lstm = settings["cnn"], settings["lstm"]
     c, lm = cnn.config, lstm.config
-    parts = [
-        f"CNN: {cnn.label}; SGD lr {c['lr']} ({c['lr_schedule']}), momentum {c['momentum']}, weight decay "
-        f"{c['weight_decay']} on every parameter, batch {c['batch_size']}, {c['epochs']} epochs. The WN and "
-        "BWN networks are the batch-norm network of the same seed converted by to_weight_normalized "
-        "(conv → BN becomes (B)WN conv → mean-only BN), so all start from the same weights.",
-        f"LSTM LM: {lstm.label}; {lm['optimizer']} lr {lm['lr']}, grad clip {lm['grad_clip']}, batch "
-        f"{lm['batch_size']}, {lm['epochs']} epochs; WN/BWN on every input and recurrent weight; the baseline "
-        "has plain weights (an LSTM has no batch norm). lstm-bwn has no learned gain at all (ρ fixed per matrix, "
-        "nothing after the gates to rescale them); lstm-bounded-bwn keeps the official code's learned gain of "
-        "bounded norm.",
-        "Reported: final-epoch test accuracy (CNN) and test bits per character (LM), single numbers per seed; "
-        "at this scale differences under about one point of accuracy are within seed noise.",
-    ]
+    present = {RUNS[r["run"]][0] for r in rows}
+    parts = []
+    if "cnn" in present:
+        parts.append(
+            f"CNN: {cnn.label}; SGD lr {c['lr']} ({c['lr_schedule']}), momentum {c['momentum']}, weight decay "
+            f"{c['weight_decay']} on every parameter, batch {c['batch_size']}, {c['epochs']} epochs. The WN and "
+            "BWN networks are the batch-norm network of the same seed converted by to_weight_normalized "
+            "(conv → BN becomes (B)WN conv → mean-only BN), so all start from the same weights.")
+    if "lstm" in present:
+        parts.append(
+            f"LSTM LM: {lstm.label}; {lm['optimizer']} lr {lm['lr']}, grad clip {lm['grad_clip']}, batch "
+            f"{lm['batch_size']}, {lm['epochs']} epochs; WN/BWN on every input and recurrent weight; the baseline "
+            "has plain weights (an LSTM has no batch norm). lstm-bwn has no learned gain at all (ρ fixed per "
+            "matrix, nothing after the gates to rescale them); lstm-bounded-bwn keeps the official code's learned "
+            "gain of bounded norm.")
+    parts.append("Reported: final-epoch test accuracy (CNN) and test bits per character (LM), one number per "
+                 "seed.")
     if scale == "embedded":
-        parts.append("These are embedded-scale numbers, not the paper's (ResNet-56 CIFAR-10: BN 93.03, WN 92.5, "
-                     "BWN 92.88).")
-    by = {(r["run"], r["seed"]): r for r in rows}
-    for seed in sorted({r["seed"] for r in rows}):
-        accs = {n: by[(n, seed)].get("test_acc") for n in ("cnn-bn", "cnn-wn", "cnn-bwn") if (n, seed) in by}
-        if len(accs) == 3 and all(v is not None for v in accs.values()):
-            parts.append(f"Seed {seed}, CNN test accuracy: BN {accs['cnn-bn']:.4f}, WN {accs['cnn-wn']:.4f}, "
-                         f"BWN {accs['cnn-bwn']:.4f}.")
-        bpc = {n: by[(n, seed)].get("test_bpc") for n in ("lstm-plain", "lstm-wn", "lstm-bwn") if (n, seed) in by}
-        if len(bpc) == 3 and all(v is not None for v in bpc.values()):
-            parts.append(f"Seed {seed}, LSTM test bits/char: plain {bpc['lstm-plain']:.3f}, WN {bpc['lstm-wn']:.3f}, "
-                         f"BWN {bpc['lstm-bwn']:.3f}.")
+        parts.append("The digits test split has 360 images (one image = 0.28 points). These are embedded-scale "
+                     "numbers, not the paper's (ResNet-56 CIFAR-10: BN 93.03, WN 92.5, BWN 92.88).")
+    seeds = sorted({r["seed"] for r in rows})
+    for metric, label in (("test_acc", "test accuracy"), ("test_bpc", "test bits/char")):
+        by_run: dict[str, list[float]] = {}
+        for r in rows:
+            if r.get(metric) is not None:
+                by_run.setdefault(r["run"], []).append(r[metric])
+        if by_run:
+            body = ", ".join(f"{n} {_mean_std(v)}" for n, v in by_run.items())
+            parts.append(f"{label} ({'mean ± std over ' + str(len(seeds)) + ' seeds' if len(seeds) > 1 else 'seed ' + str(seeds[0])}): {body}.")
     devs = [r["rho_dev"] for r in rows if r.get("rho_dev") is not None]
     if devs:
         parts.append(f"BWN channel norms stayed at ρ to within {max(devs):.1e} (relative) after training.")

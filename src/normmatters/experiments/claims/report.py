@@ -1,4 +1,4 @@
-"""The report of ``normmatters reproduce``: one table per claim beside the paper's numbers, a verdict
+r"""The report of ``normmatters reproduce``: one table per claim beside the paper's numbers, a verdict
 per claim computed from the measured numbers, figures, configs, versions, hardware and wall times.
 
 Inputs are the dicts the claim modules return (``{"claim", "rows", "figures", "notes"}``, see
@@ -670,20 +670,22 @@ def render_report(results: dict[str, dict[str, Any]], meta: dict[str, Any], root
     L.append("")
     L.append("## Summary")
     L.append("")
-    L.append("| claim | verdict | wall time | runs |")
-    L.append("|---|---|---|---|")
+    L.append("| claim | verdict | wall time | CPU time | runs |")
+    L.append("|---|---|---|---|---|")
     for cid, res in results.items():
         v = verdicts[cid].verdict
         reused = " (reused)" if res.get("reused") else ""
         nruns = len({r.get("run") for r in res.get("rows", [])}) if res.get("status") == "ok" else 0
         L.append(f"| [{cid}](#{cid.lower()}) | {v.splitlines()[0]} | {_fmt_seconds(res.get('wall_time'))}{reused} | "
-                 f"{nruns} |")
+                 f"{_fmt_seconds(res.get('cpu_time'))} | {nruns} |")
     L.append("")
     L.append("Verdict rule (the same for every claim, details per claim): runs are compared on final test "
              f"accuracy (classifiers) or test bits per character (language models). Two runs match when the "
              f"difference is within tol = max({100 * ACC_TOL:g} percentage point, 2 × seed std) for accuracy, "
              f"or max({100 * BPC_REL_TOL:g}% of the reference, 2 × seed std) for bits per character. With one "
-             "seed the spread is unknown and only the base tolerance applies.")
+             "seed the spread is unknown and only the base tolerance applies. CPU time is the process's CPU "
+             "seconds over all its threads: on a machine shared with other work it stays near what the claim "
+             "costs, while the wall time grows.")
 
     for cid, res in results.items():
         info = CLAIMS.get(cid)

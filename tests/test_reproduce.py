@@ -1,0 +1,421 @@
+"""Tests of ``normmatters reproduce``: the claim registry, the run cache, continuing an interrupted
+reproduce, the verdict rules, the report files, the paper-scale data check and the command line.
+
+Claim functions are replaced by fakes (the real claims train for minutes); one slow test trains a
+one-epoch run to check that C2 and C3 share their L2 baseline through the cache.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from pathlib import Path
+
+import pytest
+
+from normmatters.experiments import reproduce as rp
+from normmatters.experiments.claims import (
+    CLAIMS,
+    cached_train,
+    completed_summary,
+    load_claim,
+    missing_paper_data,
+    paper_data,
+    parse_claims,
+    run_folder,
+    run_key,
+)
+from normmatters.experiments.claims import report as rep
+from normmatters.experiments.config import TrainConfig
+from normmatters.experiments.errors import ConfigError
+
+
+# ---------------------------------------------------------------------------------------------
+# Registry
+# ---------------------------------------------------------------------------------------------
+def test_registry_names_five_claims_with_modules():
+    assert list(CLAIMS) == ["C1", "C2", "C3", "C4", "C5"]
+    for cid, info in CLAIMS.items():
+        assert info.id == cid
+        assert info.module == f"normmatters.experiments.claims.{cid.lower()}"
+        assert info.title and info.embedded and info.paper
+        assert set(info.paper_data) <= {"cifar10", "imagenet", "text"}
+
+
+def test_parse_claims_accepts_case_spaces_numbers_and_rejects_unknown():
+    assert parse_claims(None) == list(CLAIMS)
+    assert parse_claims("all") == list(CLAIMS)
+    assert parse_claims(" c3, C2 ,2") == ["C3", "C2"]  # order kept, duplicates dropped
+    assert parse_claims(["C5"]) == ["C5"]
+    with pytest.raises(ConfigError, match="C9"):
+        parse_claims("C1,C9")
+    with pytest.raises(ConfigError):
+        parse_claims(",")
+
+
+def test_load_claim_returns_run_of_own_modules_and_rejects_unknown():
+    for cid in ("C2", "C3"):
+        assert callable(load_claim(cid))
+    with pytest.raises(ConfigError):
+        load_claim("C7")
+
+
+# ---------------------------------------------------------------------------------------------
+# Run cache
+# ---------------------------------------------------------------------------------------------
+def _cfg(**kw) -> TrainConfig:
+    base = dict(model="resnet_digits", dataset="digits", epochs=1, amp=False, plots=False)
+    base.update(kw)
+    return TrainConfig().replace(**base)
+
+
+def test_run_key_depends_on_what_changes_results_only():
+    a = _cfg()
+    assert run_key(a) == run_key(_cfg())
+    assert run_key(a) != run_key(_cfg(lr=0.05))
+    assert run_key(a) != run_key(_cfg(norm_kwargs={"constant": "none"}))
+    assert run_key(a) != run_key(_cfg(seed=1))
+    assert run_key(a) != run_key(a, "lr-correction")
+    # logging / checkpointing switches do not change the numbers
+    assert run_key(a) == run_key(_cfg(plots=True, checkpoint=False, threads=1))
+    assert run_folder(a, "/x").name.endswith(run_key(a))
+
+
+class _FakeTrain:
+    """Stands in for trainer.train: writes summary.json like the real one and counts calls."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, config, out_dir, *, progress=True, resume=False, **kw):
+        self.calls.append({"config": config, "out_dir": Path(out_dir), "resume": resume, **kw})
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        s = {"model": config.model, "final_test_acc": 0.5, "wall_time": 1.0, "task": "classification"}
+        (out / "summary.json").write_text(json.dumps(s))
+        return dict(s)
+
+
+def test_cached_train_reuses_finished_run_and_resumes_unfinished(tmp_path, monkeypatch):
+    from normmatters.experiments import trainer
+
+    fake = _FakeTrain()
+    monkeypatch.setattr(trainer, "train", fake)
+    cfg = _cfg()
+    s1 = cached_train(cfg, tmp_path, progress=False)
+    s2 = cached_train(cfg, tmp_path, progress=False)
+    assert len(fake.calls) == 1
+    assert s1["reused"] is False and s2["reused"] is True
+    assert fake.calls[0]["resume"] is True  # an unfinished folder continues from its checkpoint
+    assert s2["run_dir"] == str(run_folder(cfg, tmp_path))
+    # another config is another run
+    cached_train(_cfg(lr=0.01), tmp_path, progress=False)
+    assert len(fake.calls) == 2
+    # a damaged summary counts as unfinished
+    (run_folder(cfg, tmp_path) / "summary.json").write_text("{not json")
+    assert completed_summary(run_folder(cfg, tmp_path)) is None
+    cached_train(cfg, tmp_path, progress=False)
+    assert len(fake.calls) == 3
+
+
+def test_cached_train_requires_variant_for_optimizer_factory(tmp_path):
+    with pytest.raises(ValueError, match="variant"):
+        cached_train(_cfg(), tmp_path, optimizer_factory=lambda m, c: (None, None))
+
+
+# ---------------------------------------------------------------------------------------------
+# Aggregation and verdicts
+# ---------------------------------------------------------------------------------------------
+def _rows(spec: dict[str, list[float]], key: str = "test_acc") -> list[dict]:
+    return [{"run": name, "seed": i, key: v} for name, vals in spec.items() for i, v in enumerate(vals)]
+
+
+def test_aggregate_matches_statistics_and_counts_nonfinite():
+    rows = _rows({"a": [0.9, 0.92, 0.95], "b": [0.5, float("nan"), 0.6]})
+    rows.append({"run": "c", "seed": 0, "test_acc": None})
+    agg = rep.aggregate(rows)
+    assert list(agg) == ["a", "b", "c"]
+    assert agg["a"]["test_acc"].mean == pytest.approx(statistics.mean([0.9, 0.92, 0.95]))
+    assert agg["a"]["test_acc"].std == pytest.approx(statistics.stdev([0.9, 0.92, 0.95]))
+    assert math.isnan(agg["b"]["test_acc"].mean) and agg["b"]["test_acc"].nonfinite == 1
+    assert agg["c"]["test_acc"].nonfinite == 1
+    assert rep.aggregate([{"run": "x", "seed": 0, "test_acc": 0.5}])["x"]["test_acc"].std is None
+
+
+def test_match_check_tolerance_is_one_point_or_twice_the_seed_spread():
+    agg = rep.aggregate(_rows({"a": [0.905], "b": [0.90], "c": [0.915]}))
+    assert rep.match_check(agg, "a", "b", "x").passed is True
+    c = rep.match_check(agg, "c", "b", "x")
+    assert c.passed is False and c.tol == pytest.approx(rep.ACC_TOL)
+    assert c.diff == pytest.approx(0.015)
+    # three seeds with a 2-point spread: tol = 2·std, so a 1.5-point gap now matches
+    agg = rep.aggregate(_rows({"a": [0.895, 0.915, 0.935], "b": [0.90, 0.90, 0.90]}))
+    c = rep.match_check(agg, "a", "b", "x")
+    assert c.tol == pytest.approx(2 * statistics.stdev([0.895, 0.915, 0.935]))
+    assert c.passed is True
+
+
+def test_bits_per_char_uses_relative_tolerance_and_lower_is_better():
+    agg = rep.aggregate(_rows({"l1": [3.05], "l2": [3.0], "bad": [3.2]}, key="test_bpc"))
+    assert rep.match_check(agg, "l1", "l2", "x").passed is True         # 1.7% < 2%
+    assert rep.match_check(agg, "bad", "l2", "x").passed is False       # 6.7% > 2%
+    assert rep.not_worse_check(agg, "l2", "bad", "x").passed is True    # lower bpc is better
+    assert rep.not_worse_check(agg, "bad", "l2", "x").passed is False
+
+
+def _ok(rows):
+    return {"status": "ok", "rows": rows}
+
+
+def test_c2_verdicts_follow_the_numbers():
+    good = _rows({"bn-l2": [0.90], "bn-l1": [0.905], "bn-l1-noconst": [0.85]}) + \
+        _rows({"ln-l2": [3.0], "ln-l1": [3.01]}, key="test_bpc")
+    assert rep.verdict_for("C2", _ok(good)).verdict == "supported"
+    half = _rows({"bn-l2": [0.90], "bn-l1": [0.85]}) + _rows({"ln-l2": [3.0], "ln-l1": [3.01]}, key="test_bpc")
+    assert rep.verdict_for("C2", _ok(half)).verdict == "partly supported"
+    bad = _rows({"bn-l2": [0.90], "bn-l1": [0.85]}) + _rows({"ln-l2": [3.0], "ln-l1": [3.5]}, key="test_bpc")
+    assert rep.verdict_for("C2", _ok(bad)).verdict == "not supported"
+    only_bn = _rows({"bn-l2": [0.90], "bn-l1": [0.901]})
+    v = rep.verdict_for("C2", _ok(only_bn)).verdict
+    assert v.startswith("supported") and "1 of 2" in v
+    assert rep.verdict_for("C2", _ok([])).verdict == "inconclusive"
+
+
+def test_c3_linf_may_be_two_tolerances_lower():
+    rows = _rows({"bn-l2": [0.90], "bn-top10": [0.895], "bn-linf": [0.885]})
+    assert rep.verdict_for("C3", _ok(rows)).verdict == "supported"
+    rows = _rows({"bn-l2": [0.90], "bn-top10": [0.895], "bn-linf": [0.87]})
+    assert rep.verdict_for("C3", _ok(rows)).verdict == "partly supported"
+
+
+def test_c4_needs_l2_to_fail_and_l1_to_hold_in_fp16():
+    base = {"fp32-l2": [0.95], "fp32-l1": [0.95], "fp16-l1": [0.948], "int8-l1": [0.94]}
+    diverged = _rows({**base, "fp16-l2": [float("nan")]})
+    assert rep.verdict_for("C4", _ok(diverged)).verdict == "supported"
+    l2_fine = _rows({**base, "fp16-l2": [0.95]})
+    assert rep.verdict_for("C4", _ok(l2_fine)).verdict == "partly supported"
+
+
+def test_c1_and_c5_rules_use_their_modules_run_names():
+    c1 = _rows({"wd_on": [0.9], "wd_off": [0.85], "wd_off_lr_correction": [0.905], "norm_schedule": [0.895]})
+    v = rep.verdict_for("C1", _ok(c1))
+    assert v.verdict == "supported"
+    assert any(not c.core and c.passed is False for c in v.checks)  # WD off differs: context only
+    c5 = _rows({"cnn-bn": [0.95], "cnn-wn": [0.9], "cnn-bwn": [0.945]}) + \
+        _rows({"lstm-plain": [2.5], "lstm-bwn": [2.9]}, key="test_bpc")
+    assert rep.verdict_for("C5", _ok(c5)).verdict == "partly supported"
+
+
+def test_failed_claim_verdict_says_not_run():
+    v = rep.verdict_for("C4", {"status": "error", "error": "ImportError: no module"})
+    assert v.verdict == "not run: ImportError: no module"
+
+
+# ---------------------------------------------------------------------------------------------
+# reproduce(): running, reusing, failing, reporting
+# ---------------------------------------------------------------------------------------------
+class _FakeClaim:
+    def __init__(self, cid, rows, *, figure=True):
+        self.cid, self.rows, self.figure, self.calls = cid, rows, figure, 0
+
+    def __call__(self, out_dir, *, seeds=(0,), scale="embedded", progress=True, cache_dir=None):
+        self.calls += 1
+        self.cache_dir = cache_dir
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        figs = []
+        if self.figure:
+            (out / "curve.png").write_bytes(b"\x89PNG\r\n\x1a\n")
+            figs = ["curve.png"]
+        rows = [dict(r, seed=s) for s in seeds for r in self.rows]
+        return {"claim": self.cid, "rows": rows, "figures": figs, "notes": "fake"}
+
+
+def _boom(out_dir, *, seeds=(0,), scale="embedded", progress=True):
+    raise RuntimeError("boom")
+
+
+def _c2_rows():
+    return [{"run": "bn-l2", "test_acc": 0.9}, {"run": "bn-l1", "test_acc": 0.904},
+            {"run": "ln-l2", "test_bpc": 3.0}, {"run": "ln-l1", "test_bpc": 3.02}]
+
+
+def test_reproduce_writes_report_reuses_finished_claims_and_isolates_failures(tmp_path):
+    c2 = _FakeClaim("C2", _c2_rows())
+    out = rp.reproduce(tmp_path, claims=["C2", "C3"], progress=False, runners={"C2": c2, "C3": _boom})
+    res = out["results"]
+    assert res["C2"]["status"] == "ok" and res["C3"]["status"] == "error"
+    assert c2.cache_dir == tmp_path / "runs"  # the shared run cache is passed where accepted
+    text = (tmp_path / "REPORT.md").read_text()
+    assert "not run: RuntimeError: boom" in text
+    assert "RuntimeError" in (tmp_path / "c3" / "error.txt").read_text()
+    assert "93.03 / 93.07" in text               # the paper's numbers beside ours
+    assert "92.40 / 92.05" in text               # and seed 003's
+    assert "| bn-l1 | 1 | 90.40 |" in text       # measured, in percent
+    assert "**Verdict: supported.**" in text
+    assert "![C2 curve](c2/curve.png)" in text   # the module's figure, relative to the report
+    assert (tmp_path / "figures" / "c2_summary.png").is_file()
+    for word in ("torch", "numpy", "python", "normmatters", "cpu_count"):
+        assert f"| {word} |" in text
+    data = json.loads((tmp_path / "results.json").read_text())
+    assert data["claims"]["C2"]["verdict"]["verdict"] == "supported"
+    assert data["claims"]["C3"]["status"] == "error"
+
+    # a second invocation reuses the finished claim and retries the failed one
+    c2b = _FakeClaim("C2", _c2_rows())
+    calls = []
+
+    def c3_ok(out_dir, *, seeds=(0,), scale="embedded", progress=True):
+        calls.append(1)
+        return {"claim": "C3", "rows": [{"run": "bn-l2", "seed": 0, "test_acc": 0.9}], "figures": [], "notes": ""}
+
+    out = rp.reproduce(tmp_path, claims=["C2", "C3"], progress=False, runners={"C2": c2b, "C3": c3_ok})
+    assert c2b.calls == 0 and out["results"]["C2"]["reused"] is True
+    assert calls == [1] and out["results"]["C3"]["status"] == "ok"
+    assert "(reused)" in (tmp_path / "REPORT.md").read_text()
+    # other seeds or --force run the claim again
+    rp.reproduce(tmp_path, claims=["C2"], seeds=[0, 1], progress=False, runners={"C2": c2b})
+    assert c2b.calls == 1
+    rp.reproduce(tmp_path, claims=["C2"], seeds=[0, 1], progress=False, force=True, runners={"C2": c2b})
+    assert c2b.calls == 2
+
+
+def test_report_shows_spread_over_seeds(tmp_path):
+    class Seeded(_FakeClaim):
+        def __call__(self, out_dir, *, seeds=(0,), scale="embedded", progress=True):
+            return {"claim": "C2", "figures": [], "notes": "",
+                    "rows": [{"run": n, "seed": s, "test_acc": 0.9 + 0.01 * s * (n == "bn-l1")}
+                             for s in seeds for n in ("bn-l2", "bn-l1")]}
+
+    rp.reproduce(tmp_path, claims=["C2"], seeds=[0, 1, 2], progress=False, runners={"C2": Seeded("C2", [])})
+    text = (tmp_path / "REPORT.md").read_text()
+    assert "| bn-l1 | 3 | 91.00 ± 1.00 |" in text
+
+
+def test_nan_results_are_valid_json(tmp_path):
+    rows = [{"run": "fp32-l2", "test_acc": 0.9}, {"run": "fp16-l2", "test_acc": float("nan")}]
+    rp.reproduce(tmp_path, claims=["C4"], progress=False, runners={"C4": _FakeClaim("C4", rows, figure=False)})
+    data = json.loads((tmp_path / "results.json").read_text())  # strict JSON: no NaN literal
+    agg = data["claims"]["C4"]["aggregate"]["fp16-l2"]["test_acc"]
+    assert agg["mean"] is None and agg["nonfinite"] == 1
+
+
+def test_main_exit_status_when_every_claim_fails(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(rp, "load_claim", lambda cid: _boom)
+    assert rp.main(["--claims", "C1,C2", "--out", str(tmp_path), "--no-progress"]) == 1
+    assert "not run" in capsys.readouterr().out
+    assert rp.main(["--seeds", "0", "--out", str(tmp_path)]) == 2
+    assert rp.main(["--claims", "C8", "--out", str(tmp_path)]) == 2
+
+
+def test_main_one_claim_ok_exits_zero(tmp_path, monkeypatch):
+    fakes = {"C2": _FakeClaim("C2", _c2_rows())}
+    monkeypatch.setattr(rp, "load_claim", lambda cid: fakes.get(cid, _boom))
+    assert rp.main(["--claims", "C2,C3", "--out", str(tmp_path), "--no-progress"]) == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------------------------
+def test_parser_defaults_and_flags():
+    a = rp.build_parser().parse_args([])
+    assert (a.scale, a.claims, a.out, a.seeds, a.force, a.progress) == ("embedded", None, None, 1, False, True)
+    a = rp.build_parser().parse_args(["--scale", "paper", "--claims", "C2,C3", "--out", "x", "--seeds", "3",
+                                      "--data-root", "/d", "--force", "--no-progress"])
+    assert (a.scale, a.claims, a.out, a.seeds, a.data_root, a.force, a.progress) == \
+        ("paper", "C2,C3", "x", 3, "/d", True, False)
+    with pytest.raises(SystemExit):
+        rp.build_parser().parse_args(["--scale", "huge"])
+
+
+def test_default_out_dir_is_reports_scale(tmp_path, monkeypatch):
+    seen = {}
+
+    def fake_reproduce(out, **kw):
+        seen.update(out=out, **kw)
+        return {"results": {}, "report": out / "REPORT.md", "json": out / "results.json", "wall_time": 0.0,
+                "interrupted": False}
+
+    monkeypatch.setattr(rp, "reproduce", fake_reproduce)
+    monkeypatch.chdir(tmp_path)
+    assert rp.main(["--no-progress"]) == 0
+    assert seen["out"] == Path("reports") / "embedded"
+    assert seen["claims"] == list(CLAIMS) and seen["seeds"] == [0] and seen["scale"] == "embedded"
+    rp.main(["--scale", "paper", "--seeds", "2"])
+    assert seen["out"] == Path("reports") / "paper" and seen["seeds"] == [0, 1]
+
+
+def test_cli_dispatches_reproduce(tmp_path, monkeypatch):
+    from normmatters.experiments import cli
+
+    monkeypatch.setattr(rp, "load_claim", lambda cid: _FakeClaim(cid, _c2_rows()))
+    assert cli.main(["reproduce", "--claims", "C2", "--out", str(tmp_path), "--no-progress"]) == 0
+    assert (tmp_path / "REPORT.md").is_file()
+
+
+# ---------------------------------------------------------------------------------------------
+# Paper scale: missing data
+# ---------------------------------------------------------------------------------------------
+def test_paper_data_missing_is_reported_with_how_to_provide(tmp_path):
+    status = paper_data(tmp_path)
+    assert set(status) == {"cifar10", "imagenet", "text"}
+    assert not any(d.present for d in status.values())
+    assert "cifar-10-python.tar.gz" in status["cifar10"].how
+    assert "train" in status["imagenet"].how and "val" in status["imagenet"].how
+    assert [d.name for d in missing_paper_data("C2", tmp_path)] == ["cifar10", "imagenet", "text"]
+
+
+def test_paper_scale_claim_without_data_is_not_run_and_report_says_what_is_missing(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+
+    def never(*a, **k):
+        raise AssertionError("a claim without its data must not be called")
+
+    out = rp.reproduce(tmp_path / "rep", claims=["C3"], scale="paper", data_root=str(data), progress=False,
+                       runners={"C3": never})
+    rec = out["results"]["C3"]
+    assert rec["status"] == "error" and rec["error"] == "data missing: cifar10, imagenet"
+    text = (tmp_path / "rep" / "REPORT.md").read_text()
+    assert "data missing: cifar10, imagenet" in text
+    assert "## Paper-scale data" in text and "cifar-10-python.tar.gz" in text
+
+
+def test_paper_scale_runs_claims_whose_data_is_present(tmp_path):
+    data = tmp_path / "data"
+    folder = data / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch", "batches.meta"]:
+        (folder / name).write_bytes(b"")
+    assert paper_data(data)["cifar10"].present
+    fake = _FakeClaim("C3", [{"run": "bn-l2", "test_acc": 0.9}], figure=False)
+    out = rp.reproduce(tmp_path / "rep", claims=["C3"], scale="paper", data_root=str(data), progress=False,
+                       runners={"C3": fake})
+    assert fake.calls == 1 and out["results"]["C3"]["status"] == "ok"
+
+
+def test_c2_paper_scale_without_any_data_raises_data_not_found(tmp_path):
+    from normmatters.experiments.claims import c2
+    from normmatters.experiments.errors import DataNotFoundError
+
+    with pytest.raises(DataNotFoundError, match="cifar10"):
+        c2.run(tmp_path / "c2", scale="paper", data_root=tmp_path / "nothing", progress=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# The real C2 and C3 share their L2 run through the cache
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_c2_and_c3_share_the_l2_baseline(tmp_path, monkeypatch):
+    from normmatters.experiments.claims import c2, c3
+
+    monkeypatch.setattr(c2, "IMAGE_EPOCHS", 1)
+    cache = tmp_path / "runs"
+    r2 = c2.run(tmp_path / "c2", runs=["bn-l2"], cache_dir=cache, progress=False)
+    r3 = c3.run(tmp_path / "c3", runs=["bn-l2"], cache_dir=cache, progress=False)
+    (row2,), (row3,) = r2["rows"], r3["rows"]
+    assert row2["reused"] is False and row3["reused"] is True
+    assert row2["run_dir"] == row3["run_dir"]
+    assert row3["test_acc"] == row2["test_acc"] and 0.0 <= row2["test_acc"] <= 1.0
+    assert len(list(cache.iterdir())) == 1
