@@ -455,3 +455,18 @@ def test_other_bad_input():
         remove_weight_norm(nn.Linear(3, 2))
     with pytest.raises(TypeError, match="expected an nn.Module"):
         weight_norm(torch.zeros(3, 2))
+
+
+def test_remove_on_a_deepcopy_leaves_the_original_working():
+    import copy as _copy
+
+    from normmatters.parametrizations import remove_weight_norm as _remove
+    from normmatters.parametrizations import weight_norm as _wn
+
+    m = _wn(nn.Linear(4, 3))
+    clone = _copy.deepcopy(m)
+    _remove(clone)
+    x = torch.randn(2, 4)
+    assert torch.isfinite(m(x)).all()
+    assert parametrize.is_parametrized(m, "weight")
+    torch.testing.assert_close(clone(x), m(x))

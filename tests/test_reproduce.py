@@ -342,6 +342,7 @@ def test_default_out_dir_is_reports_scale(tmp_path, monkeypatch):
     assert rp.main(["--no-progress"]) == 0
     assert seen["out"] == Path("reports") / "embedded"
     assert seen["claims"] == list(CLAIMS) and seen["seeds"] == [0] and seen["scale"] == "embedded"
+    assert seen["jobs"] == "auto"
     rp.main(["--scale", "paper", "--seeds", "2"])
     assert seen["out"] == Path("reports") / "paper" and seen["seeds"] == [0, 1]
 
@@ -352,6 +353,30 @@ def test_cli_dispatches_reproduce(tmp_path, monkeypatch):
     monkeypatch.setattr(rp, "load_claim", lambda cid: _FakeClaim(cid, _c2_rows()))
     assert cli.main(["reproduce", "--claims", "C2", "--out", str(tmp_path), "--no-progress"]) == 0
     assert (tmp_path / "REPORT.md").is_file()
+
+
+def test_resolve_jobs(monkeypatch):
+    monkeypatch.setattr(rp, "usable_cpus", lambda: 2)
+    assert rp.resolve_jobs("auto", 5) == 2
+    assert rp.resolve_jobs("auto", 1) == 1
+    monkeypatch.setattr(rp, "usable_cpus", lambda: 64)
+    assert rp.resolve_jobs("auto", 5) == 4
+    assert rp.resolve_jobs("3", 5) == 3 and rp.resolve_jobs(8, 2) == 2
+    for bad in ("0", "many", -1):
+        with pytest.raises(ConfigError, match="--jobs"):
+            rp.resolve_jobs(bad, 5)
+    with pytest.raises(ConfigError, match="jobs=1"):
+        rp.reproduce("unused", claims=["C2", "C3"], jobs=2, runners={"C2": _boom})
+
+
+def test_parallel_claims_in_worker_processes(tmp_path):
+    # Paper scale without data: each worker process checks the data and returns at once, which
+    # exercises the process pool, the record passing and the report without training.
+    out = rp.reproduce(tmp_path / "rep", claims=["C2", "C3"], scale="paper", data_root=str(tmp_path / "none"),
+                       progress=False, jobs=2)
+    assert list(out["results"]) == ["C2", "C3"]  # claim order, whatever order they finished in
+    assert all(r["error"].startswith("data missing") for r in out["results"].values())
+    assert json.loads((tmp_path / "rep" / "results.json").read_text())["meta"]["jobs"] == 2
 
 
 # ---------------------------------------------------------------------------------------------

@@ -9,8 +9,15 @@
 """
 
 from . import functional, nn
-from .convert import convert_norms, convert_sync_lp_batchnorm, from_official_state_dict, to_torch_norms
+from .convert import (
+    convert_norms,
+    convert_sync_lp_batchnorm,
+    from_official_state_dict,
+    to_torch_norms,
+    to_weight_normalized,
+)
 from .deploy import fold_norms, freeze_norms, unfreeze_norms
+from .parametrizations import bounded_weight_norm, lp_weight_norm, remove_weight_norm, weight_norm
 from .functional import C_L1, lp_constant, paper_constant, topk_constant
 from .nn import (
     LpBatchNorm1d,
@@ -38,6 +45,11 @@ __all__ = [
     "fold_norms",
     "freeze_norms",
     "unfreeze_norms",
+    "weight_norm",
+    "lp_weight_norm",
+    "bounded_weight_norm",
+    "remove_weight_norm",
+    "to_weight_normalized",
     "C_L1",
     "lp_constant",
     "paper_constant",

@@ -445,5 +445,18 @@ def remove_weight_norm(module: nn.Module, name: str = "weight") -> nn.Module:
             f"parametrizations ({[type(p).__name__ for p in plist]}); remove them together with "
             "torch.nn.utils.parametrize.remove_parametrizations"
         )
+    _own_class(module)
     parametrize.remove_parametrizations(module, name, leave_parametrized=True)
     return module
+
+
+def _own_class(module: nn.Module) -> None:
+    """Give ``module`` a class of its own before its parametrizations are removed.
+
+    ``copy.deepcopy`` of a parametrized module shares torch's generated ``Parametrized<Cls>``
+    class with the original, and ``remove_parametrizations`` deletes the weight property from that
+    class, which would break the original. A private copy of the class keeps the two apart.
+    """
+    cls = type(module)
+    body = {k: v for k, v in cls.__dict__.items() if k not in ("__dict__", "__weakref__")}
+    module.__class__ = type(cls.__name__, cls.__bases__, body)

@@ -41,6 +41,7 @@ from torch.nn.utils import parametrize
 from ..nn.batchnorm import _LpNormBase
 from ..nn.layernorm import LpGroupNorm, LpLayerNorm, LpRMSNorm
 from ..nn.meanbn import _MeanOnlyBatchNorm
+from ..parametrizations import _own_class
 from .freeze import FrozenNorm
 
 __all__ = ["fold_norms", "FoldReport", "bake_weight_norms", "norm_eval_affine", "check_eval_mode"]
@@ -166,15 +167,6 @@ def _weight_norm_types() -> tuple[type, ...]:
     except ImportError:  # pragma: no cover - parametrizations is optional at import time
         pass
     return tuple(types)
-
-
-def _own_class(m: nn.Module) -> None:
-    # copy.deepcopy of a parametrized module shares torch's generated "Parametrized<Cls>" class
-    # with the original, and remove_parametrizations deletes the weight property from that class,
-    # which would break the original model. Give the copy a class of its own first.
-    cls = type(m)
-    body = {k: v for k, v in cls.__dict__.items() if k not in ("__dict__", "__weakref__")}
-    m.__class__ = type(cls.__name__, cls.__bases__, body)
 
 
 def bake_weight_norms(model: nn.Module, report: FoldReport | None = None) -> int:

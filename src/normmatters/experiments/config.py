@@ -310,7 +310,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # ResNet-20 (1-D) on MNIST-1D: the defaults of TrainConfig.
     "mnist1d": {},
     # ResNet-8 on scikit-learn's 8×8 digits: seconds on a CPU.
-    "digits": {"model": "resnet_digits", "dataset": "digits", "epochs": 20, "batch_size": 64},
+    "digits": {"model": "resnet_digits", "dataset": "digits", "epochs": 15, "batch_size": 64},
     # Character-level Transformer LM on CPython's pydoc text, Lp layer norm.
     "text_transformer": {
         "model": "transformer_lm", "dataset": "text", "norm": "l2", "epochs": 4, "batch_size": 32,

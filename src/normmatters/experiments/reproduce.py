@@ -20,6 +20,11 @@ Output folder::
     runs/              the shared run cache (one folder per configuration and seed)
     c1/ … c5/          each claim's folder: its own runs and figures, result.json when finished
 
+Parallel claims. ``--jobs N`` (default ``auto``: one per usable core, at most 4) runs N claims at
+once, each in its own process with its share of the cores; small networks train faster as two
+one-thread processes than as one two-thread process. Claims that need the same run (C2's and C3's
+L2 baseline) share it through the run cache, whose lock makes the second wait for the first.
+
 Continuing. A claim whose ``result.json`` was written for the same scale and seeds is not run
 again (``--force`` runs it again); inside a claim, a finished run (its ``summary.json``) is read
 back and an unfinished one resumes from its checkpoint. An interrupted reproduce therefore
@@ -37,6 +42,7 @@ import argparse
 import inspect
 import json
 import logging
+import os
 import shlex
 import sys
 import time
@@ -80,6 +86,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-root", dest="data_root", default=None, metavar="DIR",
                    help="paper scale: folder with cifar-10-batches-py/, imagenet/{train,val}/, lm_corpus.txt "
                         "(default $NORMMATTERS_CACHE/data)")
+    p.add_argument("--jobs", default="auto", metavar="N",
+                   help="claims run at the same time, each in its own process (default auto: one per usable CPU "
+                        "core, at most 4; each process gets cores/N torch threads unless OMP_NUM_THREADS is set). "
+                        "With N > 1 progress is one line per finished run instead of bars per epoch")
     p.add_argument("--force", action="store_true",
                    help="run every requested claim again even if its result.json exists (finished runs in the "
                         "run cache are still reused; delete the folder for a fresh start)")
@@ -217,6 +227,92 @@ def run_claim(cid: str, root: Path, *, scale: str, seeds: Sequence[int], progres
     return rec
 
 
+def usable_cpus() -> int:
+    """CPU cores this process may run on."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def resolve_jobs(jobs: int | str, n_claims: int) -> int:
+    """``"auto"`` → one job per usable core (at most 4 and at most the number of claims); else ``int(jobs)``.
+
+    :raises ConfigError: not ``"auto"`` and not an integer >= 1.
+    """
+    if isinstance(jobs, str):
+        if jobs.strip().lower() == "auto":
+            return max(1, min(usable_cpus(), 4, n_claims))
+        try:
+            jobs = int(jobs)
+        except ValueError:
+            raise ConfigError(f"--jobs: expected 'auto' or an integer >= 1, got {jobs!r}") from None
+    if jobs < 1:
+        raise ConfigError(f"--jobs: expected 'auto' or an integer >= 1, got {jobs}")
+    return min(int(jobs), max(1, n_claims))
+
+
+def _worker(cid: str, root: str, kwargs: dict[str, Any], threads: int | None, verbose: bool) -> dict[str, Any]:
+    """One claim in a worker process (``reproduce --jobs N``)."""
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    handler = _setup_logging(verbose)
+    log.info("%s: started (process %d)", cid, os.getpid())
+    try:
+        return run_claim(cid, Path(root), **kwargs)
+    finally:
+        _teardown_logging(handler)
+
+
+def _run_parallel(ids: list[str], root: Path, jobs: int, kwargs: dict[str, Any], verbose: bool,
+                  results: dict[str, dict[str, Any]]) -> None:
+    """Run the claims ``ids`` in ``jobs`` processes, costliest first; fill ``results`` as they finish."""
+    import concurrent.futures as cf
+    import multiprocessing as mp
+
+    from tqdm.auto import tqdm
+
+    # A process per job, each with its share of the cores: small networks use two processes
+    # of one thread far better than one process of two threads.
+    threads = None if os.environ.get("OMP_NUM_THREADS") else max(1, usable_cpus() // jobs)
+    order = sorted(ids, key=lambda c: -CLAIMS[c].cost)
+    # "spawn": a forked child of a process that already started OpenMP threads can hang.
+    ctx = mp.get_context("spawn")
+    bar = tqdm(total=len(ids), desc="claims", unit="claim", disable=not kwargs.get("progress_bar", True),
+               dynamic_ncols=True)
+    kw = {k: v for k, v in kwargs.items() if k != "progress_bar"}
+    pool = cf.ProcessPoolExecutor(max_workers=jobs, mp_context=ctx)
+    futures = {pool.submit(_worker, cid, str(root), kw, threads, verbose): cid for cid in order}
+    try:
+        for fut in cf.as_completed(futures):
+            cid = futures[fut]
+            try:
+                rec = fut.result()
+            except Exception as exc:  # the worker process died (out of memory, killed)
+                rec = {"claim": cid, "status": "error", "error": f"worker failed: {_one_line(exc)}",
+                       "wall_time": None, "seeds": kw["seeds"], "scale": kw["scale"]}
+            results[cid] = rec
+            bar.update(1)
+            _log_done(cid, rec)
+    except KeyboardInterrupt:
+        # Stop the workers now; their runs keep their last checkpoints and resume next time.
+        pool.shutdown(wait=False, cancel_futures=True)
+        for child in mp.active_children():
+            child.terminate()
+        raise
+    finally:
+        bar.close()
+    pool.shutdown(wait=True)
+
+
+def _log_done(cid: str, rec: dict[str, Any]) -> None:
+    if rec["status"] == "ok":
+        log.info("%s: %s in %.0f s%s", cid, verdict_for(cid, rec).verdict, rec.get("wall_time") or 0.0,
+                 " (reused)" if rec.get("reused") else "")
+
+
 def reproduce(
     out_dir: str | Path,
     *,
@@ -228,6 +324,8 @@ def reproduce(
     force: bool = False,
     command: str | None = None,
     runners: dict[str, Callable[..., dict[str, Any]]] | None = None,
+    jobs: int | str = 1,
+    verbose: bool = False,
 ) -> dict[str, Any]:
     """Run the claims and write the report; the library form of ``normmatters reproduce``.
 
@@ -239,9 +337,13 @@ def reproduce(
     :param progress: tqdm bars.
     :param force: run claims again even if finished.
     :param command: the command line, for the report.
-    :param runners: claim id → ``run`` function, replacing the registry's (for tests).
+    :param runners: claim id → ``run`` function, replacing the registry's (for tests; only with
+        ``jobs=1``, as worker processes import the registry's modules).
+    :param jobs: claims run at the same time in worker processes (``"auto"``: see
+        :func:`resolve_jobs`); 1 runs them in this process, one after another.
+    :param verbose: log every epoch.
     :returns: ``{"results": {claim: record}, "report": path, "json": path, "wall_time": s,
-        "interrupted": bool}``.
+        "interrupted": bool, "paper_data": {name: status} or None}``.
     """
     if scale not in SCALES:
         raise ConfigError(f"--scale: expected one of {', '.join(SCALES)}, got {scale!r}")
@@ -260,29 +362,37 @@ def reproduce(
         for d in status.values():
             if not d.present:
                 log.warning("paper scale: %s missing (%s: %s); to provide it: %s", d.name, d.path, d.detail, d.how)
+    n_jobs = resolve_jobs(jobs, len(ids))
+    if runners and n_jobs > 1:
+        raise ConfigError("reproduce: runners= replaces claim modules in this process and needs jobs=1")
+    meta["jobs"] = n_jobs
     t0 = time.perf_counter()
     results: dict[str, dict[str, Any]] = {}
     interrupted = False
     try:
-        for i, cid in enumerate(ids, 1):
-            log.info("%s [%d/%d]: %s", cid, i, len(ids), CLAIMS[cid].title)
-            rec = run_claim(cid, root, scale=scale, seeds=seeds, progress=progress, data_root=data_root,
-                            force=force, runner=(runners or {}).get(cid))
-            results[cid] = rec
-            if rec["status"] == "ok":
-                v = verdict_for(cid, rec).verdict
-                log.info("%s: %s in %.0f s%s", cid, v, rec.get("wall_time") or 0.0,
-                         " (reused)" if rec.get("reused") else "")
+        if n_jobs == 1:
+            for i, cid in enumerate(ids, 1):
+                log.info("%s [%d/%d]: %s", cid, i, len(ids), CLAIMS[cid].title)
+                rec = run_claim(cid, root, scale=scale, seeds=seeds, progress=progress, data_root=data_root,
+                                force=force, runner=(runners or {}).get(cid))
+                results[cid] = rec
+                _log_done(cid, rec)
+        else:
+            log.info("running %d claims in %d processes: %s", len(ids), n_jobs, ", ".join(ids))
+            _run_parallel(ids, root, n_jobs, {"scale": scale, "seeds": seeds, "progress": False,
+                                              "data_root": data_root, "force": force, "progress_bar": progress},
+                          verbose, results)
     except KeyboardInterrupt:
         interrupted = True
         for cid in ids:
             results.setdefault(cid, {"claim": cid, "status": "error", "error": "interrupted; run the same command "
                                      "again to continue", "wall_time": None, "seeds": seeds, "scale": scale})
+    results = {cid: results[cid] for cid in ids if cid in results}  # report in claim order
     meta["wall_time"] = time.perf_counter() - t0
     meta["claim_wall_time_total"] = sum((r.get("wall_time") or 0.0) for r in results.values())
     report, js = write_report(root, results, meta)
     return {"results": results, "report": report, "json": js, "wall_time": meta["wall_time"],
-            "interrupted": interrupted}
+            "interrupted": interrupted, "paper_data": meta.get("paper_data")}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -297,7 +407,7 @@ def main(argv: list[str] | None = None) -> int:
         command = "normmatters reproduce " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[2:]))
         out_info = reproduce(out, claims=claims, scale=args.scale, seeds=list(range(args.seeds)),
                              data_root=args.data_root, progress=args.progress, force=args.force,
-                             command=command.strip())
+                             command=command.strip(), jobs=args.jobs, verbose=args.verbose)
     except InputError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 2
@@ -309,6 +419,9 @@ def main(argv: list[str] | None = None) -> int:
         v = verdict_for(cid, rec).verdict
         t = rec.get("wall_time")
         print(f"{cid:<{width}}  {v}" + (f"  ({t:.0f} s{', reused' if rec.get('reused') else ''})" if t else ""))
+    for d in (out_info.get("paper_data") or {}).values():
+        if not d["present"]:
+            print(f"missing paper-scale data: {d['name']} ({d['path']}: {d['detail']}); to provide it: {d['how']}")
     print(f"report: {out_info['report']} (total {out_info['wall_time']:.0f} s); machine-readable: {out_info['json']}")
     if out_info["interrupted"]:
         print(f"{PROG}: interrupted; run the same command again to continue", file=sys.stderr)

@@ -109,7 +109,8 @@ template <typename A> struct HeapSet {
 // piece's k-th largest value (k blocks each hold a value >= T), so only values >= T (and >= the
 // heap's threshold) are pushed: a few dozen, found by a loop whose branch is almost never taken.
 template <typename T, typename A, bool NEG>
-inline void scan_piece(const T* x, int64_t len, int64_t base, Heap<A>& h, std::vector<A>& bm) {
+inline void scan_piece(const T* x, int64_t len, int64_t base, Heap<A>& h, std::vector<A>& bm,
+                       std::vector<A>& sel) {
   const int64_t SB = 16;
   const int64_t nb = (len + SB - 1) / SB;
   bm.resize((size_t)nb);
@@ -123,12 +124,17 @@ inline void scan_piece(const T* x, int64_t len, int64_t base, Heap<A>& h, std::v
   }
   A t = h.thr();
   if (nb >= h.k) {
-    std::nth_element(bm.begin(), bm.begin() + (h.k - 1), bm.end(), [](A p, A q) { return p > q; });
-    t = std::max(t, bm[h.k - 1]);
+    sel.assign(bm.begin(), bm.end());
+    std::nth_element(sel.begin(), sel.begin() + (h.k - 1), sel.end(), [](A p, A q) { return p > q; });
+    t = std::max(t, sel[h.k - 1]);
   }
-  for (int64_t i = 0; i < len; ++i) {
-    A v = NEG ? -IO<T>::ld(x, i) : IO<T>::ld(x, i);
-    if (v >= t && v >= h.thr()) h.push(v, base + i);
+  for (int64_t j = 0; j < nb; ++j) {
+    if (!(bm[j] >= t) || !(bm[j] >= h.thr())) continue;  // no value of this block can enter
+    const int64_t s0 = j * SB, l = std::min(SB, len - s0);
+    for (int64_t i = s0; i < s0 + l; ++i) {
+      A v = NEG ? -IO<T>::ld(x, i) : IO<T>::ld(x, i);
+      if (v >= t && v >= h.thr()) h.push(v, base + i);
+    }
   }
 }
 
@@ -137,7 +143,7 @@ inline void scan_piece(const T* x, int64_t len, int64_t base, Heap<A>& h, std::v
 // (each holds its own maximum, so after scanning them the threshold is at least the k-th largest
 // piece maximum and no other piece can beat it, ties aside): only those are scanned.
 template <typename T, typename A> struct Pieces {
-  std::vector<A> mx, mn, bm; std::vector<int64_t> off, base, len, order;
+  std::vector<A> mx, mn, bm, sel; std::vector<int64_t> off, base, len, order;
   void clear() { mx.clear(); mn.clear(); off.clear(); base.clear(); len.clear(); }
   inline void add(int64_t o, int64_t b, int64_t l, A hi, A lo) {
     off.push_back(o); base.push_back(b); len.push_back(l); mx.push_back(hi); mn.push_back(lo);
@@ -150,9 +156,9 @@ template <typename T, typename A> struct Pieces {
     auto key = [&](int64_t p) { return NEG ? -mn[p] : mx[p]; };
     std::nth_element(order.begin(), order.begin() + (m - 1), order.end(), [&](int64_t a, int64_t b) {
       return key(a) > key(b) || (key(a) == key(b) && a < b); });
-    for (int64_t j = 0; j < m; ++j) scan_piece<T, A, NEG>(x + off[order[j]], len[order[j]], base[order[j]], h, bm);
+    for (int64_t j = 0; j < m; ++j) scan_piece<T, A, NEG>(x + off[order[j]], len[order[j]], base[order[j]], h, bm, sel);
     for (int64_t j = m; j < P; ++j)
-      if (key(order[j]) >= h.thr()) scan_piece<T, A, NEG>(x + off[order[j]], len[order[j]], base[order[j]], h, bm);
+      if (key(order[j]) >= h.thr()) scan_piece<T, A, NEG>(x + off[order[j]], len[order[j]], base[order[j]], h, bm, sel);
   }
   void finish(const T* x, int k, Heap<A>& hi, Heap<A>& lo) {
     hi.n = 0; lo.n = 0;
@@ -186,7 +192,7 @@ double select_topk(Heap<A>* const* his, Heap<A>* const* los, int nsrc, int k, A 
 // ---------------------------------------------------------------- NCS layout: one channel per task
 template <typename T>
 void fwd_ncs(const T* x, T* y, int64_t N, int64_t C, int64_t S,
-             const typename IO<T>::A* w, const typename IO<T>::A* b, int mode, int k,
+             const typename IO<T>::A* w, const typename IO<T>::A* b, int aff, int mode, int k,
              double cst, double eps, int center,
              typename IO<T>::A* mean_o, typename IO<T>::A* inv_o, typename IO<T>::A* sig_o, int nt) {
   typedef typename IO<T>::A A;
@@ -199,6 +205,7 @@ void fwd_ncs(const T* x, T* y, int64_t N, int64_t C, int64_t S,
     for (int64_t c = 0; c < C; ++c) {
       double sum = 0.0;
       Heap<A>* hi = mode == 2 ? &hs.hi[0] : nullptr; Heap<A>* lo = mode == 2 ? &hs.lo[0] : nullptr;
+      A gmx = -std::numeric_limits<A>::infinity(), gmn = std::numeric_limits<A>::infinity();
       pieces.clear();
       for (int64_t q = 0; q < N; ++q) {
         const T* xp = x + (q * C + c) * S;
@@ -210,7 +217,8 @@ void fwd_ncs(const T* x, T* y, int64_t N, int64_t C, int64_t S,
             A mx = -std::numeric_limits<A>::infinity(), mn = std::numeric_limits<A>::infinity();
 #pragma omp simd reduction(+:ls) reduction(max:mx) reduction(min:mn)
             for (int64_t i = 0; i < len; ++i) { A v = IO<T>::ld(xc, i); ls += v; mx = v > mx ? v : mx; mn = v < mn ? v : mn; }
-            pieces.add((q * C + c) * S + s0, q * S + s0, len, mx, mn);
+            if (k > 1) pieces.add((q * C + c) * S + s0, q * S + s0, len, mx, mn);
+            gmx = mx > gmx ? mx : gmx; gmn = mn < gmn ? mn : gmn;
           } else {
 #pragma omp simd reduction(+:ls)
             for (int64_t i = 0; i < len; ++i) ls += IO<T>::ld(xc, i);
@@ -234,19 +242,40 @@ void fwd_ncs(const T* x, T* y, int64_t N, int64_t C, int64_t S,
           }
         }
         sig = cst * sa / (double)n;
+      } else if (k == 1) {
+        // L∞ needs no position in the forward: max|x − μ| = max(max x − μ, μ − min x).
+        const A up = gmx - mu, dn = mu - gmn;
+        sig = cst * (double)(up > dn ? up : dn);
       } else {
         pieces.finish(x, k, *hi, *lo);
         sig = cst * select_topk<A>(&hi, &lo, 1, k, mu, nullptr, nullptr, buf) / (double)k;
       }
       const A sg = (A)sig;
       const A inv = A(1) / (sg + (A)eps);
-      const A a = inv * (w ? w[c] : A(1));
-      const A off = b ? b[c] : A(0);
-      for (int64_t q = 0; q < N; ++q) {
-        const T* xp = x + (q * C + c) * S;
-        T* yp = y + (q * C + c) * S;
+      if (aff == 2) {  // weight and bias per position s (layer and RMS norm)
+        for (int64_t q = 0; q < N; ++q) {
+          const T* xp = x + (q * C + c) * S;
+          T* yp = y + (q * C + c) * S;
+          if (w && b) {
 #pragma omp simd
-        for (int64_t i = 0; i < S; ++i) IO<T>::st(yp, i, (IO<T>::ld(xp, i) - mu) * a + off);
+            for (int64_t i = 0; i < S; ++i) IO<T>::st(yp, i, (IO<T>::ld(xp, i) - mu) * inv * w[i] + b[i]);
+          } else if (w) {
+#pragma omp simd
+            for (int64_t i = 0; i < S; ++i) IO<T>::st(yp, i, (IO<T>::ld(xp, i) - mu) * inv * w[i]);
+          } else {
+#pragma omp simd
+            for (int64_t i = 0; i < S; ++i) IO<T>::st(yp, i, (IO<T>::ld(xp, i) - mu) * inv + (b ? b[i] : A(0)));
+          }
+        }
+      } else {
+        const A a = inv * (w ? w[c] : A(1));
+        const A off = b ? b[c] : A(0);
+        for (int64_t q = 0; q < N; ++q) {
+          const T* xp = x + (q * C + c) * S;
+          T* yp = y + (q * C + c) * S;
+#pragma omp simd
+          for (int64_t i = 0; i < S; ++i) IO<T>::st(yp, i, (IO<T>::ld(xp, i) - mu) * a + off);
+        }
       }
       mean_o[c] = mu; inv_o[c] = inv; sig_o[c] = sg;
     }
@@ -338,6 +367,109 @@ void bwd_ncs(const T* dy, const T* x, T* dx, int64_t N, int64_t C, int64_t S,
           IO<T>::st(dx, off, (A)((double)a * (double)IO<T>::ld(dy, off) + bcd + e * tsg[j]));
         }
       }
+    }
+  }
+}
+
+// Backward of rows (N = 1, NCS) with weight and bias per position s: layer and RMS norm.
+// g' = w_s·dy; dx = inv·(g' − mean(g') − C·(s − mean(s))·M) as in bwd_ncs; dw_s = Σ_rows dy·x̂,
+// db_s = Σ_rows dy, accumulated per thread and summed in thread order.
+template <typename T>
+void bwd_rows(const T* dy, const T* x, T* dx, int64_t R, int64_t S,
+              const typename IO<T>::A* w, const typename IO<T>::A* mean, const typename IO<T>::A* invs,
+              int mode, int k, double cst, int center,
+              typename IO<T>::A* dw, typename IO<T>::A* db, int nt) {
+  typedef typename IO<T>::A A;
+  const int64_t n = S;
+  std::vector<double> pw(dw ? (size_t)(nt * S) : 0, 0.0), pb(dw ? (size_t)(nt * S) : 0, 0.0);
+  int used = 1;
+#pragma omp parallel num_threads(nt)
+  {
+    const int t = omp_get_thread_num();
+#pragma omp single
+    used = omp_get_num_threads();
+    HeapSet<A> hs; std::vector<Cand> buf; Pieces<T, A> pieces;
+    std::vector<int64_t> tid((size_t)std::max(k, 1)); std::vector<int> tsg((size_t)std::max(k, 1));
+    if (mode == 2) hs.init(1, k);
+    double* tw = dw ? pw.data() + (size_t)t * S : nullptr;
+    double* tb = dw ? pb.data() + (size_t)t * S : nullptr;
+#pragma omp for schedule(dynamic, 16)
+    for (int64_t r = 0; r < R; ++r) {
+      const T* xr = x + r * S; const T* gr = dy + r * S;
+      const A mu = mean[r], inv = invs[r];
+      Heap<A>* hi = &hs.hi[0]; Heap<A>* lo = &hs.lo[0];
+      pieces.clear();
+      double s1 = 0.0, s2 = 0.0, s3 = 0.0;
+      A gmx = -std::numeric_limits<A>::infinity(), gmn = std::numeric_limits<A>::infinity();
+      for (int64_t s0 = 0; s0 < S; s0 += CH) {
+        const int64_t len = std::min(CH, S - s0);
+        A l1 = 0, l2 = 0, l3 = 0;
+        A mx = -std::numeric_limits<A>::infinity(), mn = std::numeric_limits<A>::infinity();
+#pragma omp simd reduction(+:l1, l2, l3) reduction(max:mx) reduction(min:mn)
+        for (int64_t i = s0; i < s0 + len; ++i) {
+          A v = IO<T>::ld(xr, i), g = IO<T>::ld(gr, i), d = v - mu;
+          A gp = w ? w[i] * g : g;
+          l1 += gp; l2 += gp * d; l3 += (A)((d > 0) - (d < 0));
+          mx = v > mx ? v : mx; mn = v < mn ? v : mn;
+        }
+        if (mode == 2 && dx && k > 1) pieces.add(s0, s0, len, mx, mn);
+        gmx = mx > gmx ? mx : gmx; gmn = mn < gmn ? mn : gmn;
+        s1 += (double)l1; s2 += (double)l2; s3 += (double)l3;
+      }
+      if (dw) {
+#pragma omp simd
+        for (int64_t i = 0; i < S; ++i) {
+          A g = IO<T>::ld(gr, i);
+          tw[i] += (double)(g * (IO<T>::ld(xr, i) - mu) * inv); tb[i] += (double)g;
+        }
+      }
+      if (!dx) continue;
+      const double M = (double)inv * s2 / (double)n;
+      const double mg = center ? s1 / (double)n : 0.0;
+      T* orow = dx + r * S;
+      if (mode == 1) {
+        const A bc = (A)((double)inv * (-mg + (center ? cst * M * s3 / (double)n : 0.0)));
+        const A e = (A)(-(double)inv * cst * M);
+#pragma omp simd
+        for (int64_t i = 0; i < S; ++i) {
+          A g = IO<T>::ld(gr, i), d = IO<T>::ld(xr, i) - mu;
+          IO<T>::st(orow, i, inv * (w ? w[i] * g : g) + bc + e * (A)((d > 0) - (d < 0)));
+        }
+      } else {
+        if (k == 1) {
+          // L∞: the first position of the max or of the min of x, whichever deviates more
+          // (the lower position on a tie), as select_topk would choose.
+          int64_t imx = 0, imn = 0;
+          while (imx < S - 1 && !(IO<T>::ld(xr, imx) == gmx)) ++imx;
+          while (imn < S - 1 && !(IO<T>::ld(xr, imn) == gmn)) ++imn;
+          const A up = gmx - mu, dn = mu - gmn;
+          const bool take_up = up > dn || (up == dn && imx <= imn);
+          const A d = take_up ? up : -dn;
+          tid[0] = take_up ? imx : imn; tsg[0] = (d > 0) - (d < 0);
+        } else {
+          pieces.finish(xr, k, *hi, *lo);
+          select_topk<A>(&hi, &lo, 1, k, mu, tid.data(), tsg.data(), buf);
+        }
+        double st = 0.0;
+        for (int j = 0; j < k; ++j) st += tsg[j];
+        const double bcd = (double)inv * (-mg + (center ? cst * M * st / (double)k : 0.0));
+        const A bc = (A)bcd;
+#pragma omp simd
+        for (int64_t i = 0; i < S; ++i) { A g = IO<T>::ld(gr, i); IO<T>::st(orow, i, inv * (w ? w[i] * g : g) + bc); }
+        const double e = -(double)inv * cst * M * (double)n / (double)k;
+        for (int j = 0; j < k; ++j) {
+          const int64_t i = tid[j];
+          const double g = (double)IO<T>::ld(gr, i) * (w ? (double)w[i] : 1.0);
+          IO<T>::st(orow, i, (A)((double)inv * g + bcd + e * tsg[j]));
+        }
+      }
+    }
+  }
+  if (dw) {
+    for (int64_t i = 0; i < S; ++i) {
+      double a = 0.0, b = 0.0;
+      for (int u = 0; u < used; ++u) { a += (double)pw[(size_t)u * S + i]; b += (double)pb[(size_t)u * S + i]; }
+      dw[i] = (A)a; db[i] = (A)b;
     }
   }
 }
@@ -538,10 +670,11 @@ void bwd_nsc(const T* dy, const T* x, T* dx, int64_t N, int64_t C, int64_t S,
 
 template <typename T>
 int fwd_t(int layout, const void* x, void* y, int64_t N, int64_t C, int64_t S, const void* w, const void* b,
-          int mode, int k, double cst, double eps, int center, void* m, void* inv, void* sig, int nt) {
+          int aff, int mode, int k, double cst, double eps, int center, void* m, void* inv, void* sig, int nt) {
   typedef typename IO<T>::A A;
+  if (aff == 2 && layout != 0) return -3;
   if (layout == 0)
-    fwd_ncs<T>((const T*)x, (T*)y, N, C, S, (const A*)w, (const A*)b, mode, k, cst, eps, center, (A*)m, (A*)inv, (A*)sig, nt);
+    fwd_ncs<T>((const T*)x, (T*)y, N, C, S, (const A*)w, (const A*)b, aff, mode, k, cst, eps, center, (A*)m, (A*)inv, (A*)sig, nt);
   else
     fwd_nsc<T>((const T*)x, (T*)y, N, C, S, (const A*)w, (const A*)b, mode, k, cst, eps, center, (A*)m, (A*)inv, (A*)sig, nt);
   return 0;
@@ -549,8 +682,13 @@ int fwd_t(int layout, const void* x, void* y, int64_t N, int64_t C, int64_t S, c
 
 template <typename T>
 int bwd_t(int layout, const void* dy, const void* x, void* dx, int64_t N, int64_t C, int64_t S, const void* w,
-          const void* m, const void* inv, int mode, int k, double cst, int center, void* dw, void* db, int nt) {
+          int aff, const void* m, const void* inv, int mode, int k, double cst, int center, void* dw, void* db, int nt) {
   typedef typename IO<T>::A A;
+  if (aff == 2) {
+    if (layout != 0 || N != 1) return -3;
+    bwd_rows<T>((const T*)dy, (const T*)x, (T*)dx, C, S, (const A*)w, (const A*)m, (const A*)inv, mode, k, cst, center, (A*)dw, (A*)db, nt);
+    return 0;
+  }
   if (layout == 0)
     bwd_ncs<T>((const T*)dy, (const T*)x, (T*)dx, N, C, S, (const A*)w, (const A*)m, (const A*)inv, mode, k, cst, center, (A*)dw, (A*)db, nt);
   else
@@ -562,47 +700,47 @@ int bwd_t(int layout, const void* dy, const void* x, void* dx, int64_t N, int64_
 
 extern "C" {
 
-int nm_abi_version() { return 1; }
+int nm_abi_version() { return 2; }
 int nm_dtype() { return NM_DTYPE; }
 
 // dtype: 0 float32, 1 float64, 2 bfloat16, 3 float16; layout: 0 NCS, 1 NSC.
 int nm_forward(int dtype, int layout, const void* x, void* y, int64_t N, int64_t C, int64_t S,
-               const void* w, const void* b, int mode, int k, double cst, double eps, int center,
+               const void* w, const void* b, int aff, int mode, int k, double cst, double eps, int center,
                void* mean, void* inv, void* sig, int nt) {
   if (nt < 1) nt = 1;
   switch (dtype) {
 #if NM_DTYPE == 0
-    case 0: return fwd_t<float>(layout, x, y, N, C, S, w, b, mode, k, cst, eps, center, mean, inv, sig, nt);
+    case 0: return fwd_t<float>(layout, x, y, N, C, S, w, b, aff, mode, k, cst, eps, center, mean, inv, sig, nt);
 #endif
 #if NM_DTYPE == 1
-    case 1: return fwd_t<double>(layout, x, y, N, C, S, w, b, mode, k, cst, eps, center, mean, inv, sig, nt);
+    case 1: return fwd_t<double>(layout, x, y, N, C, S, w, b, aff, mode, k, cst, eps, center, mean, inv, sig, nt);
 #endif
 #if NM_DTYPE == 2
-    case 2: return fwd_t<bf16_t>(layout, x, y, N, C, S, w, b, mode, k, cst, eps, center, mean, inv, sig, nt);
+    case 2: return fwd_t<bf16_t>(layout, x, y, N, C, S, w, b, aff, mode, k, cst, eps, center, mean, inv, sig, nt);
 #endif
 #if NM_DTYPE == 3
-    case 3: return fwd_t<f16_t>(layout, x, y, N, C, S, w, b, mode, k, cst, eps, center, mean, inv, sig, nt);
+    case 3: return fwd_t<f16_t>(layout, x, y, N, C, S, w, b, aff, mode, k, cst, eps, center, mean, inv, sig, nt);
 #endif
   }
   return -2;  // a dtype this build does not instantiate
 }
 
 int nm_backward(int dtype, int layout, const void* dy, const void* x, void* dx, int64_t N, int64_t C, int64_t S,
-                const void* w, const void* mean, const void* inv, int mode, int k, double cst, int center,
+                const void* w, int aff, const void* mean, const void* inv, int mode, int k, double cst, int center,
                 void* dw, void* db, int nt) {
   if (nt < 1) nt = 1;
   switch (dtype) {
 #if NM_DTYPE == 0
-    case 0: return bwd_t<float>(layout, dy, x, dx, N, C, S, w, mean, inv, mode, k, cst, center, dw, db, nt);
+    case 0: return bwd_t<float>(layout, dy, x, dx, N, C, S, w, aff, mean, inv, mode, k, cst, center, dw, db, nt);
 #endif
 #if NM_DTYPE == 1
-    case 1: return bwd_t<double>(layout, dy, x, dx, N, C, S, w, mean, inv, mode, k, cst, center, dw, db, nt);
+    case 1: return bwd_t<double>(layout, dy, x, dx, N, C, S, w, aff, mean, inv, mode, k, cst, center, dw, db, nt);
 #endif
 #if NM_DTYPE == 2
-    case 2: return bwd_t<bf16_t>(layout, dy, x, dx, N, C, S, w, mean, inv, mode, k, cst, center, dw, db, nt);
+    case 2: return bwd_t<bf16_t>(layout, dy, x, dx, N, C, S, w, aff, mean, inv, mode, k, cst, center, dw, db, nt);
 #endif
 #if NM_DTYPE == 3
-    case 3: return bwd_t<f16_t>(layout, dy, x, dx, N, C, S, w, mean, inv, mode, k, cst, center, dw, db, nt);
+    case 3: return bwd_t<f16_t>(layout, dy, x, dx, N, C, S, w, aff, mean, inv, mode, k, cst, center, dw, db, nt);
 #endif
   }
   return -2;  // a dtype this build does not instantiate

@@ -3,9 +3,10 @@ r"""Fused Lp normalizations as torch custom ops with the closed-form backward of
 Two operators, registered with :mod:`torch.library` so that autograd and ``torch.compile`` see
 them as single opaque nodes (with fake implementations for tracing):
 
-* ``normmatters::lp_norm_fwd(x, weight, bias, layout, mode, k, constant, eps, center)`` →
-  ``(y, mean, inv, sigma)`` on a dense ``[N, C, S]`` view: statistics per channel c over the
-  N·S values, y = (x − μ)·inv·γ + β with inv = 1/(σ̂ + eps);
+* ``normmatters::lp_norm_fwd(x, weight, bias, layout, mode, k, constant, eps, center, affine)``
+  → ``(y, mean, inv, sigma)`` on a dense ``[N, C, S]`` view: statistics per channel c over the
+  N·S values, y = (x − μ)·inv·γ + β with inv = 1/(σ̂ + eps), γ and β per channel (``affine=1``,
+  batch norm) or per position s (``affine=2``: layer and RMS norm as N=1, C=rows; CPU only);
 * ``normmatters::lp_norm_bwd(grad, x, weight, mean, inv, ...)`` → ``(dx, dweight, dbias)``.
 
 The backward saves only x, γ, μ and inv (what torch's batch norm saves). With g' = γ·∂L/∂y,
@@ -73,14 +74,17 @@ def prepare_input(x3: Tensor) -> tuple[Tensor, int]:
 
 @torch.library.custom_op("normmatters::lp_norm_fwd", mutates_args=())
 def lp_norm_fwd(x: Tensor, weight: Tensor | None, bias: Tensor | None, layout: int, mode: int,
-                k: int, constant: float, eps: float, center: bool
+                k: int, constant: float, eps: float, center: bool, affine: int = 1
                 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     x = _fix_layout(x, layout)
-    return _device_impl(x.device).forward(x, layout, weight, bias, mode, k, constant, eps, center)
+    impl = _device_impl(x.device)
+    if affine == 1:
+        return impl.forward(x, layout, weight, bias, mode, k, constant, eps, center)
+    return impl.forward(x, layout, weight, bias, mode, k, constant, eps, center, affine)
 
 
 @lp_norm_fwd.register_fake
-def _(x, weight, bias, layout, mode, k, constant, eps, center):
+def _(x, weight, bias, layout, mode, k, constant, eps, center, affine=1):
     stat = torch.float64 if x.dtype == torch.float64 else torch.float32
     c = x.shape[1]
     y = torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device=x.device)
@@ -90,11 +94,13 @@ def _(x, weight, bias, layout, mode, k, constant, eps, center):
 @torch.library.custom_op("normmatters::lp_norm_bwd", mutates_args=())
 def lp_norm_bwd(grad: Tensor, x: Tensor, weight: Tensor | None, mean: Tensor, inv: Tensor,
                 layout: int, mode: int, k: int, constant: float, center: bool,
-                need_input: bool, need_affine: bool) -> tuple[Tensor, Tensor, Tensor]:
+                need_input: bool, need_affine: bool, affine: int = 1
+                ) -> tuple[Tensor, Tensor, Tensor]:
     x = _fix_layout(x, layout)
     grad = _fix_layout(grad, layout)
-    dx, dw, db = _device_impl(x.device).backward(grad, x, layout, weight, mean, inv, mode, k,
-                                                 constant, center, need_input, need_affine)
+    impl = _device_impl(x.device)
+    args = (grad, x, layout, weight, mean, inv, mode, k, constant, center, need_input, need_affine)
+    dx, dw, db = impl.backward(*args) if affine == 1 else impl.backward(*args, affine)
     empty = x.new_empty(0)
     # Outputs of a custom op may not alias each other: distinct empty tensors for absent grads.
     return (dx if dx is not None else empty, dw if dw is not None else mean.new_empty(0),
@@ -102,8 +108,9 @@ def lp_norm_bwd(grad: Tensor, x: Tensor, weight: Tensor | None, mean: Tensor, in
 
 
 @lp_norm_bwd.register_fake
-def _(grad, x, weight, mean, inv, layout, mode, k, constant, center, need_input, need_affine):
-    c = x.shape[1]
+def _(grad, x, weight, mean, inv, layout, mode, k, constant, center, need_input, need_affine,
+      affine=1):
+    c = x.shape[1] if affine == 1 else x.shape[2]
     dx = (torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device=x.device)
           if need_input else x.new_empty(0))
     dw = mean.new_empty(c) if need_affine else mean.new_empty(0)
@@ -112,10 +119,10 @@ def _(grad, x, weight, mean, inv, layout, mode, k, constant, center, need_input,
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    x, weight, bias, layout, mode, k, constant, eps, center = inputs
+    x, weight, bias, layout, mode, k, constant, eps, center, affine = inputs
     _, mean, inv, _ = output
     ctx.save_for_backward(x, weight, mean, inv)
-    ctx.args = (layout, mode, k, constant, center)
+    ctx.args = (layout, mode, k, constant, center, affine)
     ctx.has_weight = weight is not None
     ctx.has_bias = bias is not None
 
@@ -124,18 +131,18 @@ def _backward(ctx, grad_y, grad_mean, grad_inv, grad_sigma):
     # The statistics are outputs only for the running averages (updated under no_grad): their
     # incoming gradients are None or zeros and are not propagated.
     x, weight, mean, inv = ctx.saved_tensors
-    layout, mode, k, constant, center = ctx.args
+    layout, mode, k, constant, center, affine = ctx.args
     need_input = ctx.needs_input_grad[0]
     need_affine = bool(ctx.needs_input_grad[1] or ctx.needs_input_grad[2])
     if grad_y is None or not (need_input or need_affine):
-        return (None,) * 9
+        return (None,) * 10
     grad_y = _fix_layout(grad_y, layout)
     dx, dw, db = lp_norm_bwd(grad_y, x, weight, mean, inv, layout, mode, k, constant, center,
-                             need_input, need_affine)
+                             need_input, need_affine, affine)
     return (dx if need_input else None,
             dw if (need_affine and ctx.has_weight) else None,
             db if (need_affine and ctx.has_bias) else None,
-            None, None, None, None, None, None)
+            None, None, None, None, None, None, None)
 
 
 torch.library.register_autograd("normmatters::lp_norm_fwd", _backward, setup_context=_setup_context)
@@ -171,6 +178,10 @@ def batch_norm(input: Tensor, running_mean: Tensor | None, running_var: Tensor |
     return y.reshape(input.shape)
 
 
+def _flat_param(t: Tensor | None, x: Tensor) -> Tensor | None:
+    return None if t is None else t.to(_stat_dtype(x)).reshape(-1).contiguous()
+
+
 def _rows(input: Tensor, ndims: int) -> Tensor:
     d = math.prod(input.shape[input.dim() - ndims:]) if ndims else 1
     return input.contiguous().view(1, -1, d)
@@ -178,10 +189,15 @@ def _rows(input: Tensor, ndims: int) -> Tensor:
 
 def layer_norm(input: Tensor, normalized_shape: Sequence[int], weight: Tensor | None,
                bias: Tensor | None, eps: float, p: float, k: int | None, constant: str) -> Tensor:
-    """Fused Lp layer norm over the trailing ``normalized_shape`` axes; affine by torch ops."""
+    """Fused Lp layer norm over the trailing ``normalized_shape`` axes (affine fused on CPU)."""
     x3 = _rows(input, len(normalized_shape))
     mode, kk = _mode(p, k)
     cst = _constant(p, k, x3.shape[2], constant)
+    if input.device.type == "cpu":
+        # γ and β per position, fused into the kernels (affine=2).
+        y, _, _, _ = lp_norm_fwd(x3, _flat_param(weight, input), _flat_param(bias, input), NCS,
+                                 mode, kk, cst, float(eps), True, 2)
+        return y.view(input.shape)
     xhat, _, _, _ = lp_norm_fwd(x3, None, None, NCS, mode, kk, cst, float(eps), True)
     y = xhat.view(input.shape)
     if weight is not None:
@@ -213,6 +229,10 @@ def rms_norm(input: Tensor, normalized_shape: Sequence[int], weight: Tensor | No
     x3 = _rows(input, len(normalized_shape))
     mode, kk = _mode(p, k)
     cst = _constant(p, k, x3.shape[2], constant)
+    if input.device.type == "cpu":
+        y, _, _, _ = lp_norm_fwd(x3, _flat_param(weight, input), None, NCS, mode, kk, cst,
+                                 float(eps), False, 2)
+        return y.view(input.shape)
     xhat, _, _, _ = lp_norm_fwd(x3, None, None, NCS, mode, kk, cst, float(eps), False)
     y = xhat.view(input.shape)
     if weight is not None:

@@ -122,9 +122,9 @@ def _load(code: int, dtype: torch.dtype) -> ctypes.CDLL:
         logger.info("normmatters: kernels compiled in %.1f s", time.perf_counter() - t0)
     lib = ctypes.CDLL(str(target))
     p, i64, i32, f64 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_double
-    lib.nm_forward.argtypes = [i32, i32, p, p, i64, i64, i64, p, p, i32, i32, f64, f64, i32, p, p, p, i32]
+    lib.nm_forward.argtypes = [i32, i32, p, p, i64, i64, i64, p, p, i32, i32, i32, f64, f64, i32, p, p, p, i32]
     lib.nm_forward.restype = i32
-    lib.nm_backward.argtypes = [i32, i32, p, p, p, i64, i64, i64, p, p, p, i32, i32, f64, i32, p, p, i32]
+    lib.nm_backward.argtypes = [i32, i32, p, p, p, i64, i64, i64, p, i32, p, p, i32, i32, f64, i32, p, p, i32]
     lib.nm_backward.restype = i32
     return lib
 
@@ -134,10 +134,11 @@ def _ptr(t: Tensor | None) -> int | None:
 
 
 def forward(x: Tensor, layout: int, weight: Tensor | None, bias: Tensor | None, mode: int, k: int,
-            constant: float, eps: float, center: bool
+            constant: float, eps: float, center: bool, affine: int = 1
             ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Run the fused forward on a dense ``[N, C, S]`` CPU tensor (see :mod:`._cpu_source`).
 
+    ``affine`` 1: weight and bias per channel (size C); 2: per position s (size S; NCS, N = 1).
     Returns ``(y, mean, inv, sigma)``; the statistics have shape ``[C]`` in the accumulation dtype.
     """
     lib = library(x.dtype)
@@ -149,7 +150,7 @@ def forward(x: Tensor, layout: int, weight: Tensor | None, bias: Tensor | None, 
     inv = torch.empty(c_, dtype=stat)
     sigma = torch.empty(c_, dtype=stat)
     rc = lib.nm_forward(DTYPE_CODES[x.dtype], layout, x.data_ptr(), y.data_ptr(), n_, c_, s_,
-                        _ptr(weight), _ptr(bias), mode, k, constant, eps, int(center),
+                        _ptr(weight), _ptr(bias), affine, mode, k, constant, eps, int(center),
                         mean.data_ptr(), inv.data_ptr(), sigma.data_ptr(), torch.get_num_threads())
     if rc != 0:
         raise RuntimeError(f"normmatters CPU forward kernel failed with code {rc}")
@@ -157,17 +158,18 @@ def forward(x: Tensor, layout: int, weight: Tensor | None, bias: Tensor | None, 
 
 
 def backward(grad: Tensor, x: Tensor, layout: int, weight: Tensor | None, mean: Tensor, inv: Tensor,
-             mode: int, k: int, constant: float, center: bool, need_input: bool, need_affine: bool
-             ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+             mode: int, k: int, constant: float, center: bool, need_input: bool, need_affine: bool,
+             affine: int = 1) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
     """Closed-form backward (SPEC §2) of :func:`forward`; ``grad`` has ``x``'s layout."""
     lib = library(x.dtype)
     assert lib is not None
     n_, c_, s_ = x.shape
     dx = torch.empty_strided(x.shape, x.stride(), dtype=x.dtype) if need_input else None
-    dw = torch.empty(c_, dtype=mean.dtype) if need_affine else None
-    db = torch.empty(c_, dtype=mean.dtype) if need_affine else None
+    size = c_ if affine == 1 else s_
+    dw = torch.empty(size, dtype=mean.dtype) if need_affine else None
+    db = torch.empty(size, dtype=mean.dtype) if need_affine else None
     rc = lib.nm_backward(DTYPE_CODES[x.dtype], layout, grad.data_ptr(), x.data_ptr(), _ptr(dx),
-                         n_, c_, s_, _ptr(weight), mean.data_ptr(), inv.data_ptr(), mode, k,
+                         n_, c_, s_, _ptr(weight), affine, mean.data_ptr(), inv.data_ptr(), mode, k,
                          constant, int(center), _ptr(dw), _ptr(db), torch.get_num_threads())
     if rc != 0:
         raise RuntimeError(f"normmatters CPU backward kernel failed with code {rc}")

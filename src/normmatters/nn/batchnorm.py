@@ -80,8 +80,9 @@ class _LpNormBase(nn.Module):
         k: int | None = None,
         constant: str = "calibrated",
         ghost_batch_size: int | None = None,
-        compute_dtype: torch.dtype | None = None,
-        accumulate_dtype: torch.dtype | None = None,
+        compute_dtype: torch.dtype | str | None = None,
+        accumulate_dtype: torch.dtype | str | None = None,
+        precision_kwargs: dict[str, Any] | None = None,
     ) -> None:
         factory_kwargs = {"device": device, "dtype": dtype}
         super().__init__()
@@ -100,6 +101,9 @@ class _LpNormBase(nn.Module):
         self.ghost_batch_size = ghost_batch_size
         self.compute_dtype = compute_dtype
         self.accumulate_dtype = accumulate_dtype
+        if precision_kwargs and compute_dtype is None:
+            raise ValueError(f"{name}: precision_kwargs={precision_kwargs!r} need a compute_dtype")
+        self.precision_kwargs = dict(precision_kwargs or {})
         if self.affine:
             self.weight = nn.Parameter(torch.empty(num_features, **factory_kwargs))
             if bias:
@@ -223,6 +227,7 @@ class _LpBatchNorm(_LpNormBase):
                 input, running_mean, running_var, self.weight, self.bias, bn_training,
                 exponential_average_factor, self.eps, p=self.p, k=self.k, constant=self.constant,
                 compute_dtype=self.compute_dtype, accumulate_dtype=self.accumulate_dtype,
+                ghost_batch_size=self.ghost_batch_size, **self.precision_kwargs,
             )
         return lp_batch_norm(
             input, running_mean, running_var, self.weight, self.bias, bn_training,
@@ -254,6 +259,9 @@ _DOC_TEMPLATE = r"""Lp batch normalization over a {dims} input (SPEC §2; Hoffer
         ghost_batch_size: if set, training batches are normalized in virtual batches of this size.
         compute_dtype, accumulate_dtype: run the normalization's elementwise work (and
             accumulation) emulated in a low-precision format (see :mod:`normmatters.precision`).
+        precision_kwargs: further options of
+            :func:`normmatters.precision.emulated_batch_norm` (``summation``, ``round_grad``,
+            ``backend``, ...).
 
     Shape:
         - Input: {shape}

@@ -67,8 +67,9 @@ class LpLayerNorm(nn.Module):
         p: float | int | str = 2,
         k: int | None = None,
         constant: str = "calibrated",
-        compute_dtype: torch.dtype | None = None,
-        accumulate_dtype: torch.dtype | None = None,
+        compute_dtype: torch.dtype | str | None = None,
+        accumulate_dtype: torch.dtype | str | None = None,
+        precision_kwargs: dict[str, Any] | None = None,
     ) -> None:
         factory_kwargs = {"device": device, "dtype": dtype}
         super().__init__()
@@ -79,6 +80,9 @@ class LpLayerNorm(nn.Module):
         self.elementwise_affine = elementwise_affine
         self.compute_dtype = compute_dtype
         self.accumulate_dtype = accumulate_dtype
+        if precision_kwargs and compute_dtype is None:
+            raise ValueError(f"{type(self).__name__}: precision_kwargs={precision_kwargs!r} need a compute_dtype")
+        self.precision_kwargs = dict(precision_kwargs or {})
         if elementwise_affine:
             self.weight = nn.Parameter(torch.empty(self.normalized_shape, **factory_kwargs))
             if bias:
@@ -110,7 +114,7 @@ class LpLayerNorm(nn.Module):
             return emulated_layer_norm(
                 input, self.normalized_shape, self.weight, self.bias, self.eps, p=self.p, k=self.k,
                 constant=self.constant, compute_dtype=self.compute_dtype,
-                accumulate_dtype=self.accumulate_dtype,
+                accumulate_dtype=self.accumulate_dtype, **self.precision_kwargs,
             )
         return lp_layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps,
                              p=self.p, k=self.k, constant=self.constant)

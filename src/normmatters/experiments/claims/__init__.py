@@ -28,13 +28,14 @@ once::
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib
 import json
 import logging
 import os
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -73,6 +74,8 @@ class ClaimInfo:
     :ivar embedded: what the embedded scale trains.
     :ivar paper: what the paper scale trains.
     :ivar paper_data: dataset names (keys of :func:`paper_data`) the paper scale needs.
+    :ivar cost: rough CPU minutes at the embedded scale; ``reproduce --jobs`` starts the
+        costliest claims first so that parallel workers finish together.
     """
 
     id: str
@@ -81,6 +84,7 @@ class ClaimInfo:
     embedded: str
     paper: str
     paper_data: tuple[str, ...]
+    cost: float = 1.0
 
 
 _PKG = __name__
@@ -93,6 +97,7 @@ CLAIMS: dict[str, ClaimInfo] = {
         "ResNet on MNIST-1D: WD on, WD off, WD off + LR correction, norm scheduling instead of LR scheduling",
         "ResNet-56 / VGG11 on CIFAR-10: the same four runs",
         ("cifar10",),
+        cost=5.0,
     ),
     "C2": ClaimInfo(
         "C2", f"{_PKG}.c2",
@@ -100,6 +105,7 @@ CLAIMS: dict[str, ClaimInfo] = {
         "1-D ResNet-20 on MNIST-1D: L2 vs L1 vs L1 without C_L1; Transformer LM on the embedded text: L2 vs L1 LN",
         "ResNet-56 on CIFAR-10, ResNet-18/50 on ImageNet, Transformer LM on a text corpus",
         ("cifar10", "imagenet", "text"),
+        cost=3.0,
     ),
     "C3": ClaimInfo(
         "C3", f"{_PKG}.c3",
@@ -107,6 +113,7 @@ CLAIMS: dict[str, ClaimInfo] = {
         "1-D ResNet-20 on MNIST-1D: L∞ and Top(10), calibrated vs the paper's constant, beside L2",
         "ResNet-56 on CIFAR-10, ResNet-18 on ImageNet",
         ("cifar10", "imagenet"),
+        cost=3.5,
     ),
     "C4": ClaimInfo(
         "C4", f"{_PKG}.c4",
@@ -114,6 +121,7 @@ CLAIMS: dict[str, ClaimInfo] = {
         "fp32 vs emulated fp16/fp8 L2 and L1 batch norm, and int8 training, on embedded data",
         "ResNet-18 on ImageNet",
         ("imagenet",),
+        cost=5.0,
     ),
     "C5": ClaimInfo(
         "C5", f"{_PKG}.c5",
@@ -121,6 +129,7 @@ CLAIMS: dict[str, ClaimInfo] = {
         "CNN on embedded images: BN vs WN vs BWN; 2-layer LSTM LM on the embedded text: WN vs BWN",
         "ResNet-56 on CIFAR-10, ResNet-50 on ImageNet, 2-layer LSTM LM on a text corpus",
         ("cifar10", "imagenet", "text"),
+        cost=4.0,
     ),
 }
 
@@ -189,7 +198,7 @@ def load_claim(claim_id: str) -> Callable[..., dict[str, Any]]:
 # The run cache
 # ---------------------------------------------------------------------------------------------
 #: Config fields that change how a run is carried out or logged but not its numbers.
-_NOT_IN_KEY = ("plots", "checkpoint", "threads", "num_workers", "eval_every")
+_NOT_IN_KEY = ("plots", "checkpoint", "threads", "num_workers")
 
 
 def run_key(config: Any, variant: str = "") -> str:
@@ -260,16 +269,36 @@ def cached_train(
         if train_kwargs.get(key) is not None and not variant:
             raise ValueError(f"cached_train: {key}= changes the run, so pass variant= to name it in the cache key")
     folder = run_folder(config, cache_dir, variant)
-    summary = completed_summary(folder)
-    if summary is not None:
-        log.info("reused finished run %s", folder)
-        summary.update(reused=True, run_dir=str(folder))
-        return summary
-    from ..trainer import train
+    with _run_lock(folder):
+        # Under the lock: a second process asking for the same run waits for the first to finish
+        # it, then reads it back instead of training it again in the same folder.
+        summary = completed_summary(folder)
+        if summary is not None:
+            log.info("reused finished run %s", folder)
+            summary.update(reused=True, run_dir=str(folder))
+            return summary
+        from ..trainer import train
 
-    summary = train(config, folder, progress=progress, resume=True, **train_kwargs)
+        summary = train(config, folder, progress=progress, resume=True, **train_kwargs)
     summary.update(reused=False, run_dir=str(folder))
     return summary
+
+
+@contextlib.contextmanager
+def _run_lock(folder: Path) -> Iterator[None]:
+    """An exclusive advisory lock on ``folder/.lock`` (POSIX ``flock``; no lock where unavailable)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows: runs in one process at a time only
+        yield
+        return
+    with open(folder / ".lock", "a+") as f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 
 # ---------------------------------------------------------------------------------------------

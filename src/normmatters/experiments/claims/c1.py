@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from ...optim import (
     LRCorrection,
@@ -49,6 +49,7 @@ from ...optim import (
     ReferenceNormSchedule,
     ReferenceNorms,
     ScaleInvariantParam,
+    grouped_norms,
     scale_invariant_parameters,
     split_param_groups,
 )
@@ -140,6 +141,7 @@ class _Run:
     tracker: NormTracker | None = None
     epochs: list[dict[str, Any]] = field(default_factory=list)
     log_path: Path | None = None
+    optimizer: torch.optim.Optimizer | None = None
 
     # -- optimizer_factory(model, config) -> (optimizer, scheduler) ---------------------------
     def optimizer_factory(self, model: nn.Module, config: TrainConfig):
@@ -172,6 +174,7 @@ class _Run:
 
     # -- callbacks -----------------------------------------------------------------------------
     def on_train_begin(self, state: Any) -> None:
+        self.optimizer = state.optimizer
         self.tracker = NormTracker(
             self.invariant, state.optimizer, per_channel=False,
             lr_scale=self.correction.channel_scale if self.correction is not None else None,
@@ -186,17 +189,29 @@ class _Run:
         row = self._epoch_record(state.epoch, state.metrics.get("test_acc"))
         state.metrics.update(inv_weight_norm=row["inv_weight_norm"], eff_lr=row["eff_lr"])
 
+    @torch.no_grad()
+    def _channel_stats(self, optimizer: torch.optim.Optimizer) -> tuple[Tensor, Tensor]:
+        """Per-channel ‖w_i‖ and effective LR η·s_i/‖w_i‖² of every scale-invariant weight."""
+        norms, effs = [], []
+        lr_of = {id(p): g["lr"] for g in optimizer.param_groups for p in g["params"]}
+        for name, info in self.invariant.items():
+            n = grouped_norms(info.param.detach().double(), info.channel_dim)
+            s = self.correction.channel_scale(name) if self.correction is not None else None
+            norms.append(n)
+            effs.append(lr_of[id(info.param)] * (1.0 if s is None else s) / n.clamp_min(1e-300) ** 2)
+        return torch.cat(norms), torch.cat(effs)
+
     def _epoch_record(self, epoch: int, test_acc: float | None) -> dict[str, Any]:
-        assert self.tracker is not None
+        assert self.tracker is not None and self.optimizer is not None
         rec = self.tracker.history[-1]
         layers = rec["layers"]
-        # One number per run for the figure: the norm of all scale-invariant weights together,
-        # and the geometric mean of the layers' effective learning rates.
-        total = math.sqrt(sum(e["norm"] ** 2 for e in layers.values()))
-        effs = [e["eff_lr"] for e in layers.values() if e.get("eff_lr", 0) > 0]
-        eff = math.exp(sum(math.log(v) for v in effs) / len(effs)) if effs else float("nan")
+        # One number per run for the figure: medians over all scale-invariant channels, robust
+        # to the few channels that die (their norm decays to ~0 with weight decay, which makes
+        # the correction's ratio ‖w‖²/‖w_ref‖² explode on them), and the largest channel norm.
+        norms, effs = self._channel_stats(self.optimizer)
         row = {"epoch": epoch, "step": rec["step"], "test_acc": test_acc,
-               "inv_weight_norm": total, "eff_lr": eff,
+               "inv_weight_norm": float(norms.median()), "max_channel_norm": float(norms.max()),
+               "eff_lr": float(effs.median()),
                "layers": {n: {k: v for k, v in e.items()} for n, e in layers.items()}}
         self.epochs.append(row)
         if self.log_path is not None:
@@ -222,8 +237,8 @@ def _plot(runs: Mapping[str, _Run], path: Path, title: str) -> Path:
         axes[2].plot(ep, [e["eff_lr"] for e in r.epochs], styles.get(name, "-"),
                      label=LABELS.get(name, name), lw=1.8)
     axes[0].set_title("test accuracy")
-    axes[1].set_title("‖w‖₂ of all scale-invariant weights")
-    axes[2].set_title("effective LR η/‖w‖² (geometric mean over layers)")
+    axes[1].set_title("‖w_i‖₂ (median over scale-invariant channels)")
+    axes[2].set_title("effective LR η·s_i/‖w_i‖² (median over channels)")
     axes[2].set_yscale("log")
     axes[1].set_yscale("log")
     for ax in axes:
@@ -247,6 +262,7 @@ def run(
     scale: str = "embedded",
     progress: bool = True,
     overrides: Mapping[str, Any] | None = None,
+    runs: tuple[str, ...] | None = None,
 ) -> dict[str, Any]:
     """Run claim C1's four runs for each seed and write the results under ``out_dir``.
 
@@ -256,14 +272,24 @@ def run(
     :param scale: ``"embedded"`` (MNIST-1D, minutes on a CPU) or ``"paper"`` (CIFAR-10).
     :param progress: tqdm bars.
     :param overrides: TrainConfig fields to change (e.g. ``{"epochs": 5}`` for a smoke test).
+    :param runs: a subset of :data:`RUNS` (``wd_on`` is added when a run needs its reference).
     :returns: ``{"claim": "C1", "rows": [...], "figures": [...], "notes": str, "table": str}``;
         a row per (run, seed) with ``test_acc`` (final), ``best_test_acc``, ``final_train_loss``,
-        ``inv_weight_norm`` and ``eff_lr`` at the end, and ``wall_time`` (s).
+        ``inv_weight_norm`` (median channel norm of the scale-invariant weights),
+        ``max_channel_norm``, ``eff_lr`` (median channel effective LR) at the end, and
+        ``wall_time`` (s).
     """
     from .. import trainer
 
     if scale not in SETTINGS:
         raise ValueError(f"C1: scale must be one of {list(SETTINGS)}, got {scale!r}")
+    names = RUNS if runs is None else tuple(runs)
+    unknown = [r for r in names if r not in RUNS]
+    if unknown:
+        raise ValueError(f"C1: unknown runs {unknown}; expected names from {list(RUNS)}")
+    if set(names) & {"wd_off_lr_correction", "norm_schedule"}:
+        names = tuple(dict.fromkeys(("wd_on", *names)))  # the reference comes first
+    names = tuple(r for r in RUNS if r in names)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     rows: list[dict[str, Any]] = []
@@ -276,7 +302,7 @@ def run(
         example = _example_input(config)
         runs: dict[str, _Run] = {}
         reference: ReferenceNorms | None = None
-        for name in RUNS:
+        for name in names:
             run_dir = out / f"{name}-s{seed}"
             r = _Run(name, example, spe, reference=reference)
             r.log_path = run_dir / "norms.jsonl"
@@ -297,6 +323,7 @@ def run(
                 "final_train_loss": summary.get("final_train_loss"),
                 "inv_weight_norm": last["inv_weight_norm"],
                 "eff_lr": last["eff_lr"],
+                "max_channel_norm": last["max_channel_norm"],
                 "scale_invariant_params": len(r.invariant),
                 "wall_time": summary.get("wall_time"),
             }
@@ -316,15 +343,17 @@ def run(
 
 
 def _table(rows: list[dict[str, Any]]) -> str:
-    lines = ["| run | seed | final test acc | best test acc | final train loss | ‖w‖ (invariant) | eff. LR |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| run | seed | final test acc | best test acc | final train loss | median ‖w_i‖ | max ‖w_i‖ "
+             "| median eff. LR |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         def fmt(v: Any, spec: str) -> str:
             return "nan" if v is None or (isinstance(v, float) and not math.isfinite(v)) else format(v, spec)
 
         lines.append(f"| {LABELS.get(r['run'], r['run'])} | {r['seed']} | {fmt(r['test_acc'], '.4f')} | "
                      f"{fmt(r['best_test_acc'], '.4f')} | {fmt(r['final_train_loss'], '.4f')} | "
-                     f"{fmt(r['inv_weight_norm'], '.2f')} | {fmt(r['eff_lr'], '.3g')} |")
+                     f"{fmt(r['inv_weight_norm'], '.3g')} | {fmt(r['max_channel_norm'], '.3g')} | "
+                     f"{fmt(r['eff_lr'], '.3g')} |")
     return "\n".join(lines)
 
 
@@ -341,7 +370,7 @@ def _notes(rows: list[dict[str, Any]], config: TrainConfig, wall: float) -> str:
         "WD on decays every parameter; WD off decays only the last layer; the correction and the "
         "norm schedule use the WD-on run's per-step, per-channel norms as reference.",
     ]
-    if len(mean) == len(RUNS):
+    if set(mean) == set(RUNS):
         parts.append(
             "Mean final test accuracy: " + ", ".join(f"{LABELS[k]} {mean[k]:.4f}" for k in RUNS) + "."
         )

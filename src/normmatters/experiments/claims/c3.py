@@ -76,13 +76,19 @@ def run(
         raise DataNotFoundError("C3: no paper-scale image data: " +
                                 "; ".join(f"{d.name} ({d.path}: {d.detail})" for d in missing))
 
-    jobs = []
+    # The L2 baseline is trained last: when C2 runs at the same time (reproduce --jobs), it has
+    # usually trained that run already, and the cache then hands it over instead of this claim
+    # waiting on it. The rows are put back in the order of ``names``.
+    order = [n for n in names if n != "bn-l2"] + [n for n in names if n == "bn-l2"]
+    jobs, keys = [], []
     for seed in seeds:
-        for label, base in settings:
-            for name in names:
+        for si, (label, base) in enumerate(settings):
+            for name in order:
                 norm, kw = RUNS[name]
                 jobs.append((f"{name}-{label}" if label else name, image_config(base, norm, kw, seed), label))
-    rows = train_rows("C3", jobs, cache, progress)
+                keys.append((seed, si, names.index(name)))
+    trained = train_rows("C3", jobs, cache, progress)
+    rows = [r for _, r in sorted(zip(keys, trained), key=lambda kr: kr[0])]
 
     figures = []
     for label, _ in settings:

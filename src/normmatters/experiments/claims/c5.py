@@ -106,8 +106,11 @@ RUNS: dict[str, tuple[str, str | None]] = {
 }
 
 
-def _config(setting: _Setting, wn: str | None, seed: int, data_root: str | None) -> TrainConfig:
+def _config(setting: _Setting, wn: str | None, seed: int, data_root: str | None,
+            epochs: int | None = None) -> TrainConfig:
     cfg = dict(setting.config, seed=seed, amp=False, plots=False)
+    if epochs is not None:
+        cfg["epochs"] = int(epochs)
     if setting.input_shape is None:  # the LM: the model builds its own (B)WN
         cfg["norm"] = {None: "none", "wn": "wn", "bwn": "bwn", "bwn-bounded": "bwn_bounded"}[wn]
         if data_root is not None and cfg["dataset"] == "text":
@@ -189,6 +192,7 @@ def run(
     runs: tuple[str, ...] | None = None,
     cache_dir: str | None = None,
     data_root: str | None = None,
+    epochs: int | None = None,
 ) -> dict[str, Any]:
     """Run claim C5 and write its results under ``out_dir``.
 
@@ -199,6 +203,7 @@ def run(
     :param runs: a subset of :data:`RUNS` (default: all).
     :param cache_dir: the shared run cache (:func:`~normmatters.experiments.claims.cached_train`).
     :param data_root: where the paper-scale data lives.
+    :param epochs: override every model's number of epochs (quick checks).
     :returns: ``{"claim": "C5", "rows": [...], "figures": [...], "notes": str, "table": str}``; a
         row per (run, seed) with ``model``, ``test_acc`` (CNN) or ``test_bpc``/``test_loss``
         (LSTM LM, bits per character / nats per character), ``w_norm_ratio``, ``rho_dev`` (BWN)
@@ -221,7 +226,7 @@ def run(
         for name in names:
             key, wn = RUNS[name]
             setting = settings[key]
-            config = _config(setting, wn, seed, data_root)
+            config = _config(setting, wn, seed, data_root, epochs)
             transform = _transform(setting, wn)
             cb = _NormLog()
             summary = _train(config, out / f"{name}-s{seed}", cache_dir, f"c5-{wn}" if transform else "",
@@ -248,7 +253,7 @@ def run(
                      {k: v for k, v in row.items() if k in ("test_acc", "test_bpc", "w_norm_ratio")})
     figures = _figures(histories, out)
     table = _table(rows)
-    notes = _notes(rows, settings, scale, time.perf_counter() - t0)
+    notes = _notes(rows, settings, scale, time.perf_counter() - t0, epochs)
     result = {"claim": "C5", "rows": rows, "figures": figures, "notes": notes, "table": table}
     atomic_write_text(out / "c5.json", json.dumps(result, indent=1, default=str) + "\n")
     atomic_write_text(out / "c5.md", f"# Claim C5\n\n{table}\n\n{notes}\n")
@@ -302,9 +307,12 @@ def _mean_std(vals: list[float]) -> str:
     return f"{m:.4f} ± {sd:.4f}"
 
 
-def _notes(rows: list[dict[str, Any]], settings: dict[str, _Setting], scale: str, wall: float) -> str:
+def _notes(rows: list[dict[str, Any]], settings: dict[str, _Setting], scale: str, wall: float,
+           epochs: int | None = None) -> str:
     cnn, lstm = settings["cnn"], settings["lstm"]
-    c, lm = cnn.config, lstm.config
+    c, lm = dict(cnn.config), dict(lstm.config)
+    if epochs is not None:
+        c["epochs"] = lm["epochs"] = int(epochs)
     present = {RUNS[r["run"]][0] for r in rows}
     parts = []
     if "cnn" in present:
