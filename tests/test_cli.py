@@ -13,7 +13,7 @@ import torch
 
 from normmatters.experiments import cli
 from normmatters.experiments.checkpoint import load_checkpoint
-from normmatters.experiments.config import TrainConfig, load_config
+from normmatters.experiments.config import load_config
 
 QUICK = ["--model", "resnet_digits", "--dataset", "digits", "--batch-size", "128", "--no-progress",
          "--set", "max_train_batches=3", "--set", "plots=false"]

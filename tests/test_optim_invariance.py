@@ -285,7 +285,7 @@ def test_library_lp_batch_norm_is_recognized() -> None:
         pytest.skip("normmatters.nn.LpBatchNorm2d not available")
     model = nn.Sequential(
         nn.Conv2d(3, 8, 3, bias=False), lpnn.LpBatchNorm2d(8, p=1), nn.ReLU(),
-        nn.Conv2d(8, 4, 3, bias=False), lpnn.LpBatchNorm2d(4, p=float("inf")),
+        nn.Conv2d(8, 4, 3, bias=False), lpnn.LpBatchNorm2d(4, p=2),
         nn.Flatten(), nn.LazyLinear(3),
     )
     x = torch.randn(4, 3, 8, 8)
@@ -293,6 +293,11 @@ def test_library_lp_batch_norm_is_recognized() -> None:
     inv = scale_invariant_parameters(model, x, method="fx")
     assert set(inv) == {"0.weight", "3.weight"}
     _check_invariance_holds(model, x, inv)
+    if hasattr(lpnn, "LpLayerNorm"):
+        mlp = nn.Sequential(nn.Linear(6, 8, bias=False), lpnn.LpLayerNorm(8, p=1), nn.Linear(8, 2))
+        inv = scale_invariant_parameters(mlp, torch.randn(5, 6), method="fx")
+        assert set(inv) == {"0.weight"} and inv["0.weight"].groups == 1
+        _check_invariance_holds(mlp, torch.randn(5, 6), inv)
 
 
 def test_mean_only_batch_norm_is_not_a_normalization() -> None:

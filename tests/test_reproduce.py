@@ -303,7 +303,8 @@ def test_nan_results_are_valid_json(tmp_path):
 
 def test_main_exit_status_when_every_claim_fails(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(rp, "load_claim", lambda cid: _boom)
-    assert rp.main(["--claims", "C1,C2", "--out", str(tmp_path), "--no-progress"]) == 1
+    # --jobs 1: worker processes would import the real claim modules, not this test's fakes
+    assert rp.main(["--claims", "C1,C2", "--out", str(tmp_path), "--no-progress", "--jobs", "1"]) == 1
     assert "not run" in capsys.readouterr().out
     assert rp.main(["--seeds", "0", "--out", str(tmp_path)]) == 2
     assert rp.main(["--claims", "C8", "--out", str(tmp_path)]) == 2
@@ -312,7 +313,7 @@ def test_main_exit_status_when_every_claim_fails(tmp_path, monkeypatch, capsys):
 def test_main_one_claim_ok_exits_zero(tmp_path, monkeypatch):
     fakes = {"C2": _FakeClaim("C2", _c2_rows())}
     monkeypatch.setattr(rp, "load_claim", lambda cid: fakes.get(cid, _boom))
-    assert rp.main(["--claims", "C2,C3", "--out", str(tmp_path), "--no-progress"]) == 0
+    assert rp.main(["--claims", "C2,C3", "--out", str(tmp_path), "--no-progress", "--jobs", "1"]) == 0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -351,7 +352,7 @@ def test_cli_dispatches_reproduce(tmp_path, monkeypatch):
     from normmatters.experiments import cli
 
     monkeypatch.setattr(rp, "load_claim", lambda cid: _FakeClaim(cid, _c2_rows()))
-    assert cli.main(["reproduce", "--claims", "C2", "--out", str(tmp_path), "--no-progress"]) == 0
+    assert cli.main(["reproduce", "--claims", "C2", "--out", str(tmp_path), "--no-progress", "--jobs", "1"]) == 0
     assert (tmp_path / "REPORT.md").is_file()
 
 

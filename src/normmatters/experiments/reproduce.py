@@ -351,6 +351,9 @@ def reproduce(
     seeds = [int(s) for s in seeds]
     if not seeds:
         raise ConfigError("--seeds: expected at least one seed")
+    n_jobs = resolve_jobs(jobs, len(ids))
+    if runners and n_jobs > 1:
+        raise ConfigError("reproduce: runners= replaces claim modules in this process and needs jobs=1")
     root = Path(out_dir)
     root.mkdir(parents=True, exist_ok=True)
     meta: dict[str, Any] = {"scale": scale, "seeds": seeds, "claims": ids,
@@ -362,9 +365,6 @@ def reproduce(
         for d in status.values():
             if not d.present:
                 log.warning("paper scale: %s missing (%s: %s); to provide it: %s", d.name, d.path, d.detail, d.how)
-    n_jobs = resolve_jobs(jobs, len(ids))
-    if runners and n_jobs > 1:
-        raise ConfigError("reproduce: runners= replaces claim modules in this process and needs jobs=1")
     meta["jobs"] = n_jobs
     t0 = time.perf_counter()
     results: dict[str, dict[str, Any]] = {}

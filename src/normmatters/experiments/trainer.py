@@ -83,18 +83,18 @@ def resolve_device(name: str) -> torch.device:
 # Optimizer and schedule
 # ---------------------------------------------------------------------------------------------
 def _norm_parameter_ids(model: nn.Module) -> set[int]:
-    """ids of parameters that belong to normalization layers (ours, torch's, or an affine gain)."""
-    from normmatters import nn as nmnn
+    """ids of parameters that belong to normalization layers (ours, torch's, or an affine gain).
 
+    A layer counts as a normalization if it is one of torch's or its class name contains "Norm"
+    (``LpBatchNorm2d``, ``MeanOnlyBatchNorm1d``, ``LpLayerNorm``, …), so that norms from any
+    package are recognized without importing them here.
+    """
     from .models.norms import Affine
 
-    norm_types: tuple[type, ...] = (
-        nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, Affine,
-        *(getattr(nmnn, n) for n in nmnn.__all__ if isinstance(getattr(nmnn, n), type)),
-    )
+    torch_norms = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.RMSNorm, Affine)
     ids: set[int] = set()
     for m in model.modules():
-        if isinstance(m, norm_types):
+        if isinstance(m, torch_norms) or "Norm" in type(m).__name__:
             ids.update(id(p) for p in m.parameters(recurse=False))
     return ids
 

@@ -87,6 +87,20 @@ def _cpu_available(dtype: torch.dtype = torch.float32) -> bool:
     return cpu.library(dtype) is not None
 
 
+# Both availability checks are constants of the process. Marked the way
+# torch.compiler.assume_constant_result marks a function (without importing torch._dynamo at import
+# time), so torch.compile evaluates them once while tracing instead of tracing the lock and the
+# build inside.
+_cpu_available._dynamo_marked_constant = True  # type: ignore[attr-defined]
+
+
+def _exporting() -> bool:
+    # torch.export / ONNX export get the reference path: plain ATen ops that every exporter knows,
+    # instead of the normmatters:: custom ops.
+    is_exporting = getattr(torch.compiler, "is_exporting", None)
+    return bool(is_exporting is not None and is_exporting())
+
+
 def _triton_available() -> bool:
     global _triton_ok
     if _triton_ok is None:
@@ -97,6 +111,9 @@ def _triton_available() -> bool:
             logger.info("normmatters: Triton kernels unavailable (%s)", exc)
             _triton_ok = False
     return _triton_ok
+
+
+_triton_available._dynamo_marked_constant = True  # type: ignore[attr-defined]
 
 
 def available(device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> bool:
@@ -145,7 +162,7 @@ def _max_k() -> int:
 
 
 def _common(input: object, eps: object, min_dim: int = 2) -> bool:
-    return (_backend == "auto" and isinstance(input, Tensor) and input.dtype in _FLOATS
+    return (_backend == "auto" and not _exporting() and isinstance(input, Tensor) and input.dtype in _FLOATS
             and input.dim() >= min_dim and input.numel() > 0
             and isinstance(eps, (int, float)) and not isinstance(eps, bool) and eps > 0)
 

@@ -110,7 +110,7 @@ template <typename A> struct HeapSet {
 // heap's threshold) are pushed: a few dozen, found by a loop whose branch is almost never taken.
 template <typename T, typename A, bool NEG>
 inline void scan_piece(const T* x, int64_t len, int64_t base, Heap<A>& h, std::vector<A>& bm,
-                       std::vector<A>& sel) {
+                       std::vector<A>& sel, A bound, bool block_bound) {
   const int64_t SB = 16;
   const int64_t nb = (len + SB - 1) / SB;
   bm.resize((size_t)nb);
@@ -122,8 +122,8 @@ inline void scan_piece(const T* x, int64_t len, int64_t base, Heap<A>& h, std::v
     for (int64_t i = 0; i < l; ++i) { A v = NEG ? -IO<T>::ld(xb, i) : IO<T>::ld(xb, i); m = v > m ? v : m; }
     bm[j] = m;
   }
-  A t = h.thr();
-  if (nb >= h.k) {
+  A t = std::max(h.thr(), bound);
+  if (block_bound && nb >= h.k) {
     sel.assign(bm.begin(), bm.end());
     std::nth_element(sel.begin(), sel.begin() + (h.k - 1), sel.end(), [](A p, A q) { return p > q; });
     t = std::max(t, sel[h.k - 1]);
@@ -156,9 +156,15 @@ template <typename T, typename A> struct Pieces {
     auto key = [&](int64_t p) { return NEG ? -mn[p] : mx[p]; };
     std::nth_element(order.begin(), order.begin() + (m - 1), order.end(), [&](int64_t a, int64_t b) {
       return key(a) > key(b) || (key(a) == key(b) && a < b); });
-    for (int64_t j = 0; j < m; ++j) scan_piece<T, A, NEG>(x + off[order[j]], len[order[j]], base[order[j]], h, bm, sel);
+    // With k pieces or more, the k-th largest piece maximum bounds the k-th largest value from
+    // below for the whole channel; with fewer, each piece bounds itself from its blocks.
+    const bool many = P >= k;
+    const A bound = many ? key(order[m - 1]) : -std::numeric_limits<A>::infinity();
+    for (int64_t j = 0; j < m; ++j)
+      scan_piece<T, A, NEG>(x + off[order[j]], len[order[j]], base[order[j]], h, bm, sel, bound, !many);
     for (int64_t j = m; j < P; ++j)
-      if (key(order[j]) >= h.thr()) scan_piece<T, A, NEG>(x + off[order[j]], len[order[j]], base[order[j]], h, bm, sel);
+      if (key(order[j]) >= h.thr())
+        scan_piece<T, A, NEG>(x + off[order[j]], len[order[j]], base[order[j]], h, bm, sel, bound, !many);
   }
   void finish(const T* x, int k, Heap<A>& hi, Heap<A>& lo) {
     hi.n = 0; lo.n = 0;

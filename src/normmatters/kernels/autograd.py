@@ -18,13 +18,14 @@ x̂ = (x − μ)·inv, M = mean(g'·x̂) and s = sign(x − μ) (SPEC §2, deriv
 * without centring (RMS norm) the mean(·) terms vanish.
 
 Ties: the reference's ``amax`` shares the gradient of a tied maximum among the tied positions;
-the kernels (like ``torch.topk``) give it to one of them, the first in memory order. The two agree
-whenever the k-th and (k+1)-th largest |x − μ| differ, which holds with probability one for
-continuous data.
+the kernels give it to one of them: among equal |x − μ| the lowest within-channel index
+(n·S + s), on the CPU and for L∞ in Triton (Triton's Top(k > 1) takes ``torch.topk``'s choice).
+The two agree whenever the k-th and (k+1)-th largest |x − μ| differ, which holds with
+probability one for continuous data.
 
-The functions ``batch_norm``, ``layer_norm``, ``group_norm`` and ``rms_norm`` below are called by
-:mod:`normmatters.functional.norm` after it has validated its arguments; they return ``None`` when
-the fused path does not apply (the caller then runs the reference path).
+The functions ``batch_norm``, ``layer_norm``, ``group_norm`` and ``rms_norm`` below are reached
+through :mod:`normmatters.kernels`'s ``try_*`` functions, which :mod:`normmatters.functional.norm`
+calls first and which return ``None`` (run the reference path) when the fused path does not apply.
 """
 
 from __future__ import annotations

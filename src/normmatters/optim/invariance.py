@@ -47,7 +47,7 @@ Example::
 
     >>> model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, bias=False),
     ...                             torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
-    ...                             torch.nn.Flatten(), torch.nn.LazyLinear(10))
+    ...                             torch.nn.Flatten(), torch.nn.Linear(8 * 6 * 6, 10))
     >>> inv = scale_invariant_parameters(model, torch.randn(4, 3, 8, 8))
     >>> list(inv)
     ['0.weight']
@@ -60,10 +60,9 @@ from __future__ import annotations
 import copy
 import logging
 import math
-import operator
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.fx
@@ -256,16 +255,21 @@ def _class_names(m: nn.Module) -> set[str]:
     return {c.__name__ for c in type(m).__mro__}
 
 
+_LP_BATCH_NORMS = {"LpBatchNorm1d", "LpBatchNorm2d", "LpBatchNorm3d", "SyncLpBatchNorm",
+                   "_LpBatchNorm"}
+
+
 def _norm_kind(m: nn.Module) -> _NormKind | None:
+    """How ``m`` normalizes, or ``None`` if it is not a scale-invariant normalization.
+
+    The library's own layers are recognised by class name (any class in the MRO), so this
+    module does not import :mod:`normmatters.nn`; a mean-only batch norm subtracts the mean but
+    does not divide, so it is not one."""
     names = _class_names(m)
-    if isinstance(m, _TORCH_BN) or names & {
-        "LpBatchNorm1d", "LpBatchNorm2d", "LpBatchNorm3d", "LpSyncBatchNorm", "SyncLpBatchNorm",
-        "_LpBatchNorm", "_LpNormBase",
-    } and not names & {"MeanOnlyBatchNorm1d", "MeanOnlyBatchNorm2d", "MeanOnlyBatchNorm3d"}:
-        if any(n.startswith("MeanOnly") for n in names):
-            return None
-        if any("BatchNorm" in n for n in names):
-            return _NormKind("batch")
+    if _is_mean_only_bn(m):
+        return None
+    if isinstance(m, _TORCH_BN) or names & _LP_BATCH_NORMS:
+        return _NormKind("batch")
     if isinstance(m, _TORCH_IN):
         return _NormKind("instance")
     if isinstance(m, nn.GroupNorm) or "LpGroupNorm" in names:

@@ -440,7 +440,7 @@ def plot_norm_log(
     rule = records[-1].get("rule", "sgd")
     axes[0].set_title("‖w‖₂")
     axes[1].set_title("effective LR " + ("η/‖w‖²" if rule == "sgd" else "η/‖w‖"))
-    axes[2].set_title("angle turned per record (rad)")
+    axes[2].set_title("angle turned since the previous record (rad)")
     for ax in axes[1:]:
         if any(line.get_ydata().size and min(line.get_ydata()) > 0 for line in ax.get_lines()):
             ax.set_yscale("log")
