@@ -52,26 +52,33 @@ def test_reference_group_norms() -> None:
         reference_group_norms(ch, 3)
 
 
-def test_sgd_momentum_step_is_scaled_per_channel() -> None:
+@pytest.mark.parametrize("apply_to", ["gradient", "update"])
+def test_sgd_momentum_step_is_scaled_per_channel(apply_to) -> None:
     model = make_model()
     inv = scale_invariant_parameters(model, data()[0][0])
     assert {n: i.groups for n, i in inv.items()} == {"0.weight": 6, "5.weight": 1}
     opt = torch.optim.SGD(split_param_groups(model, inv, weight_decay=5e-4, decay="last_layer"),
                           lr=0.2, momentum=0.9)
     ref = random_reference(inv)
-    corr = LRCorrection(opt, inv, ref)
+    corr = LRCorrection(opt, inv, ref, apply_to=apply_to)
+    assert corr.apply_to == apply_to
+    plain_buf = {n: torch.zeros_like(i.param) for n, i in inv.items()}
     for t, (x, y) in enumerate(data(6)):
         before = {n: i.param.detach().clone() for n, i in inv.items()}
         opt.zero_grad()
         nn.functional.cross_entropy(model(x), y).backward()
+        raw = {n: i.param.grad.detach().clone() for n, i in inv.items()}
         opt.step()
         for n, info in inv.items():
-            # The buffer holds raw gradients; the step is -η·s·buffer with
             # s = (‖w_g‖/‖w_ref,g(t)‖)² from the weights before the step.
-            s = (grouped_norms(before[n], info.channel_dim, info.groups)
-                 / reference_group_norms(ref.at(n, t), info.groups)) ** 2
-            buf = opt.state[info.param]["momentum_buffer"]
-            want = before[n] - 0.2 * info.expand(s) * buf
+            s = info.expand((grouped_norms(before[n], info.channel_dim, info.groups)
+                             / reference_group_norms(ref.at(n, t), info.groups)) ** 2)
+            if apply_to == "gradient":  # the buffer accumulates corrected gradients
+                plain_buf[n] = 0.9 * plain_buf[n] + s * raw[n] if t else s * raw[n]
+                want = before[n] - 0.2 * plain_buf[n]
+            else:  # the buffer holds raw gradients, the step is -η·s·buffer
+                plain_buf[n] = 0.9 * plain_buf[n] + raw[n] if t else raw[n]
+                want = before[n] - 0.2 * s * plain_buf[n]
             torch.testing.assert_close(info.param.detach(), want, rtol=1e-12, atol=1e-14)
     assert corr.num_steps == 6
 
@@ -214,3 +221,22 @@ def test_errors() -> None:
         LRCorrection(torch.optim.SGD(groups, lr=0.1), inv, ReferenceNorms(ref.steps, bad))
     with pytest.raises(TypeError, match="ReferenceNorms"):
         LRCorrection(torch.optim.SGD(groups, lr=0.1), inv, {"0.weight": 1.0})  # type: ignore[arg-type]
+
+
+def test_gradient_mode_keeps_momentum_feedback_negative() -> None:
+    # A reference 5x smaller than the weights (25x the effective LR) with momentum: scaling the
+    # update by the current ratio amplifies the stale, larger gradients in the buffer and the
+    # norm explodes within a few dozen steps; corrected gradients only grow it geometrically.
+    final = {}
+    for apply_to in ("gradient", "update"):
+        model = make_model()
+        inv = scale_invariant_parameters(model, data(1)[0][0])
+        opt = torch.optim.SGD(split_param_groups(model, inv, weight_decay=0.0, decay="none"),
+                              lr=0.1, momentum=0.9)
+        ref = ReferenceNorms(torch.tensor([0]), {
+            n: 0.2 * grouped_norms(i.param.detach(), i.channel_dim)[None] for n, i in inv.items()})
+        LRCorrection(opt, inv, ref, apply_to=apply_to)
+        _train(model, opt, 30)
+        final[apply_to] = float(inv["0.weight"].param.detach().norm())
+    assert final["gradient"] < 1e4
+    assert not final["update"] < 1e10  # also true for inf / nan

@@ -107,16 +107,18 @@ def test_cached_train_reuses_finished_run_and_resumes_unfinished(tmp_path, monke
     s2 = cached_train(cfg, tmp_path, progress=False)
     assert len(fake.calls) == 1
     assert s1["reused"] is False and s2["reused"] is True
-    assert fake.calls[0]["resume"] is True  # an unfinished folder continues from its checkpoint
+    assert fake.calls[0]["resume"] is False  # nothing to continue from
+
     assert s2["run_dir"] == str(run_folder(cfg, tmp_path))
     # another config is another run
     cached_train(_cfg(lr=0.01), tmp_path, progress=False)
     assert len(fake.calls) == 2
-    # a damaged summary counts as unfinished
+    # a damaged summary counts as unfinished: the run continues from its checkpoint
     (run_folder(cfg, tmp_path) / "summary.json").write_text("{not json")
+    (run_folder(cfg, tmp_path) / "checkpoint.pt").write_bytes(b"")
     assert completed_summary(run_folder(cfg, tmp_path)) is None
     cached_train(cfg, tmp_path, progress=False)
-    assert len(fake.calls) == 3
+    assert len(fake.calls) == 3 and fake.calls[-1]["resume"] is True
 
 
 def test_cached_train_requires_variant_for_optimizer_factory(tmp_path):

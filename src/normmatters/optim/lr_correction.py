@@ -17,13 +17,19 @@ alone; in the paper the last layer keeps its weight decay (see
 
 Optimizers:
 
-* SGD, with or without momentum / Nesterov: exponent 2 as above. The correction multiplies the
-  update the optimizer computed (``-η·buffer``), so the momentum buffer keeps raw gradients
-  and every step uses the current ratio.
+* SGD, with or without momentum / Nesterov: exponent 2 as above. The correction scales each
+  channel's *gradient* by the current ratio before the optimizer sees it (``apply_to=
+  "gradient"``), so the momentum buffer accumulates corrected gradients. Scaling the update
+  instead (``apply_to="update"``: ``-η·s_t·buffer``) is the same without momentum but unstable
+  with it: without weight decay the norm of a channel with a large effective rate grows each
+  step, the buffer still holds gradients from when the norm was smaller (a gradient scales as
+  1/‖w‖), the current ratio (∝ ‖w‖²) amplifies them, the norm grows faster — once it grows by
+  more than 1/μ per step the channel diverges (the NaN one reproduction of the paper reported).
+  Corrected gradients keep that feedback negative.
 * Adam / AdamW: Adam divides the gradient by its running RMS, so its step does not shrink when
   the gradient does and ``η/‖w‖²`` does not describe it; the angular step is ``∝ η/‖w‖``.
   The matching correction is ``η̂_i = η·‖w_i‖/‖w_ref,i‖`` (exponent 1), applied automatically
-  for the Adam family (``power=1``). Use it against a reference recorded with AdamW (decoupled
+  for the Adam family (``power=1``), to the update (scaling Adam's gradient changes nothing). Use it against a reference recorded with AdamW (decoupled
   weight decay); a reference from SGD says nothing about Adam's step size.
 * Other optimizers: pass ``power`` explicitly or a :class:`TypeError` is raised.
 
@@ -34,10 +40,9 @@ direction moves by ``η/((1-ηλ)‖w‖²)``: passing ``reference_shrink=ηλ``
 rounding, for the scale-invariant weights, when every other parameter is trained alike). The
 default (``0``) is the paper's formula, which differs by ``O(ηλ)`` per step.
 
-With weight decay on, the norms of some channels can collapse (channels that stopped
-receiving gradient decay geometrically), and the ratio then grows without bound; ``max_scale``
-caps it. A run that feeds such ratios to live channels diverges — one reproduction of the paper
-reports NaN for this experiment.
+Large ratios. Without weight decay the corrected weights' norms keep growing (their effective
+rate is the reference's, high, while nothing shrinks them), so the ratio grows too; that is
+intended, but a reference channel whose norm collapsed makes it huge. ``max_scale`` caps it.
 
 Example::
 
@@ -60,6 +65,7 @@ from normmatters.optim._common import (
     check_invariant,
     check_optimizer,
     group_of,
+    optimizer_family,
     step_power,
 )
 from normmatters.optim.invariance import ScaleInvariantParam
@@ -98,6 +104,9 @@ class LRCorrection:
             for a scheduled LR); the ratio is divided by ``1 - ηλ`` (see "Exactness").
         require_no_weight_decay: refuse scale-invariant weights in groups with weight decay
             (the correction replaces weight decay; both at once double-count it).
+        apply_to: ``"gradient"`` (scale the gradient before the step; SGD's default),
+            ``"update"`` (scale the step the optimizer made; the default for the others) or
+            ``"auto"``.
     """
 
     def __init__(
@@ -112,6 +121,7 @@ class LRCorrection:
         step_offset: int = 0,
         reference_shrink: float | Callable[[int], float] = 0.0,
         require_no_weight_decay: bool = True,
+        apply_to: str = "auto",
     ) -> None:
         who = "LRCorrection"
         check_optimizer(optimizer, who)
@@ -127,6 +137,11 @@ class LRCorrection:
         self.min_scale = min_scale
         self.num_steps = int(step_offset)
         self.reference_shrink = reference_shrink
+        if apply_to not in ("auto", "gradient", "update"):
+            raise ValueError(f"{who}: apply_to must be 'auto', 'gradient' or 'update', got {apply_to!r}")
+        if apply_to == "auto":
+            apply_to = "gradient" if optimizer_family(optimizer) == "sgd" else "update"
+        self.apply_to = apply_to
         for name, info in self.invariant.items():
             if name not in reference.norms:
                 raise ValueError(f"{who}: the reference has no norms for {name!r}")
@@ -181,13 +196,20 @@ class LRCorrection:
 
     def _pre_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         with torch.no_grad():
-            self._before = {n: i.param.detach().clone() for n, i in self.invariant.items()}
             self._scales = {n: self.group_scale(n) for n in self.invariant}
+            if self.apply_to == "gradient":
+                for name, info in self.invariant.items():
+                    g = info.param.grad
+                    if g is not None:
+                        g.mul_(info.expand(self._scales[name]).to(g.dtype))
+                self._before = {}
+            else:
+                self._before = {n: i.param.detach().clone() for n, i in self.invariant.items()}
 
     @torch.no_grad()
     def _post_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
-        for name, info in self.invariant.items():
-            old = self._before[name]
+        for name, old in self._before.items():
+            info = self.invariant[name]
             s = info.expand(self._scales[name]).to(old.dtype)
             p = info.param
             p.copy_(old + s * (p - old))

@@ -21,6 +21,12 @@ is multiplied by ``a`` (``exp_avg`` by ``1/a``, ``exp_avg_sq`` by ``1/a²``; Ada
 decay divided by ``a``, Adam's coupled L2 decay by ``a²``); the identity is then exact up to
 ``ε``.
 
+Evaluation. The identity concerns training (batch statistics). A batch norm's *running*
+statistics estimate its input's mean and variance, which jump with the weight: right after a
+rescaling by ``√a`` they lag by that factor for the ~1/momentum steps they need to catch up,
+so a model evaluated right at the boundary is off; evaluate a few steps later or refresh the
+statistics (one pass over some training batches in train mode, without updates).
+
 Parameters that are not scale invariant (the last layer, biases, normalization gains) keep the
 ordinary LR schedule: :class:`NormSchedule` sets their learning rate like
 :class:`torch.optim.lr_scheduler.LambdaLR` would.

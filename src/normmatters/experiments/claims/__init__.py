@@ -277,9 +277,12 @@ def cached_train(
             log.info("reused finished run %s", folder)
             summary.update(reused=True, run_dir=str(folder))
             return summary
-        from ..trainer import train
+        from ..trainer import CHECKPOINT_NAME, train
 
-        summary = train(config, folder, progress=progress, resume=True, **train_kwargs)
+        resume = (folder / CHECKPOINT_NAME).is_file()
+        if resume:
+            log.info("resuming unfinished run %s", folder)
+        summary = train(config, folder, progress=progress, resume=resume, **train_kwargs)
     summary.update(reused=False, run_dir=str(folder))
     return summary
 

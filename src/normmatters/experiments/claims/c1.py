@@ -7,7 +7,8 @@ The experiment of the paper's Figure 1, four runs from the same seed on real dat
 ``wd_off``                 the same with weight decay on the last layer only
 ``wd_off_lr_correction``   ``wd_off`` + the per-channel LR correction
                            η̂ = η·‖w_i‖²/‖w_i,ref‖², ``w_ref`` the ``wd_on`` run's weights at the
-                           same step (:class:`~normmatters.optim.LRCorrection`)
+                           same step (:class:`~normmatters.optim.LRCorrection`, applied to the
+                           gradients so that momentum stays stable)
 ``norm_schedule``          ``wd_off`` with a *fixed* learning rate on the scale-invariant weights:
                            after every update each channel's norm is set to the ``wd_on`` run's,
                            divided by √f(t) where f(t) is the LR factor the schedule would apply

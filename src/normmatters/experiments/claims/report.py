@@ -655,9 +655,11 @@ def render_report(results: dict[str, dict[str, Any]], meta: dict[str, Any], root
     L.append(f"# Norm matters — reproduction report ({scale} scale)")
     L.append("")
     L.append(f"Command: `{meta.get('command', 'normmatters reproduce')}`  ")
+    jobs = meta.get("jobs", 1)
     L.append(f"Finished: {meta.get('finished', '—')}; seeds: {', '.join(map(str, meta.get('seeds', [])))}; "
-             f"total wall time {_fmt_seconds(meta.get('wall_time'))} (this invocation; reused claims count "
-             f"their original time below).")
+             f"{jobs} claim{'s' if jobs != 1 else ''} at a time; total wall time "
+             f"{_fmt_seconds(meta.get('wall_time'))} (this invocation; a reused claim counts its original time "
+             "below).")
     L.append("")
     L.append("Paper: Hoffer, Banner, Golan, Soudry, *Norm matters: efficient and accurate normalization schemes "
              "in deep networks*, NeurIPS 2018 (arXiv 1803.01814). Independent reproduction: seed 003 (UVA CS 6316, "

@@ -2,8 +2,10 @@
 
 The LSTM is written out (one fused input projection per layer for the whole sequence, one
 recurrent matrix product per step) so that its weights are ordinary :class:`~torch.nn.Linear`
-weights a :mod:`torch.nn.utils.parametrize` parametrization can wrap; ``nn.LSTM`` keeps a flat
-copy of its weights that parametrizations do not update.
+weights a :mod:`torch.nn.utils.parametrize` parametrization can wrap, one per gate matrix, with
+the input projection of a whole sequence fused into one matrix product. (``nn.LSTM``'s own weights
+can be parametrized too — :func:`normmatters.parametrizations.weight_norm` handles
+``weight_ih_l0`` and friends — but its fused kernel hides the per-step structure.)
 
 Gates (Hochreiter & Schmidhuber 1997): [i, f, g, o] = W_ih x_t + W_hh h_{t-1} + b;
 c_t = σ(f)·c_{t-1} + σ(i)·tanh(g); h_t = σ(o)·tanh(c_t).
