@@ -1,10 +1,9 @@
 """Export helpers: a folded model to an ONNX file, checked in onnxruntime.
 
 Our layers go through :func:`torch.export.export` (training and evaluation) and
-``torch.onnx.export(..., dynamo=True)``. The fused CPU/Triton kernels of
-:mod:`normmatters.kernels` appear in an exported program as custom ops (``normmatters::...``),
-which ONNX cannot express; export under ``normmatters.kernels.use_backend("reference")`` to get
-plain ATen ops. :func:`export_onnx` does that and what a deployment wants around it: fold the norms
+``torch.onnx.export(..., dynamo=True)``: while exporting, the fused CPU/Triton kernels of
+:mod:`normmatters.kernels` (custom ops ``normmatters::...``, which ONNX cannot express) step aside
+for plain ATen ops. :func:`export_onnx` adds what a deployment wants around it: fold the norms
 (:func:`~normmatters.deploy.fold_norms`), make the batch axis dynamic, write the file atomically,
 and compare onnxruntime's output with PyTorch's.
 """
