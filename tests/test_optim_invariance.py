@@ -353,6 +353,10 @@ def test_split_param_groups() -> None:
     assert sorted(all_names) == sorted(n for n, _ in model.named_parameters())
     wd_on = split_param_groups(model, inv, weight_decay=5e-4, decay="all")
     assert all(g["weight_decay"] == 5e-4 for g in wd_on)
+    weights = split_param_groups(model, inv, weight_decay=5e-4, decay="invariant")
+    wd = {n: g["weight_decay"] for g in weights for n in g["names"]}
+    assert wd["0.weight"] == wd["13.weight"] == 5e-4
+    assert wd["1.weight"] == wd["0.bias"] == 0.0  # normalization gains and biases
     torch.optim.SGD(groups, lr=0.1)  # torch accepts the extra keys
     with pytest.raises(ValueError, match="decay"):
         split_param_groups(model, inv, weight_decay=5e-4, decay="sometimes")

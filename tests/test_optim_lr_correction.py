@@ -240,3 +240,23 @@ def test_gradient_mode_keeps_momentum_feedback_negative() -> None:
         final[apply_to] = float(inv["0.weight"].param.detach().norm())
     assert final["gradient"] < 1e4
     assert not final["update"] < 1e10  # also true for inf / nan
+
+
+def test_reference_floor() -> None:
+    model = make_model()
+    inv = scale_invariant_parameters(model, data(1)[0][0])
+    opt = torch.optim.SGD(split_param_groups(model, inv, weight_decay=0.0, decay="none"), lr=0.1)
+    norms = {n: torch.ones(1, i.param.shape[0], dtype=torch.float64) for n, i in inv.items()}
+    norms["0.weight"][0, 2] = 1e-6  # a channel that died in the reference run
+    ref = ReferenceNorms(torch.tensor([0]), norms)
+    cur = grouped_norms(inv["0.weight"].param.detach().double(), 0)
+    plain = LRCorrection(opt, inv, ref)
+    torch.testing.assert_close(plain.group_scale("0.weight")[2], (cur[2] / 1e-6) ** 2)
+    plain.remove()
+    floored = LRCorrection(opt, inv, ref, reference_floor=0.5)
+    rms = float(norms["0.weight"][0].pow(2).mean().sqrt())
+    s = floored.group_scale("0.weight")
+    torch.testing.assert_close(s[2], (cur[2] / (0.5 * rms)) ** 2)
+    torch.testing.assert_close(s[0], cur[0] ** 2)  # channels above the floor are untouched
+    with pytest.raises(ValueError, match="reference_floor"):
+        LRCorrection(opt, inv, ref, reference_floor=2.0)

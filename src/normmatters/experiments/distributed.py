@@ -44,6 +44,7 @@ __all__ = [
     "barrier",
     "main_process_first",
     "broadcast_object",
+    "broadcast_buffers",
     "all_reduce_metrics",
     "per_process_batch_size",
     "ShardedSampler",
@@ -233,6 +234,16 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     box = [obj]
     dist.broadcast_object_list(box, src=src, device=_collective_device())
     return box[0]
+
+
+def broadcast_buffers(module: nn.Module, src: int = 0) -> None:
+    """Copy rank ``src``'s buffers (running statistics, counters) of ``module`` into every
+    process's copy, e.g. before evaluating layers whose statistics are per process (ghost or
+    mean-only batch norms). Nothing happens without a process group of several processes."""
+    if not is_distributed():
+        return
+    for buf in module.buffers():
+        dist.broadcast(buf.data, src)
 
 
 def all_reduce_metrics(

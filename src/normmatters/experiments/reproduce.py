@@ -252,6 +252,11 @@ def resolve_jobs(jobs: int | str, n_claims: int) -> int:
     return min(int(jobs), max(1, n_claims))
 
 
+def _threads_per_job(jobs: int) -> int | None:
+    """torch threads of each worker: its share of the cores, or ``None`` to keep OMP_NUM_THREADS."""
+    return None if os.environ.get("OMP_NUM_THREADS") else max(1, usable_cpus() // jobs)
+
+
 def _worker(cid: str, root: str, kwargs: dict[str, Any], threads: int | None, verbose: bool) -> dict[str, Any]:
     """One claim in a worker process (``reproduce --jobs N``)."""
     if threads:
@@ -276,7 +281,7 @@ def _run_parallel(ids: list[str], root: Path, jobs: int, kwargs: dict[str, Any],
 
     # A process per job, each with its share of the cores: small networks use two processes
     # of one thread far better than one process of two threads.
-    threads = None if os.environ.get("OMP_NUM_THREADS") else max(1, usable_cpus() // jobs)
+    threads = _threads_per_job(jobs)
     order = sorted(ids, key=lambda c: -CLAIMS[c].cost)
     # "spawn": a forked child of a process that already started OpenMP threads can hang.
     ctx = mp.get_context("spawn")
@@ -366,6 +371,8 @@ def reproduce(
             if not d.present:
                 log.warning("paper scale: %s missing (%s: %s); to provide it: %s", d.name, d.path, d.detail, d.how)
     meta["jobs"] = n_jobs
+    if n_jobs > 1:
+        meta["threads_per_job"] = _threads_per_job(n_jobs) or os.environ.get("OMP_NUM_THREADS")
     t0 = time.perf_counter()
     results: dict[str, dict[str, Any]] = {}
     interrupted = False

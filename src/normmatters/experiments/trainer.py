@@ -12,11 +12,25 @@ Callbacks are objects with any of ``on_train_begin(state)``, ``on_step_end(state
 ``state.metrics`` in ``on_epoch_end`` (they are logged with the epoch) and may set
 ``state.should_stop = True`` to end the run after the current epoch (its checkpoint is written,
 so the run can be resumed).
+
+Multi-process training. Started by ``torchrun --nproc_per_node=N`` (``WORLD_SIZE`` > 1), the
+same function trains one model with N processes (:mod:`.distributed`): gloo on CPU, NCCL on
+GPU ``LOCAL_RANK``. ``batch_size`` stays the global batch: each process takes batch_size / N
+examples of the one-process order at each step (the last step of an epoch may be uneven, one
+shard possibly empty), batch norms are synchronized (:class:`~normmatters.nn.SyncLpBatchNorm`,
+unless the config has ``sync_bn = false``) and the loss of each process is its share of the
+global mean, so the gradients, the steps and the weights are those of one process with the
+global batch, up to floating-point rounding. Evaluation runs on every process's share of the
+test set without communication and the sums are reduced; only rank 0 writes the run folder;
+every process resumes from the same checkpoint. Augmentation is a function of the example and
+epoch (:class:`~normmatters.experiments.data.ExampleSeededDataset`), so it is the same too;
+what draws from the global generator inside the model (dropout) draws per process.
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import logging
 import math
@@ -32,12 +46,26 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
 from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .config import TrainConfig
 from .data import DatasetInfo, get_dataloaders, set_loader_epoch
+from .distributed import (
+    DistInfo,
+    all_reduce_metrics,
+    barrier,
+    broadcast_buffers,
+    broadcast_object,
+    cleanup_distributed,
+    init_distributed,
+    is_distributed,
+    main_process_first,
+    shard_loader,
+    wrap_ddp,
+)
 from .errors import CheckpointError, ConfigError
 from .io import append_jsonl, atomic_write_text
 from .models import create_model, last_layer, model_task
@@ -77,6 +105,28 @@ def resolve_device(name: str) -> torch.device:
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"device: {name!r} requested but CUDA is not available")
     return dev
+
+
+def init_process_group_for(config: TrainConfig) -> tuple[DistInfo, torch.device, bool]:
+    """Join the process group of a torchrun launch (``WORLD_SIZE`` > 1) for ``config``'s device.
+
+    On GPU each process takes ``cuda:LOCAL_RANK`` (NCCL); on CPU the processes use gloo.
+    Without torchrun (or with one process) nothing is initialised.
+
+    :returns: this process's :class:`~normmatters.experiments.distributed.DistInfo`, its device,
+        and whether this call created the process group (and so should destroy it).
+    """
+    device = resolve_device(config.device)
+    if os.environ.get("WORLD_SIZE", "1") in ("", "1") and not is_distributed():
+        return DistInfo(device=device), device, False
+    created = not (dist.is_available() and dist.is_initialized())
+    if device.type == "cuda":
+        local = int(os.environ.get("LOCAL_RANK", "0") or 0) % torch.cuda.device_count()
+        if device.index is not None and device.index != local:
+            log.warning("device %s ignored: under torchrun process LOCAL_RANK=%d uses cuda:%d", device, local, local)
+        device = torch.device("cuda", local)
+    info = init_distributed(device=device)
+    return info, device, created and info.is_distributed
 
 
 # ---------------------------------------------------------------------------------------------
@@ -167,7 +217,12 @@ def build_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig, steps
 # ---------------------------------------------------------------------------------------------
 @dataclass
 class TrainState:
-    """What callbacks see. ``epoch`` is 1-based during an epoch; ``step`` counts optimizer steps."""
+    """What callbacks see. ``epoch`` is 1-based during an epoch; ``step`` counts optimizer steps.
+
+    In a multi-process run ``model`` is the module inside DDP (what is checkpointed),
+    ``train_loader``/``test_loader`` are this process's shards, ``loss`` and ``batch`` are this
+    process's, and ``rank``/``world_size`` say which process this is.
+    """
 
     config: TrainConfig
     model: nn.Module
@@ -188,6 +243,8 @@ class TrainState:
     scaler: Any = None
     train_loader: Any = None
     test_loader: Any = None
+    rank: int = 0
+    world_size: int = 1
 
     @property
     def lr(self) -> float:
@@ -227,9 +284,21 @@ def _to_device(x: torch.Tensor, device: torch.device, channels_last: bool) -> to
     return x
 
 
-@torch.no_grad()
 def evaluate(model: nn.Module, loader, device: torch.device, config: TrainConfig | None = None) -> dict[str, float]:
     """Mean loss and accuracy (token accuracy for a language model) of ``model`` over ``loader``."""
+    sums = _evaluate_sums(model, loader, device, config)
+    return _means(sums)
+
+
+def _means(sums: dict[str, float]) -> dict[str, float]:
+    if sums["count"] == 0:
+        return {"loss": float("nan"), "acc": float("nan")}
+    return {"loss": sums["loss_sum"] / sums["count"], "acc": sums["correct"] / sums["count"]}
+
+
+@torch.no_grad()
+def _evaluate_sums(model: nn.Module, loader, device: torch.device, config: TrainConfig | None = None) -> dict[str, float]:
+    """Summed loss, number correct and number of predictions over ``loader`` (summable over shards)."""
     config = config or TrainConfig()
     was_training = model.training
     model.eval()
@@ -247,9 +316,7 @@ def evaluate(model: nn.Module, loader, device: torch.device, config: TrainConfig
             count += n
     finally:
         model.train(was_training)
-    if count == 0:
-        return {"loss": float("nan"), "acc": float("nan")}
-    return {"loss": total_loss.item() / count, "acc": total_correct.item() / count}
+    return {"loss_sum": total_loss.item(), "correct": float(total_correct.item()), "count": float(count)}
 
 
 def _epoch_metrics(prefix: str, loss: float, acc: float, task: str) -> dict[str, float]:
@@ -277,6 +344,8 @@ def _environment(config: TrainConfig, device: torch.device) -> dict[str, Any]:
         "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
         "threads": torch.get_num_threads(),
         "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+        "world_size": dist.get_world_size() if is_distributed() else 1,
+        "backend": str(dist.get_backend()) if is_distributed() else None,
         "seed": config.seed,
         "argv": sys.argv,
     }
@@ -305,7 +374,7 @@ def train(
     :param config: the run's :class:`TrainConfig`.
     :param out_dir: run folder (``config.toml``, ``environment.json``, ``metrics.jsonl``,
         ``checkpoint.pt`` every epoch, ``loss.png``/``accuracy.png``/``lr.png``, ``summary.json``);
-        ``None`` writes nothing.
+        ``None`` writes nothing. In a multi-process run only rank 0 writes it.
     :param callbacks: objects with optional ``on_train_begin``/``on_step_end``/``on_epoch_end(state)``.
     :param model: a model to train instead of ``create_model(config.model, ...)``.
     :param optimizer_factory: ``(model, config) -> (optimizer, scheduler)``; a ``None`` scheduler
@@ -313,29 +382,97 @@ def train(
         optimizer step.
     :param model_transform: applied to the model after it is built (e.g. a norm conversion),
         before the optimizer is created.
-    :param progress: show tqdm progress bars.
+    :param progress: show tqdm progress bars (on rank 0 only).
     :param resume: ``True`` continues from ``out_dir/checkpoint.pt`` if it exists (else starts
         fresh); a path continues from that checkpoint. A resumed CPU run ends with the same
-        weights as an uninterrupted one.
+        weights as an uninterrupted one. Every process of a multi-process run reads the same
+        file (a folder all of them can read).
     :returns: summary: ``final_test_acc``, ``best_test_acc``, ``final_test_loss``,
-        ``final_train_loss``, ``wall_time`` (s), ``out_dir``, … (``final_test_bpc``/``_ppl`` for
-        language models).
+        ``final_train_loss``, ``wall_time`` (s), ``out_dir``, ``world_size``, … (``final_test_bpc``/
+        ``_ppl`` for language models); the same on every process.
     :raises ConfigError, DataNotFoundError, CheckpointError: bad input (the CLI exits 2 on these).
+
+    Under ``torchrun`` (``WORLD_SIZE`` > 1) the process group is joined here (and left at the end
+    if it was joined here); see the module's docstring for what is synchronized.
     """
     config.validate()
+    dinfo, device, created_group = init_process_group_for(config)
+    try:
+        return _train(config, out_dir, dinfo, device, callbacks=callbacks, model=model,
+                      optimizer_factory=optimizer_factory, model_transform=model_transform,
+                      progress=progress, resume=resume)
+    finally:
+        if created_group:
+            cleanup_distributed()
+
+
+def _global_batch_sizes(num_examples: int, batch_size: int, steps: int) -> list[int]:
+    """Examples in each step of an epoch of the one-process loader (``drop_last=False``)."""
+    return [min(batch_size, num_examples - i * batch_size) for i in range(steps)]
+
+
+def _batches(loader, steps: int) -> Iterable[Any]:
+    """The first ``steps`` batches of ``loader``; when a process's shard ends early (the last
+    global batch has fewer examples than there are processes), empty batches of the same
+    structure, so that every process takes part in every step's collectives."""
+    last = None
+    n = 0
+    for batch in itertools.islice(loader, steps):
+        last, n = batch, n + 1
+        yield batch
+    while n < steps and last is not None:
+        n += 1
+        yield tuple(t[:0] for t in last)
+
+
+def _train(
+    config: TrainConfig,
+    out_dir: str | os.PathLike | None,
+    dinfo: DistInfo,
+    device: torch.device,
+    *,
+    callbacks: Iterable[Any],
+    model: nn.Module | None,
+    optimizer_factory: Callable[[nn.Module, TrainConfig], tuple[torch.optim.Optimizer, Any]] | None,
+    model_transform: Callable[[nn.Module], nn.Module] | None,
+    progress: bool,
+    resume: bool | str | os.PathLike,
+) -> dict[str, Any]:
     t_setup = time.perf_counter()
     if config.threads > 0:
         torch.set_num_threads(config.threads)
-    device = resolve_device(config.device)
-    seed_everything(config.seed)
+    world, main = dinfo.world_size, dinfo.is_main
+    progress = progress and main
+    seed_everything(config.seed)  # the same seed everywhere: same initial model, same streams
 
     # -- data ---------------------------------------------------------------------------------
-    train_loader, test_loader, info = get_dataloaders(
-        config.dataset, batch_size=config.batch_size, eval_batch_size=config.eval_batch_size,
-        root=config.data_root, download=config.download, seed=config.seed, num_workers=config.num_workers,
-        pin_memory=device.type == "cuda", augment=config.augment, **config.dataset_kwargs,
-    )
+    if world > 1 and config.batch_size % world:
+        raise ConfigError(
+            f"batch_size: {config.batch_size} is the global batch and must be a multiple of the "
+            f"{world} processes (each takes batch_size / {world} examples per step)"
+        )
+    with main_process_first():  # a download or a cache is written once, by rank 0
+        train_loader, test_loader, info = get_dataloaders(
+            config.dataset, batch_size=config.batch_size, eval_batch_size=config.eval_batch_size,
+            root=config.data_root, download=config.download, seed=config.seed, num_workers=config.num_workers,
+            pin_memory=device.type == "cuda", augment=config.augment, **config.dataset_kwargs,
+        )
     task = info.task
+    # Steps are counted on the one-process loader: every process takes every step.
+    steps_per_epoch = len(train_loader)
+    if config.max_train_batches:
+        steps_per_epoch = min(steps_per_epoch, config.max_train_batches)
+    global_sizes = _global_batch_sizes(len(train_loader.dataset), config.batch_size, steps_per_epoch)
+    eval_loader = test_loader
+    if world > 1:
+        if len(train_loader.dataset) < world:
+            raise ConfigError(f"dataset {config.dataset!r}: {len(train_loader.dataset)} training examples "
+                              f"cannot be shared by {world} processes")
+        # Process r takes positions r, r + N, … of the one-process order: step i of the N
+        # processes together is step i of one process with the global batch. No padding, so no
+        # example is seen twice; shards of the last step may differ in size.
+        train_loader = shard_loader(train_loader, batch_size=config.batch_size // world, pad=False)
+        eval_loader = shard_loader(test_loader, pad=False)
 
     # -- model --------------------------------------------------------------------------------
     if model is None:
@@ -362,12 +499,14 @@ def train(
     model = model.to(device)
     if config.channels_last and info.input_dims == 2:
         model = model.to(memory_format=torch.channels_last)
+    if world > 1 and getattr(config, "sync_bn", True):
+        from ..convert.sync import convert_sync_lp_batchnorm
+
+        # Statistics over the global batch, as one process computes them (same state-dict keys).
+        model = convert_sync_lp_batchnorm(model)
     n_params = sum(p.numel() for p in model.parameters())
 
     # -- optimizer and schedule ---------------------------------------------------------------
-    steps_per_epoch = len(train_loader)
-    if config.max_train_batches:
-        steps_per_epoch = min(steps_per_epoch, config.max_train_batches)
     if optimizer_factory is not None:
         optimizer, scheduler = optimizer_factory(model, config)
         if scheduler is None:
@@ -377,10 +516,15 @@ def train(
         scheduler = build_scheduler(optimizer, config, steps_per_epoch)
     use_scaler = config.amp and device.type == "cuda" and config.amp_dtype == "float16"
     scaler = torch.amp.GradScaler("cuda") if use_scaler else None
-    forward = torch.compile(model) if config.compile else model
+    # DDP averages the gradients over the processes; the model inside it is what is evaluated,
+    # checkpointed and shown to callbacks.
+    wrapped = wrap_ddp(model, sync_batchnorm=False) if world > 1 else model
+    forward = torch.compile(wrapped) if config.compile else wrapped
+    eval_forward = forward if world == 1 else (torch.compile(model) if config.compile else model)
 
     state = TrainState(config=config, model=model, optimizer=optimizer, scheduler=scheduler, info=info,
-                       device=device, scaler=scaler, train_loader=train_loader, test_loader=test_loader)
+                       device=device, scaler=scaler, train_loader=train_loader, test_loader=eval_loader,
+                       rank=dinfo.rank, world_size=world)
 
     # -- run folder and resume ----------------------------------------------------------------
     out = Path(out_dir) if out_dir is not None else None
@@ -392,11 +536,12 @@ def train(
             ckpt_path = out / CHECKPOINT_NAME
         else:
             ckpt_path = Path(resume)
-        if resume is not True or ckpt_path.is_file():
+        # Rank 0 decides, so that every process resumes or none does.
+        if broadcast_object(resume is not True or ckpt_path.is_file()):
             start_epoch = _restore(state, load_checkpoint(ckpt_path), ckpt_path) + 1
         else:
             log.warning("no checkpoint in %s; starting a fresh run", out)
-    if out is not None:
+    if out is not None and main:
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out / "config.toml", config.to_toml())
         atomic_write_text(out / "environment.json", json.dumps(_environment(config, device), indent=2) + "\n")
@@ -404,9 +549,11 @@ def train(
         # The log is rewritten from the checkpoint's history, so it never holds an epoch the
         # checkpoint does not (a crash between the two writes would otherwise leave one).
         _write_metrics(out / METRICS_NAME, state.history)
+    barrier()
 
-    log.info("%s on %s with norm %s: %d parameters, %d steps/epoch, device %s, %d threads",
-             config.model, config.dataset, config.norm, n_params, steps_per_epoch, device, torch.get_num_threads())
+    log.info("%s on %s with norm %s: %d parameters, %d steps/epoch, device %s, %d threads, %d process(es)",
+             config.model, config.dataset, config.norm, n_params, steps_per_epoch, device, torch.get_num_threads(),
+             world)
     _call(callbacks, "on_train_begin", state)
 
     # -- epochs -------------------------------------------------------------------------------
@@ -421,20 +568,29 @@ def train(
         state.epoch = epoch
         state.metrics = {}
         set_loader_epoch(train_loader, epoch)
-        model.train()
+        wrapped.train()
         t_epoch = time.perf_counter()
         sum_loss = torch.zeros((), dtype=torch.float64, device=device)
         sum_correct = torch.zeros((), dtype=torch.int64, device=device)
         count = 0
-        bar = tqdm(train_loader, total=steps_per_epoch, desc=f"epoch {epoch}/{config.epochs}", leave=False,
-                   disable=not progress, dynamic_ncols=True)
+        bar = tqdm(_batches(train_loader, steps_per_epoch), total=steps_per_epoch, desc=f"epoch {epoch}/{config.epochs}",
+                   leave=False, disable=not progress, dynamic_ncols=True)
         for i, (x, y) in enumerate(bar):
-            if config.max_train_batches and i >= config.max_train_batches:
-                break
             x, y = _to_device(x, device, config.channels_last), y.to(device, non_blocking=True)
             with _autocast(config, device):
                 logits = forward(x)
-            loss, correct, n = _loss_and_correct(logits, y, config.label_smoothing)
+            if world == 1:
+                loss, correct, n = _loss_and_correct(logits, y, config.label_smoothing)
+                step_loss = loss.detach()
+                local_loss_sum = step_loss.double() * n
+            else:
+                # This process's share of the global batch's mean loss, times N because DDP
+                # averages the N gradients: the step is the one-process step on the global batch.
+                loss_sum, correct, n = _loss_and_correct(logits, y, config.label_smoothing, reduction="sum")
+                per_example = n // len(y) if len(y) else 1  # tokens per sequence for a language model
+                loss = loss_sum * (world / (global_sizes[i] * per_example))
+                local_loss_sum = loss_sum.detach().double()
+                step_loss = (local_loss_sum / max(n, 1)).float()  # this process's mean
             optimizer.zero_grad(set_to_none=True)
             if scaler is not None:
                 scaler.scale(loss).backward()
@@ -451,37 +607,47 @@ def train(
             if scheduler is not None:
                 scheduler.step()
             state.step += 1
-            state.loss, state.batch = loss.detach(), (x, y)
-            sum_loss += loss.detach().double() * n
+            state.loss, state.batch = step_loss, (x, y)
+            sum_loss += local_loss_sum
             sum_correct += correct
             count += n
             if state.step % lr_every == 0:
                 state.lr_history.append([state.step, state.lr])
             _call(callbacks, "on_step_end", state)
             if progress and (i % 10 == 0):
-                bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+                bar.set_postfix(loss=f"{state.loss.item():.3f}", refresh=False)
         bar.close()
-        train_loss = sum_loss.item() / max(count, 1)
+        totals = all_reduce_metrics({"loss_sum": sum_loss, "correct": sum_correct, "count": count}, op="sum")
+        train_loss = totals["loss_sum"] / max(totals["count"], 1)
         if not math.isfinite(train_loss):
             log.warning("epoch %d: training loss is %s", epoch, train_loss)
         metrics: dict[str, Any] = {"epoch": epoch, "step": state.step, "lr": state.lr}
-        metrics.update(_epoch_metrics("train", train_loss, sum_correct.item() / max(count, 1), task))
+        metrics.update(_epoch_metrics("train", train_loss, totals["correct"] / max(totals["count"], 1), task))
         if epoch % config.eval_every == 0 or epoch == config.epochs:
-            ev = evaluate(forward, test_loader, device, config)
+            if world > 1:
+                # Layers left unsynchronized (ghost or mean-only batch norms) evaluate with rank
+                # 0's running statistics, the ones the checkpoint holds.
+                broadcast_buffers(model)
+            sums = all_reduce_metrics(_evaluate_sums(eval_forward, eval_loader, device, config), op="sum")
+            ev = _means(sums)
             metrics.update(_epoch_metrics("test", ev["loss"], ev["acc"], task))
         metrics["epoch_time"] = time.perf_counter() - t_epoch
         metrics["elapsed"] = time.perf_counter() - t0
         state.metrics = metrics
         _call(callbacks, "on_epoch_end", state)  # callbacks may add to state.metrics
+        if world > 1:  # a stop asked for by any process stops them all
+            state.should_stop = bool(all_reduce_metrics({"stop": float(state.should_stop)}, op="max")["stop"])
         state.history.append(dict(state.metrics))
         state.elapsed = time.perf_counter() - t0
-        if out is not None:
+        if out is not None and main:
             if config.checkpoint:
                 save_checkpoint(out / CHECKPOINT_NAME, _checkpoint_payload(state))
             append_jsonl(out / METRICS_NAME, state.history[-1])
+        barrier()  # the others go on once the checkpoint of this epoch is on disk
         if progress:
             epochs_bar.set_postfix(_postfix(state.history[-1], task), refresh=True)
-        log.info("epoch %d: %s", epoch, _postfix(state.history[-1], task))
+        if main:
+            log.info("epoch %d: %s", epoch, _postfix(state.history[-1], task))
         if state.should_stop:
             break
     epochs_bar.close()
@@ -489,7 +655,7 @@ def train(
 
     # -- summary ------------------------------------------------------------------------------
     summary = _summary(state, task, wall, n_params, time.perf_counter() - t_setup, out)
-    if out is not None:
+    if out is not None and main:
         atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
         if config.plots and state.history:
             from .plots import plot_run
@@ -498,6 +664,7 @@ def train(
                 plot_run(state.history, state.lr_history, out, task=task)
             except Exception as exc:  # a plotting backend problem must not lose a finished run
                 log.warning("could not write plots: %s", exc)
+    barrier()
     return summary
 
 
@@ -515,6 +682,9 @@ def _checkpoint_payload(state: TrainState) -> dict[str, Any]:
         "scheduler": state.scheduler.state_dict() if hasattr(state.scheduler, "state_dict") else None,
         "scaler": state.scaler.state_dict() if state.scaler is not None else None,
         "rng": rng_state(),
+        # Every process draws the same stream on its own GPU; rank 0's is the one to restore.
+        "rng_device": torch.cuda.get_rng_state(state.device) if state.device.type == "cuda" else None,
+        "world_size": state.world_size,
         "config": state.config.to_dict(),
         "history": state.history,
         "lr_history": state.lr_history,
@@ -538,6 +708,8 @@ def _restore(state: TrainState, ckpt: dict[str, Any], path: Path) -> int:
         if ckpt.get("scaler") is not None and state.scaler is not None:
             state.scaler.load_state_dict(ckpt["scaler"])
         set_rng_state(ckpt["rng"])
+        if ckpt.get("rng_device") is not None and state.device.type == "cuda":
+            torch.cuda.set_rng_state(ckpt["rng_device"], state.device)
     except (KeyError, RuntimeError, ValueError) as exc:
         msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CheckpointError(f"checkpoint {path} does not match this run's model or optimizer ({msg})") from exc
@@ -562,6 +734,7 @@ def _summary(state: TrainState, task: str, wall: float, n_params: int, total: fl
         "final_test_loss": last.get("test_loss"), "final_test_acc": last.get("test_acc"),
         "wall_time": wall, "time_per_epoch": wall / max(1, len(hist)), "setup_and_train_time": total,
         "params": n_params, "device": str(state.device), "threads": torch.get_num_threads(),
+        "world_size": state.world_size,
         "out_dir": str(out) if out is not None else None,
     }
     if evaluated:

@@ -1066,18 +1066,22 @@ def split_param_groups(
         model: the network.
         invariant: the result of :func:`scale_invariant_parameters` (or parameter names).
         weight_decay: the weight-decay coefficient λ.
-        decay: ``"all"`` — λ on every parameter (the paper's *WD on*); ``"last_layer"`` — λ on
-            the last layer only (*WD off*, the paper keeps it on the classifier, which no
-            normalization follows); ``"none"`` — no weight decay at all.
+        decay: ``"all"`` — λ on every parameter (the paper's *WD on*); ``"invariant"`` — λ on
+            the scale-invariant weights and the last layer, none on normalization gains, biases
+            and the rest (the common "no decay on norm and bias" practice; it isolates the weight
+            decay that acts only through the effective LR); ``"last_layer"`` — λ on the last
+            layer only (*WD off*, the paper keeps it on the classifier, which no normalization
+            follows); ``"none"`` — no weight decay at all.
         last_layer: names of the last layer's parameters; default
             :func:`last_layer_parameters`.
 
     Returns:
         A list of up to three groups: scale-invariant weights, last layer, the rest.
     """
-    if decay not in ("all", "last_layer", "none"):
+    if decay not in ("all", "invariant", "last_layer", "none"):
         raise ValueError(
-            f"split_param_groups: decay must be 'all', 'last_layer' or 'none', got {decay!r}"
+            "split_param_groups: decay must be 'all', 'invariant', 'last_layer' or 'none', got "
+            f"{decay!r}"
         )
     inv = set(invariant.keys() if isinstance(invariant, Mapping) else invariant)
     params = dict(model.named_parameters())
@@ -1085,7 +1089,7 @@ def split_param_groups(
     if unknown:
         raise ValueError(f"split_param_groups: not parameters of the model: {sorted(unknown)}")
     last = set(last_layer_parameters(model) if last_layer is None else last_layer) - inv
-    wd_inv = weight_decay if decay == "all" else 0.0
+    wd_inv = weight_decay if decay in ("all", "invariant") else 0.0
     wd_last = 0.0 if decay == "none" else weight_decay
     wd_rest = weight_decay if decay == "all" else 0.0
     buckets: list[tuple[list[str], float, bool]] = [

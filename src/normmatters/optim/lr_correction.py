@@ -24,13 +24,14 @@ Optimizers:
   with it: without weight decay the norm of a channel with a large effective rate grows each
   step, the buffer still holds gradients from when the norm was smaller (a gradient scales as
   1/‖w‖), the current ratio (∝ ‖w‖²) amplifies them, the norm grows faster — once it grows by
-  more than 1/μ per step the channel diverges (the NaN one reproduction of the paper reported).
-  Corrected gradients keep that feedback negative.
+  more than 1/μ per step the channel diverges to NaN. Corrected gradients keep the step
+  bounded by the reference's rate.
 * Adam / AdamW: Adam divides the gradient by its running RMS, so its step does not shrink when
   the gradient does and ``η/‖w‖²`` does not describe it; the angular step is ``∝ η/‖w‖``.
   The matching correction is ``η̂_i = η·‖w_i‖/‖w_ref,i‖`` (exponent 1), applied automatically
-  for the Adam family (``power=1``), to the update (scaling Adam's gradient changes nothing). Use it against a reference recorded with AdamW (decoupled
-  weight decay); a reference from SGD says nothing about Adam's step size.
+  for the Adam family (``power=1``), to the update (scaling Adam's gradient changes nothing).
+  Use it against a reference recorded with AdamW (decoupled weight decay); a reference from
+  SGD says nothing about Adam's step size.
 * Other optimizers: pass ``power`` explicitly or a :class:`TypeError` is raised.
 
 Exactness. The paper's ratio matches the effective rate ``η/‖w_ref‖²`` of the weights *before*
@@ -40,16 +41,25 @@ direction moves by ``η/((1-ηλ)‖w‖²)``: passing ``reference_shrink=ηλ``
 rounding, for the scale-invariant weights, when every other parameter is trained alike). The
 default (``0``) is the paper's formula, which differs by ``O(ηλ)`` per step.
 
-Large ratios. Without weight decay the corrected weights' norms keep growing (their effective
-rate is the reference's, high, while nothing shrinks them), so the ratio grows too; that is
-intended, but a reference channel whose norm collapsed makes it huge. ``max_scale`` caps it.
+Large ratios and divergence. Without weight decay the corrected weights' norms keep growing
+(their effective rate is the reference's, high, while nothing shrinks them), so the ratio grows
+too; that is intended. The correction matches effective learning rates, not gradients: if the
+corrected run's gradients are larger than the reference's — because the reference also decayed
+the normalization gains, which scale every gradient that reaches the weights before them, or
+because a channel that died (and decayed towards zero, η/‖w_ref‖² → ∞) in the reference is alive
+here — its angular steps are larger, its norms grow ever faster and the run can end in NaN (one
+reproduction of the paper reported NaN for this experiment; decay the same parameters in the
+reference as the claim concerns, ``split_param_groups(..., decay="invariant")``).
+``reference_floor=f`` floors each reference channel norm at ``f`` times the root-mean-square
+channel norm of its layer at that step (a deviation from the paper's formula for such channels
+only); ``max_scale`` caps the ratio itself.
 
 Example::
 
     inv = scale_invariant_parameters(model, x)
     opt = torch.optim.SGD(split_param_groups(model, inv, weight_decay=5e-4,
                                              decay="last_layer"), lr=0.1, momentum=0.9)
-    corr = LRCorrection(opt, inv, ReferenceNorms.from_jsonl("wd_on/norms.jsonl"))
+    corr = LRCorrection(opt, inv, ReferenceNorms.load("wd_on/reference_norms.pt"))
     ...  # train as usual: the correction runs inside opt.step()
 """
 
@@ -104,6 +114,8 @@ class LRCorrection:
             for a scheduled LR); the ratio is divided by ``1 - ηλ`` (see "Exactness").
         require_no_weight_decay: refuse scale-invariant weights in groups with weight decay
             (the correction replaces weight decay; both at once double-count it).
+        reference_floor: floor of each reference channel norm, as a fraction of its layer's
+            root-mean-square channel norm at the same step (``None``: the paper's formula).
         apply_to: ``"gradient"`` (scale the gradient before the step; SGD's default),
             ``"update"`` (scale the step the optimizer made; the default for the others) or
             ``"auto"``.
@@ -122,6 +134,7 @@ class LRCorrection:
         reference_shrink: float | Callable[[int], float] = 0.0,
         require_no_weight_decay: bool = True,
         apply_to: str = "auto",
+        reference_floor: float | None = None,
     ) -> None:
         who = "LRCorrection"
         check_optimizer(optimizer, who)
@@ -137,6 +150,9 @@ class LRCorrection:
         self.min_scale = min_scale
         self.num_steps = int(step_offset)
         self.reference_shrink = reference_shrink
+        if reference_floor is not None and not 0 <= reference_floor <= 1:
+            raise ValueError(f"{who}: reference_floor must be in [0, 1], got {reference_floor!r}")
+        self.reference_floor = reference_floor
         if apply_to not in ("auto", "gradient", "update"):
             raise ValueError(f"{who}: apply_to must be 'auto', 'gradient' or 'update', got {apply_to!r}")
         if apply_to == "auto":
@@ -172,7 +188,10 @@ class LRCorrection:
         reference at ``step`` (default: the next update's)."""
         info = self.invariant[name]
         t = self.num_steps if step is None else step
-        ref = reference_group_norms(self.reference.at(name, t), info.groups)
+        ch = self.reference.at(name, t)
+        if self.reference_floor:
+            ch = ch.clamp_min(self.reference_floor * float(ch.pow(2).mean().sqrt()))
+        ref = reference_group_norms(ch, info.groups)
         cur = info.group_norms().double()
         s = (cur / ref.clamp_min(1e-300)) ** self.power
         shrink = self.reference_shrink(t) if callable(self.reference_shrink) else self.reference_shrink

@@ -3,7 +3,8 @@ r"""Claim C1: weight decay acts only through the effective learning rate (SPEC �
 The experiment of the paper's Figure 1, four runs from the same seed on real data:
 
 =========================  =================================================================
-``wd_on``                  SGD with weight decay λ on every parameter and a step LR schedule
+``wd_on``                  SGD with weight decay λ on the scale-invariant weights and the last
+                           layer (``wd_on_decay="all"``: every parameter), a step LR schedule
 ``wd_off``                 the same with weight decay on the last layer only
 ``wd_off_lr_correction``   ``wd_off`` + the per-channel LR correction
                            η̂ = η·‖w_i‖²/‖w_i,ref‖², ``w_ref`` the ``wd_on`` run's weights at the
@@ -26,8 +27,8 @@ The paper (VGG / ResNet on CIFAR-10): the corrected and the norm-scheduled runs 
 correction.
 
 Embedded scale: a narrow 1-D ResNet-8 on MNIST-1D (4000 train / 1000 test sequences), sized to
-run in well under a minute per run on two CPU cores; ``scale="paper"``: ResNet-56 on CIFAR-10 (the data must
-be on disk, see ``normmatters reproduce --help``).
+run in well under a minute per run on two CPU cores; ``scale="paper"``: ResNet-56 on CIFAR-10
+(the data must be on disk, see ``normmatters reproduce --help``).
 """
 
 from __future__ import annotations
@@ -62,6 +63,18 @@ __all__ = ["run", "RUNS", "LABELS", "SETTINGS"]
 
 log = logging.getLogger(__name__)
 
+#: ``reference_floor`` of the correction (None: the paper's formula). A floor such as 0.1 keeps
+#: channels that die under weight decay in the reference (norm → 0, effective LR → ∞) from
+#: making the corrected run diverge where the same channel is alive.
+CORRECTION_FLOOR: float | None = None
+
+#: What the WD-on run decays. Decaying the batch-norm gains too (``"all"``, as the paper's WD
+#: on) shrinks the gradients that reach the scale-invariant weights in the WD-on run only: the
+#: corrected run then takes larger angular steps at the same effective LR, its norms grow
+#: ever faster and (on the embedded scale, one seed in three) it ends in NaN. Decaying exactly the
+#: weights the claim is about, and the classifier, compares like with like.
+WD_ON_DECAY = "invariant"
+
 RUNS = ("wd_on", "wd_off", "wd_off_lr_correction", "norm_schedule")
 LABELS = {
     "wd_on": "WD on",
@@ -72,7 +85,7 @@ LABELS = {
 
 #: Settings per scale (the TrainConfig fields that differ from its defaults).
 SETTINGS: dict[str, dict[str, Any]] = {
-    # A narrow ResNet-8 (widths 8/16/32, 7 convolutions + classifier) without augmentation:
+    # A narrow ResNet-8 (widths 8/16/32: 9 convolutions + classifier) without augmentation:
     # ~10 s of CPU per run. λ = 1e-2 is larger than CIFAR's 5e-4 so that the norms approach
     # their weight-decay equilibrium (after ~1/(2ηλ) = 500 steps) within the 960 steps of the
     # run: otherwise weight decay has no time to act and WD off cannot differ.
@@ -147,6 +160,8 @@ class _Run:
     epochs: list[dict[str, Any]] = field(default_factory=list)
     log_path: Path | None = None
     optimizer: torch.optim.Optimizer | None = None
+    correction_floor: float | None = None
+    wd_on_decay: str = "invariant"
 
     # -- optimizer_factory(model, config) -> (optimizer, scheduler) ---------------------------
     def optimizer_factory(self, model: nn.Module, config: TrainConfig):
@@ -154,7 +169,7 @@ class _Run:
 
         self.invariant = scale_invariant_parameters(model, self.example.to(
             next(model.parameters()).device))
-        decay = "all" if self.name == "wd_on" else "last_layer"
+        decay = self.wd_on_decay if self.name == "wd_on" else "last_layer"
         groups = split_param_groups(model, self.invariant, weight_decay=config.weight_decay,
                                     decay=decay)
         opt = torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum,
@@ -174,7 +189,8 @@ class _Run:
             return opt, _CompositeScheduler(lr_sched, norm_sched)
         if self.name == "wd_off_lr_correction":
             assert self.reference is not None
-            self.correction = LRCorrection(opt, self.invariant, self.reference)
+            self.correction = LRCorrection(opt, self.invariant, self.reference,
+                                           reference_floor=self.correction_floor)
         return opt, torch.optim.lr_scheduler.LambdaLR(opt, f)
 
     # -- callbacks -----------------------------------------------------------------------------
@@ -268,6 +284,8 @@ def run(
     progress: bool = True,
     overrides: Mapping[str, Any] | None = None,
     runs: tuple[str, ...] | None = None,
+    correction_floor: float | None = CORRECTION_FLOOR,
+    wd_on_decay: str = WD_ON_DECAY,
 ) -> dict[str, Any]:
     """Run claim C1's four runs for each seed and write the results under ``out_dir``.
 
@@ -278,6 +296,13 @@ def run(
     :param progress: tqdm bars.
     :param overrides: TrainConfig fields to change (e.g. ``{"epochs": 5}`` for a smoke test).
     :param runs: a subset of :data:`RUNS` (``wd_on`` is added when a run needs its reference).
+    :param correction_floor: :class:`~normmatters.optim.LRCorrection`'s ``reference_floor``
+        (``None``: the paper's formula, which can diverge on channels that died in the
+        reference run).
+    :param wd_on_decay: what the WD-on run decays (see
+        :func:`~normmatters.optim.split_param_groups`): ``"invariant"`` (default; the
+        scale-invariant weights and the classifier) or ``"all"`` (every parameter, normalization
+        gains included, as the paper's WD on).
     :returns: ``{"claim": "C1", "rows": [...], "figures": [...], "notes": str, "table": str}``;
         a row per (run, seed) with ``test_acc`` (final), ``best_test_acc``, ``final_train_loss``,
         ``inv_weight_norm`` (median channel norm of the scale-invariant weights),
@@ -309,7 +334,8 @@ def run(
         reference: ReferenceNorms | None = None
         for name in names:
             run_dir = out / f"{name}-s{seed}"
-            r = _Run(name, example, spe, reference=reference)
+            r = _Run(name, example, spe, reference=reference, correction_floor=correction_floor,
+                     wd_on_decay=wd_on_decay)
             r.log_path = run_dir / "norms.jsonl"
             if r.log_path.exists():
                 r.log_path.unlink()  # a fresh run: never append to an old log
@@ -343,7 +369,8 @@ def run(
                     "correction and norm scheduling")
         figures.append(str(fig.relative_to(out)))
     table = _table(rows)
-    notes = _notes(rows, _config(scale, seeds[0], overrides or {}), time.perf_counter() - t_all)
+    notes = _notes(rows, _config(scale, seeds[0], overrides or {}), time.perf_counter() - t_all,
+                   correction_floor, wd_on_decay)
     result = {"claim": "C1", "rows": rows, "figures": figures, "notes": notes, "table": table}
     atomic_write_text(out / "c1.json", json.dumps(result, indent=1, default=str) + "\n")
     atomic_write_text(out / "c1.md", f"# Claim C1\n\n{table}\n\n{notes}\n\n"
@@ -366,7 +393,8 @@ def _table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def _notes(rows: list[dict[str, Any]], config: TrainConfig, wall: float) -> str:
+def _notes(rows: list[dict[str, Any]], config: TrainConfig, wall: float,
+           correction_floor: float | None, wd_on_decay: str) -> str:
     by: dict[str, list[float]] = {}
     for r in rows:
         if r["test_acc"] is not None:
@@ -376,8 +404,15 @@ def _notes(rows: list[dict[str, Any]], config: TrainConfig, wall: float) -> str:
         f"{config.model} on {config.dataset}, batch {config.batch_size}, SGD lr {config.lr} momentum "
         f"{config.momentum}, weight decay {config.weight_decay}, {config.epochs} epochs, LR × "
         f"{config.lr_gamma} at epochs {config.lr_milestones}. Same seed and data order in every run.",
-        "WD on decays every parameter; WD off decays only the last layer; the correction and the "
+        ("WD on decays every parameter" if wd_on_decay == "all" else
+         "WD on decays the scale-invariant weights and the last layer (not the normalization gains "
+         "and biases)") + "; WD off decays only the last layer; the correction and the "
         "norm schedule use the WD-on run's per-step, per-channel norms as reference.",
+        "The correction scales the gradients (momentum stays stable)"
+        + (f" and floors each reference channel norm at {correction_floor} × its layer's RMS "
+           "channel norm (channels that die under weight decay would otherwise get an unbounded "
+           "effective LR and make the run diverge)." if correction_floor else
+           "; the paper's formula without a floor on dead reference channels."),
     ]
     if set(mean) == set(RUNS):
         parts.append(

@@ -657,7 +657,9 @@ def render_report(results: dict[str, dict[str, Any]], meta: dict[str, Any], root
     L.append(f"Command: `{meta.get('command', 'normmatters reproduce')}`  ")
     jobs = meta.get("jobs", 1)
     L.append(f"Finished: {meta.get('finished', '—')}; seeds: {', '.join(map(str, meta.get('seeds', [])))}; "
-             f"{jobs} claim{'s' if jobs != 1 else ''} at a time; total wall time "
+             f"{jobs} claim{'s' if jobs != 1 else ''} at a time"
+             + (f" ({meta['threads_per_job']} torch thread(s) each)" if meta.get("threads_per_job") else "")
+             + "; total wall time "
              f"{_fmt_seconds(meta.get('wall_time'))} (this invocation; a reused claim counts its original time "
              "below).")
     L.append("")

@@ -20,6 +20,7 @@ Example::
 
 from __future__ import annotations
 
+import random
 from collections.abc import Callable
 from functools import partial
 from typing import Any
@@ -45,6 +46,7 @@ __all__ = [
     "TokenDataset",
     "ImageFolder",
     "EpochSampler",
+    "ExampleSeededDataset",
     "default_corpus",
     "cache_dir",
 ]
@@ -97,6 +99,64 @@ def get_dataset_info(name: str, *, root: str | None = None, download: bool = Fal
     return test_info
 
 
+def _mix(*values: int) -> int:
+    """A 63-bit seed from integers (SplitMix64 steps): nearby inputs give unrelated seeds."""
+    h = 0x9E3779B97F4A7C15
+    for v in values:
+        h = (h ^ (int(v) & 0xFFFFFFFFFFFFFFFF)) * 0xBF58476D1CE4E5B9 & 0xFFFFFFFFFFFFFFFF
+        h = (h ^ (h >> 31)) * 0x94D049BB133111EB & 0xFFFFFFFFFFFFFFFF
+        h ^= h >> 29
+    return h >> 1
+
+
+class ExampleSeededDataset(Dataset):
+    """A dataset whose random augmentation of example ``i`` in epoch ``e`` depends only on
+    ``(seed, e, i)``.
+
+    Each access seeds torch's CPU generator and Python's :mod:`random` from
+    ``(seed, epoch, index)``, reads the wrapped dataset, and puts both generators back, so the
+    caller's random streams are untouched. An example is then augmented the same way whichever
+    process, data-loader worker or position in the batch reads it: an N-process run that shards
+    the one-process order (:func:`~normmatters.experiments.distributed.shard_loader`) sees
+    exactly the augmented examples of the one-process run, and a resumed run those of an
+    uninterrupted one. :func:`set_loader_epoch` sets the epoch. Other attributes are those of
+    the wrapped dataset.
+
+    Example::
+
+        >>> ds = ExampleSeededDataset(get_dataset("mnist1d", augment=True), seed=0)
+        >>> ds.set_epoch(3)
+        >>> torch.equal(ds[7][0], ds[7][0])
+        True
+    """
+
+    def __init__(self, dataset: Dataset, seed: int = 0) -> None:
+        self.dataset, self.seed, self.epoch = dataset, int(seed), 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int):
+        gen = torch.default_generator  # the CPU generator only: CUDA streams stay as they are
+        torch_state, py_state = gen.get_state(), random.getstate()
+        seed = _mix(self.seed, self.epoch, index)
+        gen.manual_seed(seed)
+        random.seed(seed)
+        try:
+            return self.dataset[index]
+        finally:
+            gen.set_state(torch_state)
+            random.setstate(py_state)
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "dataset":  # not set yet (unpickling in a worker): no recursion
+            raise AttributeError(name)
+        return getattr(self.dataset, name)
+
+
 def get_dataloaders(
     name: str,
     *,
@@ -113,9 +173,13 @@ def get_dataloaders(
     """Training and test loaders of ``name`` and its :class:`DatasetInfo`.
 
     The training loader shuffles with an :class:`EpochSampler` (order a function of ``seed`` and
-    the epoch; call :func:`set_loader_epoch` before each epoch); the test loader does not shuffle.
+    the epoch; call :func:`set_loader_epoch` before each epoch); with ``augment=True`` its
+    dataset is an :class:`ExampleSeededDataset`, so the augmentation of an example is a function
+    of ``seed``, the epoch and the example's index alone. The test loader does not shuffle.
     """
     train_ds, info = _load(name, root, True, download, kwargs)
+    if kwargs.get("augment"):
+        train_ds = ExampleSeededDataset(train_ds, seed)
     test_ds, test_info = _load(name, root, False, download, {k: v for k, v in kwargs.items() if k != "augment"})
     info.train_size, info.test_size = len(train_ds), len(test_ds)
     if batch_size < 1:
@@ -130,10 +194,19 @@ def get_dataloaders(
 
 
 def set_loader_epoch(loader: DataLoader, epoch: int) -> None:
-    """Make a loader's next pass the one of ``epoch``: its sampler's order and its worker seeds."""
+    """Make a loader's next pass the one of ``epoch``: its sampler's order, its dataset's
+    augmentation (:class:`ExampleSeededDataset`) and its worker seeds.
+
+    A sharded loader (:func:`~normmatters.experiments.distributed.shard_loader`) passes the
+    epoch on to the sampler it shards, whose seed then seeds the workers as in one process.
+    """
     sampler = getattr(loader, "sampler", None)
     if hasattr(sampler, "set_epoch"):
         sampler.set_epoch(epoch)
+    dataset = getattr(loader, "dataset", None)
+    if isinstance(dataset, ExampleSeededDataset):
+        dataset.set_epoch(epoch)
+    base = getattr(sampler, "base", sampler)  # ShardedSampler -> the order it shards
     gen = getattr(loader, "generator", None)
-    if isinstance(gen, torch.Generator) and isinstance(sampler, EpochSampler):
-        gen.manual_seed((sampler.seed * 1_000_003 + epoch + 7919) % (2**63))
+    if isinstance(gen, torch.Generator) and isinstance(base, EpochSampler):
+        gen.manual_seed((base.seed * 1_000_003 + epoch + 7919) % (2**63))
