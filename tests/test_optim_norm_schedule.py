@@ -283,3 +283,32 @@ def test_reference_norm_schedule_is_stable_with_momentum() -> None:
         assert torch.isfinite(opt.state[i.param]["momentum_buffer"]).all()
         want = ref.norms[n][0].pow(2).reshape(i.groups, -1).sum(1).sqrt()
         torch.testing.assert_close(i.group_norms().double(), want)
+
+
+def test_running_statistics_follow_the_weights() -> None:
+    # With model=, a norm jump leaves the evaluation-mode function unchanged: the batch norms
+    # after bias-free convolutions get running mean × r and variance × r².
+    model = nn.Sequential(
+        nn.Conv2d(1, 6, 3, padding=1, bias=False), nn.BatchNorm2d(6, eps=1e-30), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 4),
+    ).double()
+    data, loss_fn = make_data(), nn.CrossEntropyLoss()
+    inv = scale_invariant_parameters(model, data[0][0])
+    opt = torch.optim.SGD(split_param_groups(model, inv, weight_decay=0.0, decay="none"),
+                          lr=0.05, momentum=0.9)
+    sched = NormSchedule(opt, inv, lambda t: 1.0 if t < 3 else 0.1, model=model)
+    for t in range(3):
+        xb, yb = data[t]
+        opt.zero_grad()
+        loss_fn(model(xb), yb).backward()
+        opt.step()
+        if t < 2:
+            sched.step()
+    model.eval()
+    with torch.no_grad():
+        before = model(data[0][0])
+        sched.step()  # the weights jump by √10
+        after = model(data[0][0])
+    assert float(model[0].weight.detach().norm()) > 0
+    torch.testing.assert_close(after, before, rtol=1e-10, atol=1e-12)
+    assert sched.history[-1]["weight_scale"] == pytest.approx(10**0.5)

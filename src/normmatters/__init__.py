@@ -17,6 +17,7 @@ from .convert import (
     to_weight_normalized,
 )
 from .deploy import fold_norms, freeze_norms, unfreeze_norms
+from .optim import LRCorrection, NormSchedule, NormTracker, ReferenceNormSchedule, scale_invariant_parameters
 from .parametrizations import bounded_weight_norm, lp_weight_norm, remove_weight_norm, weight_norm
 from .functional import C_L1, lp_constant, paper_constant, topk_constant
 from .nn import (
@@ -50,6 +51,11 @@ __all__ = [
     "bounded_weight_norm",
     "remove_weight_norm",
     "to_weight_normalized",
+    "scale_invariant_parameters",
+    "NormTracker",
+    "LRCorrection",
+    "NormSchedule",
+    "ReferenceNormSchedule",
     "C_L1",
     "lp_constant",
     "paper_constant",

@@ -7,6 +7,10 @@
     normmatters train --config runs/x/config.toml --epochs 60 --out runs/y
     normmatters train --out runs/y --resume                # continue a run, exactly
     normmatters train --set norm_kwargs.constant='"paper"' --norm linf
+    torchrun --nproc_per_node=4 -m normmatters train --preset cifar10_resnet56   # 4 GPUs, DDP
+
+Under ``torchrun`` every process runs the command; they train one model together (see
+:mod:`normmatters.experiments.trainer`), rank 0 writes the run folder and prints the summary.
 
 Bad input (unknown model, dataset, norm or config key, a missing data folder, a damaged
 checkpoint) ends with one line on stderr and exit status 2. ``reproduce`` and ``bench`` are
@@ -93,6 +97,10 @@ def build_train_parser() -> argparse.ArgumentParser:
     _bool_flag(p, "compile", "compile", "torch.compile the model")
     p.add_argument("--threads", type=int, default=S, help="torch CPU threads (0: OMP_NUM_THREADS / default)")
     p.add_argument("--num-workers", dest="num_workers", type=int, default=S)
+    from .config import TrainConfig
+
+    if "sync_bn" in TrainConfig.field_names():
+        _bool_flag(p, "sync-bn", "sync_bn", "synchronized batch norms under torchrun (default: on)")
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                    help="set any config key, VALUE in TOML syntax (e.g. --set lr_gamma=0.2)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
@@ -144,11 +152,13 @@ def _summary_line(s: dict[str, Any]) -> str:
 def train_main(argv: Sequence[str] | None = None) -> int:
     """``normmatters train``: returns the exit status."""
     from .config import TrainConfig, load_config, preset
-    from .trainer import CHECKPOINT_NAME, train
+    from .distributed import broadcast_object, cleanup_distributed, is_main_process
+    from .trainer import CHECKPOINT_NAME, init_process_group_for, train
 
     args = build_train_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
+    created_group = False
     try:
         if args.resume and not args.out:
             raise ConfigError("--resume needs --out RUN_FOLDER (the folder holding checkpoint.pt)")
@@ -164,9 +174,14 @@ def train_main(argv: Sequence[str] | None = None) -> int:
             config = TrainConfig()
         config = _apply_overrides(config, args)
         config.validate()
+        # Under torchrun the processes join here, so that they share one run folder name and
+        # only rank 0 prints; a plain run initialises nothing.
+        _, _, created_group = init_process_group_for(config)
+        is_main = is_main_process()
         out = args.out or str(Path("runs") / f"{config.model}-{config.dataset}-{config.norm}-s{config.seed}-"
                                                 f"{time.strftime('%Y%m%d-%H%M%S')}")
-        if args.resume and not (Path(out) / CHECKPOINT_NAME).is_file():
+        out = broadcast_object(out)
+        if is_main and args.resume and not (Path(out) / CHECKPOINT_NAME).is_file():
             logging.getLogger(__name__).warning("no checkpoint in %s: starting from scratch", out)
         summary = train(config, out, progress=args.progress, resume=args.resume)
     except InputError as exc:
@@ -175,7 +190,11 @@ def train_main(argv: Sequence[str] | None = None) -> int:
         print(f"{PROG} train: interrupted; continue with: {PROG} train --out {args.out or '<run folder>'} --resume",
               file=sys.stderr)
         return 130
-    print(_summary_line(summary))
+    finally:
+        if created_group:
+            cleanup_distributed()
+    if is_main:
+        print(_summary_line(summary))
     return 0
 
 

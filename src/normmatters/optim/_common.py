@@ -103,3 +103,46 @@ def rescale(optimizer: torch.optim.Optimizer, p: Tensor, r: Tensor | float, who:
                 f"{who}: do not know how to rescale the state {key!r} of "
                 f"{type(optimizer).__name__} when the weight is rescaled"
             )
+
+
+@torch.no_grad()
+def rescale_running_stats(model: torch.nn.Module, info: ScaleInvariantParam, r: Tensor | float) -> bool:
+    """Rescale the running statistics of the batch norms that absorb ``info``'s scale after the
+    weight was multiplied by ``r`` (per channel), so that evaluation mode sees the same function.
+
+    Exact when the weight's module has no bias and the path to the norm is per-channel
+    homogeneous (``groups`` equals the number of channels): the norm's input then scales by
+    ``r_i`` in channel ``i``, its mean by ``r_i`` and its variance by ``r_i²``. Returns whether
+    anything was rescaled (nothing is when those conditions do not hold).
+    """
+    p = info.param
+    if p.dim() == 0:
+        return False
+    n = p.shape[info.channel_dim]
+    if info.groups != n:
+        return False
+    owner_name = info.name.rpartition(".")[0]
+    try:
+        owner = model.get_submodule(owner_name) if owner_name else model
+    except AttributeError:
+        return False
+    if getattr(owner, "bias", None) is not None:
+        return False
+    r_ch = torch.as_tensor(r, dtype=torch.float64).reshape(-1)
+    if r_ch.numel() == 1:
+        r_ch = r_ch.expand(n)
+    elif r_ch.numel() != n:
+        r_ch = r_ch.repeat_interleave(n // r_ch.numel())
+    done = False
+    for norm_name in info.norms:
+        try:
+            bn = model.get_submodule(norm_name)
+        except AttributeError:
+            continue
+        rm, rv = getattr(bn, "running_mean", None), getattr(bn, "running_var", None)
+        if not isinstance(rm, Tensor) or not isinstance(rv, Tensor) or rm.shape != (n,):
+            continue
+        rm.mul_(r_ch.to(rm.dtype))
+        rv.mul_(r_ch.pow(2).to(rv.dtype))
+        done = True
+    return done

@@ -23,9 +23,10 @@ decay divided by ``a``, Adam's coupled L2 decay by ``a²``); the identity is the
 
 Evaluation. The identity concerns training (batch statistics). A batch norm's *running*
 statistics estimate its input's mean and variance, which jump with the weight: right after a
-rescaling by ``√a`` they lag by that factor for the ~1/momentum steps they need to catch up,
-so a model evaluated right at the boundary is off; evaluate a few steps later or refresh the
-statistics (one pass over some training batches in train mode, without updates).
+rescaling by ``√a`` they would lag by that factor for the ~1/momentum steps they need to catch
+up, and a model evaluated right at the boundary would be off. Pass ``model=`` and the schedules
+rescale the running mean by ``r`` and the running variance by ``r²`` in the batch norms that
+absorb a bias-free, per-channel-invariant weight (exact there; other norms are left alone).
 
 Parameters that are not scale invariant (the last layer, biases, normalization gains) keep the
 ordinary LR schedule: :class:`NormSchedule` sets their learning rate like
@@ -50,6 +51,7 @@ from normmatters.optim._common import (
     check_optimizer,
     optimizer_family,
     rescale,
+    rescale_running_stats,
     step_power,
 )
 from normmatters.optim.invariance import ScaleInvariantParam
@@ -104,6 +106,8 @@ class NormSchedule:
         power: the exponent of the angular step (2 for SGD, 1 for Adam).
         adjust_weight_decay: divide the invariant groups' weight decay as the derivation
             requires (exact identity with weight decay); ``False`` keeps it.
+        model: the model, to rescale batch-norm running statistics with the weights (see
+            "Evaluation" in the module docstring).
     """
 
     def __init__(
@@ -114,6 +118,7 @@ class NormSchedule:
         *,
         power: float | None = None,
         adjust_weight_decay: bool = True,
+        model: torch.nn.Module | None = None,
     ) -> None:
         who = "NormSchedule"
         check_optimizer(optimizer, who)
@@ -125,6 +130,8 @@ class NormSchedule:
         self.lr_lambda = lr_lambda
         self.power = step_power(optimizer, power, who)
         self.adjust_weight_decay = adjust_weight_decay
+        self.model = model
+        self._by_param = {id(i.param): i for i in self.invariant.values()}
         self._inv_groups = _split_groups(optimizer, self.invariant, who)
         for g in optimizer.param_groups:
             g.setdefault("initial_lr", g["lr"])
@@ -154,6 +161,8 @@ class NormSchedule:
             if a != 1.0:
                 for p in g["params"]:
                     rescale(self.optimizer, p, r, "NormSchedule")
+                    if self.model is not None:
+                        rescale_running_stats(self.model, self._by_param[id(p)], r)
                 if self.adjust_weight_decay and g.get("weight_decay"):
                     g["weight_decay"] = g["weight_decay"] / a**self._wd_power
         self.applied = f
@@ -200,6 +209,7 @@ class ReferenceNormSchedule:
             count (default: constant 1, i.e. copy the reference norms).
         every: rescale after every ``every`` updates.
         power: exponent of the angular step (2 for SGD, 1 for Adam).
+        model: the model, to rescale batch-norm running statistics with the weights.
 
     The learning rate of the invariant groups must stay fixed (do not schedule it).
     """
@@ -215,6 +225,7 @@ class ReferenceNormSchedule:
         power: float | None = None,
         step_offset: int = 0,
         apply_now: bool = True,
+        model: torch.nn.Module | None = None,
     ) -> None:
         who = "ReferenceNormSchedule"
         check_optimizer(optimizer, who)
@@ -240,6 +251,7 @@ class ReferenceNormSchedule:
         self.every = every
         self.power = step_power(optimizer, power, who)
         self.num_steps = int(step_offset)
+        self.model = model
         self._applied_factor = self._factor(self.num_steps)
         if apply_now:
             self.apply()
@@ -273,6 +285,8 @@ class ReferenceNormSchedule:
                 rescale(self.optimizer, p, jump, "ReferenceNormSchedule")
                 r = r / jump
             p.mul_(info.expand(r).to(p.dtype))
+            if self.model is not None:
+                rescale_running_stats(self.model, info, r * jump)
 
     def step(self) -> None:
         """Count one optimizer update (call after ``optimizer.step()``) and rescale."""

@@ -185,7 +185,8 @@ class _Run:
                 (lambda t: 1.0) if g["scale_invariant"] else f for g in groups
             ]
             lr_sched = torch.optim.lr_scheduler.LambdaLR(opt, lambdas)
-            norm_sched = ReferenceNormSchedule(opt, self.invariant, self.reference, lr_factor=f)
+            norm_sched = ReferenceNormSchedule(opt, self.invariant, self.reference, lr_factor=f,
+                                               model=model)
             return opt, _CompositeScheduler(lr_sched, norm_sched)
         if self.name == "wd_off_lr_correction":
             assert self.reference is not None
