@@ -29,14 +29,14 @@ NORM_IDS = ["l1", "linf", "top3", "top10"]
 
 
 def _fused(y: torch.Tensor) -> bool:
-    """Whether the autograd graph of ``y`` contains the fused custom op."""
+    """Whether the autograd graph of ``y`` contains the fused op (custom op, or its eager twin)."""
     seen, stack = set(), [y.grad_fn]
     while stack:
         f = stack.pop()
         if f is None or f in seen:
             continue
         seen.add(f)
-        if "normmatters_lp_norm_fwd" in f.name():
+        if "normmatters_lp_norm_fwd" in f.name() or "_EagerLpNorm" in f.name():
             return True
         stack.extend(n for n, _ in f.next_functions)
     return False

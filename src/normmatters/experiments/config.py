@@ -56,7 +56,8 @@ class TrainConfig:
     Hardware
       ``device`` (``"auto"`` = CUDA if available), ``amp`` (autocast on CUDA only) with
       ``amp_dtype``, ``channels_last``, ``compile`` (:func:`torch.compile`), ``threads`` (0: keep
-      torch's default, which honours ``OMP_NUM_THREADS``), ``num_workers``.
+      torch's default, which honours ``OMP_NUM_THREADS``), ``num_workers``, ``sync_bn``
+      (under ``torchrun``, batch norms become :class:`~normmatters.nn.SyncLpBatchNorm`).
     Run
       ``seed`` (model init, data order, augmentation), ``eval_every`` (epochs),
       ``max_train_batches`` (0 = all; for quick checks), ``checkpoint``, ``plots``.
@@ -101,6 +102,7 @@ class TrainConfig:
     compile: bool = False
     threads: int = 0
     num_workers: int = 0
+    sync_bn: bool = True  # synchronized batch norms under torchrun
     # run
     seed: int = 0
     eval_every: int = 1

@@ -20,7 +20,9 @@ examples of the one-process order at each step (the last step of an epoch may be
 shard possibly empty), batch norms are synchronized (:class:`~normmatters.nn.SyncLpBatchNorm`,
 unless the config has ``sync_bn = false``) and the loss of each process is its share of the
 global mean, so the gradients, the steps and the weights are those of one process with the
-global batch, up to floating-point rounding. Evaluation runs on every process's share of the
+global batch, up to rounding (in float64 to ~1e-14 after epochs; in float32 a value that
+rounding moves across a ReLU's or an L1 sign's kink makes the two drift apart, as any other
+order of the same sums would). Evaluation runs on every process's share of the
 test set without communication and the sums are reduced; only rank 0 writes the run folder;
 every process resumes from the same checkpoint. Augmentation is a function of the example and
 epoch (:class:`~normmatters.experiments.data.ExampleSeededDataset`), so it is the same too;
@@ -29,6 +31,7 @@ what draws from the global generator inside the model (dropout) draws per proces
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import itertools
 import json
@@ -392,18 +395,18 @@ def train(
         ``_ppl`` for language models); the same on every process.
     :raises ConfigError, DataNotFoundError, CheckpointError: bad input (the CLI exits 2 on these).
 
-    Under ``torchrun`` (``WORLD_SIZE`` > 1) the process group is joined here (and left at the end
-    if it was joined here); see the module's docstring for what is synchronized.
+    Under ``torchrun`` (``WORLD_SIZE`` > 1) the process group is joined here if the caller has
+    not joined it, and kept for later runs of the same processes (joining again after leaving
+    races with the processes still leaving); it is left when the process exits. See the module's
+    docstring for what is synchronized.
     """
     config.validate()
     dinfo, device, created_group = init_process_group_for(config)
-    try:
-        return _train(config, out_dir, dinfo, device, callbacks=callbacks, model=model,
-                      optimizer_factory=optimizer_factory, model_transform=model_transform,
-                      progress=progress, resume=resume)
-    finally:
-        if created_group:
-            cleanup_distributed()
+    if created_group:
+        atexit.register(cleanup_distributed)
+    return _train(config, out_dir, dinfo, device, callbacks=callbacks, model=model,
+                  optimizer_factory=optimizer_factory, model_transform=model_transform,
+                  progress=progress, resume=resume)
 
 
 def _global_batch_sizes(num_examples: int, batch_size: int, steps: int) -> list[int]:

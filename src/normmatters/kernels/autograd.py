@@ -73,15 +73,21 @@ def prepare_input(x3: Tensor) -> tuple[Tensor, int]:
     return x3.contiguous(), NCS
 
 
-@torch.library.custom_op("normmatters::lp_norm_fwd", mutates_args=())
-def lp_norm_fwd(x: Tensor, weight: Tensor | None, bias: Tensor | None, layout: int, mode: int,
-                k: int, constant: float, eps: float, center: bool, affine: int = 1
-                ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def _fwd_impl(x: Tensor, weight: Tensor | None, bias: Tensor | None, layout: int, mode: int,
+              k: int, constant: float, eps: float, center: bool, affine: int = 1
+              ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     x = _fix_layout(x, layout)
     impl = _device_impl(x.device)
     if affine == 1:
         return impl.forward(x, layout, weight, bias, mode, k, constant, eps, center)
     return impl.forward(x, layout, weight, bias, mode, k, constant, eps, center, affine)
+
+
+@torch.library.custom_op("normmatters::lp_norm_fwd", mutates_args=())
+def lp_norm_fwd(x: Tensor, weight: Tensor | None, bias: Tensor | None, layout: int, mode: int,
+                k: int, constant: float, eps: float, center: bool, affine: int = 1
+                ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    return _fwd_impl(x, weight, bias, layout, mode, k, constant, eps, center, affine)
 
 
 @lp_norm_fwd.register_fake
@@ -92,11 +98,10 @@ def _(x, weight, bias, layout, mode, k, constant, eps, center, affine=1):
     return y, x.new_empty(c, dtype=stat), x.new_empty(c, dtype=stat), x.new_empty(c, dtype=stat)
 
 
-@torch.library.custom_op("normmatters::lp_norm_bwd", mutates_args=())
-def lp_norm_bwd(grad: Tensor, x: Tensor, weight: Tensor | None, mean: Tensor, inv: Tensor,
-                layout: int, mode: int, k: int, constant: float, center: bool,
-                need_input: bool, need_affine: bool, affine: int = 1
-                ) -> tuple[Tensor, Tensor, Tensor]:
+def _bwd_impl(grad: Tensor, x: Tensor, weight: Tensor | None, mean: Tensor, inv: Tensor,
+              layout: int, mode: int, k: int, constant: float, center: bool,
+              need_input: bool, need_affine: bool, affine: int = 1
+              ) -> tuple[Tensor, Tensor, Tensor]:
     x = _fix_layout(x, layout)
     grad = _fix_layout(grad, layout)
     impl = _device_impl(x.device)
@@ -106,6 +111,15 @@ def lp_norm_bwd(grad: Tensor, x: Tensor, weight: Tensor | None, mean: Tensor, in
     # Outputs of a custom op may not alias each other: distinct empty tensors for absent grads.
     return (dx if dx is not None else empty, dw if dw is not None else mean.new_empty(0),
             db if db is not None else mean.new_empty(0))
+
+
+@torch.library.custom_op("normmatters::lp_norm_bwd", mutates_args=())
+def lp_norm_bwd(grad: Tensor, x: Tensor, weight: Tensor | None, mean: Tensor, inv: Tensor,
+                layout: int, mode: int, k: int, constant: float, center: bool,
+                need_input: bool, need_affine: bool, affine: int = 1
+                ) -> tuple[Tensor, Tensor, Tensor]:
+    return _bwd_impl(grad, x, weight, mean, inv, layout, mode, k, constant, center, need_input,
+                     need_affine, affine)
 
 
 @lp_norm_bwd.register_fake
@@ -128,7 +142,7 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.has_bias = bias is not None
 
 
-def _backward(ctx, grad_y, grad_mean, grad_inv, grad_sigma):
+def _backward(ctx, grad_y, grad_mean, grad_inv, grad_sigma, bwd=None):
     # The statistics are outputs only for the running averages (updated under no_grad): their
     # incoming gradients are None or zeros and are not propagated.
     x, weight, mean, inv = ctx.saved_tensors
@@ -138,8 +152,8 @@ def _backward(ctx, grad_y, grad_mean, grad_inv, grad_sigma):
     if grad_y is None or not (need_input or need_affine):
         return (None,) * 10
     grad_y = _fix_layout(grad_y, layout)
-    dx, dw, db = lp_norm_bwd(grad_y, x, weight, mean, inv, layout, mode, k, constant, center,
-                             need_input, need_affine, affine)
+    dx, dw, db = (bwd or lp_norm_bwd)(grad_y, x, weight, mean, inv, layout, mode, k, constant,
+                                      center, need_input, need_affine, affine)
     return (dx if need_input else None,
             dw if (need_affine and ctx.has_weight) else None,
             db if (need_affine and ctx.has_bias) else None,
@@ -147,6 +161,34 @@ def _backward(ctx, grad_y, grad_mean, grad_inv, grad_sigma):
 
 
 torch.library.register_autograd("normmatters::lp_norm_fwd", _backward, setup_context=_setup_context)
+
+
+class _EagerLpNorm(torch.autograd.Function):
+    """The same forward and backward as the custom op, without the custom-op dispatch.
+
+    ``torch.library`` custom ops cost a few hundred microseconds of Python per call, which
+    dominates for the small tensors of small networks; eager calls take this direct path and
+    ``torch.compile`` / ``torch.export`` see the registered op.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, layout, mode, k, constant, eps, center, affine):
+        out = _fwd_impl(x, weight, bias, layout, mode, k, constant, eps, center, affine)
+        _setup_context(ctx, (x, weight, bias, layout, mode, k, constant, eps, center, affine), out)
+        ctx.mark_non_differentiable(*out[1:])
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_y, grad_mean, grad_inv, grad_sigma):
+        return _backward(ctx, grad_y, grad_mean, grad_inv, grad_sigma, bwd=_bwd_impl)
+
+
+def _lp_norm(x: Tensor, weight: Tensor | None, bias: Tensor | None, layout: int, mode: int,
+             k: int, constant: float, eps: float, center: bool, affine: int = 1
+             ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    if torch.compiler.is_compiling():
+        return lp_norm_fwd(x, weight, bias, layout, mode, k, constant, eps, center, affine)
+    return _EagerLpNorm.apply(x, weight, bias, layout, mode, k, constant, eps, center, affine)
 
 
 def _mode(p: float, k: int | None) -> tuple[int, int]:
@@ -172,7 +214,7 @@ def batch_norm(input: Tensor, running_mean: Tensor | None, running_var: Tensor |
     n = x3.shape[0] * x3.shape[2]
     mode, kk = _mode(p, k)
     cst = _constant(p, k, n, constant)
-    y, mean, _, sigma = lp_norm_fwd(x3, _affine_param(weight, input), _affine_param(bias, input),
+    y, mean, _, sigma = _lp_norm(x3, _affine_param(weight, input), _affine_param(bias, input),
                                     layout, mode, kk, cst, float(eps), True)
     if running_mean is not None or running_var is not None:
         _update_running(running_mean, running_var, mean, sigma, n, momentum)
@@ -196,10 +238,10 @@ def layer_norm(input: Tensor, normalized_shape: Sequence[int], weight: Tensor | 
     cst = _constant(p, k, x3.shape[2], constant)
     if input.device.type == "cpu":
         # γ and β per position, fused into the kernels (affine=2).
-        y, _, _, _ = lp_norm_fwd(x3, _flat_param(weight, input), _flat_param(bias, input), NCS,
+        y, _, _, _ = _lp_norm(x3, _flat_param(weight, input), _flat_param(bias, input), NCS,
                                  mode, kk, cst, float(eps), True, 2)
         return y.view(input.shape)
-    xhat, _, _, _ = lp_norm_fwd(x3, None, None, NCS, mode, kk, cst, float(eps), True)
+    xhat, _, _, _ = _lp_norm(x3, None, None, NCS, mode, kk, cst, float(eps), True)
     y = xhat.view(input.shape)
     if weight is not None:
         y = y * weight.to(y.dtype)
@@ -214,7 +256,7 @@ def group_norm(input: Tensor, num_groups: int, weight: Tensor | None, bias: Tens
     x3 = input.contiguous().view(1, input.shape[0] * num_groups, -1)
     mode, kk = _mode(p, k)
     cst = _constant(p, k, x3.shape[2], constant)
-    xhat, _, _, _ = lp_norm_fwd(x3, None, None, NCS, mode, kk, cst, float(eps), True)
+    xhat, _, _, _ = _lp_norm(x3, None, None, NCS, mode, kk, cst, float(eps), True)
     y = xhat.view(input.shape)
     shape = [1, -1] + [1] * (input.dim() - 2)
     if weight is not None:
@@ -231,10 +273,10 @@ def rms_norm(input: Tensor, normalized_shape: Sequence[int], weight: Tensor | No
     mode, kk = _mode(p, k)
     cst = _constant(p, k, x3.shape[2], constant)
     if input.device.type == "cpu":
-        y, _, _, _ = lp_norm_fwd(x3, _flat_param(weight, input), None, NCS, mode, kk, cst,
+        y, _, _, _ = _lp_norm(x3, _flat_param(weight, input), None, NCS, mode, kk, cst,
                                  float(eps), False, 2)
         return y.view(input.shape)
-    xhat, _, _, _ = lp_norm_fwd(x3, None, None, NCS, mode, kk, cst, float(eps), False)
+    xhat, _, _, _ = _lp_norm(x3, None, None, NCS, mode, kk, cst, float(eps), False)
     y = xhat.view(input.shape)
     if weight is not None:
         y = y * weight.to(y.dtype)

@@ -266,9 +266,10 @@ def match_check(agg: dict[str, dict[str, Agg]], a: str, b: str, name: str, *, me
         return Check(name, a, b, m, float("nan"), tol, False,
                      f"{a}: {_fmt(m, xa.mean)} vs {b}: {_fmt(m, xb.mean)} (a run diverged)", core)
     ok = abs(diff) <= tol
+    side = "" if ok else f" ({a} {'better' if _better(m, diff) > 0 else 'worse'})"
     return Check(name, a, b, m, diff, tol, ok,
                  f"{a} {_fmt(m, xa.mean)} vs {b} {_fmt(m, xb.mean)}: difference {_fmt(m, diff, signed=True)}, "
-                 f"|difference| {'≤' if ok else '>'} tol {_fmt(m, tol, delta=True)}", core)
+                 f"|difference| {'≤' if ok else '>'} tol {_fmt(m, tol, delta=True)}{side}", core)
 
 
 def _better(m: str, diff: float) -> float:
@@ -660,8 +661,9 @@ def render_report(results: dict[str, dict[str, Any]], meta: dict[str, Any], root
              f"{jobs} claim{'s' if jobs != 1 else ''} at a time"
              + (f" ({meta['threads_per_job']} torch thread(s) each)" if meta.get("threads_per_job") else "")
              + "; total wall time "
-             f"{_fmt_seconds(meta.get('wall_time'))} (this invocation; a reused claim counts its original time "
-             "below).")
+             f"{_fmt_seconds(meta.get('wall_time'))} in this invocation; the claims' own wall times add up to "
+             f"{_fmt_seconds(meta.get('claim_wall_time_total'))} (a reused claim counts the time it took when it "
+             "ran; with several claims at a time they overlap).")
     L.append("")
     L.append("Paper: Hoffer, Banner, Golan, Soudry, *Norm matters: efficient and accurate normalization schemes "
              "in deep networks*, NeurIPS 2018 (arXiv 1803.01814). Independent reproduction: seed 003 (UVA CS 6316, "
