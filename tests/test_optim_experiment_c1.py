@@ -15,7 +15,7 @@ c1 = pytest.importorskip("normmatters.experiments.claims.c1")
 
 
 @pytest.mark.slow
-def test_four_runs_share_the_reference_effective_lr(tmp_path) -> None:
+def test_four_runs_share_the_reference_effective_lr(tmp_path, monkeypatch) -> None:
     result = c1.run(tmp_path, seeds=(0,), progress=False,
                     overrides={"epochs": 2, "lr_milestones": [1]})
     assert result["claim"] == "C1"
@@ -42,3 +42,10 @@ def test_four_runs_share_the_reference_effective_lr(tmp_path) -> None:
     assert (tmp_path / "wd_on-s0" / "reference_norms.pt").is_file()
     with pytest.raises(ValueError, match="unknown runs"):
         c1.run(tmp_path, runs=("wd_sometimes",), progress=False)
+    # A second call in the same folder reuses the finished runs instead of training them again.
+    def no_training(*args, **kwargs):
+        raise AssertionError("a finished run was trained again")
+
+    monkeypatch.setattr("normmatters.experiments.trainer.train", no_training)
+    again = c1.run(tmp_path, seeds=(0,), progress=False, overrides={"epochs": 2, "lr_milestones": [1]})
+    assert again["rows"] == json.loads(json.dumps(result["rows"], default=float))

@@ -16,3 +16,15 @@ def test_c4_runs_and_reports_nonfinite_counts(tmp_path):
     assert 0.0 <= l1["test_acc"] <= 1.0
     assert (tmp_path / "fp16-l2-s0" / "nonfinite.jsonl").stat().st_size > 0
     assert (tmp_path / "c4.md").exists()
+
+    # A second call in the same folder reuses the finished runs instead of training them again.
+    def no_training(*args, **kwargs):
+        raise AssertionError("a finished run was trained again")
+
+    import pytest as _pytest
+
+    with _pytest.MonkeyPatch.context() as mp:
+        mp.setattr("normmatters.experiments.trainer.train", no_training)
+        again = c4.run(tmp_path, runs=("fp16-l2", "fp16-l1"), epochs=1, progress=False, with_map=False)
+    assert [r["test_acc"] for r in again["rows"]] == [r["test_acc"] for r in out["rows"]]
+    assert again["rows"][0]["nonfinite"] == l2["nonfinite"]

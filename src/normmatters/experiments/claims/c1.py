@@ -277,6 +277,28 @@ def _plot(runs: Mapping[str, _Run], path: Path, title: str) -> Path:
     return path
 
 
+_FINISHED = "c1_run.json"
+
+
+class _FinishedRun:
+    """What the summary figure needs of a run finished earlier: its per-epoch records."""
+
+    def __init__(self, epochs: list[dict[str, Any]]) -> None:
+        self.epochs = epochs
+
+
+def _load_finished(run_dir: Path, name: str) -> tuple[_FinishedRun, dict[str, Any]] | None:
+    path = run_dir / _FINISHED
+    if not path.exists() or (name == "wd_on" and not (run_dir / "reference_norms.pt").exists()):
+        return None
+    try:
+        data = json.loads(path.read_text())
+        return _FinishedRun(data["epochs"]), data["row"]
+    except (OSError, ValueError, KeyError) as exc:
+        log.warning("C1: ignoring unreadable %s (%s); the run is trained again", path, exc)
+        return None
+
+
 def run(
     out_dir: str | Path,
     *,
@@ -335,6 +357,15 @@ def run(
         reference: ReferenceNorms | None = None
         for name in names:
             run_dir = out / f"{name}-s{seed}"
+            done = _load_finished(run_dir, name)
+            if done is not None:  # finished earlier in this folder: reuse, do not retrain
+                r, row = done
+                if name == "wd_on":
+                    reference = ReferenceNorms.load(run_dir / "reference_norms.pt")
+                runs[name] = r
+                rows.append(row)
+                log.info("C1 %s seed %d: test acc %s (reused)", name, seed, row["test_acc"])
+                continue
             r = _Run(name, example, spe, reference=reference, correction_floor=correction_floor,
                      wd_on_decay=wd_on_decay)
             r.log_path = run_dir / "norms.jsonl"
@@ -363,6 +394,9 @@ def run(
                 "scale_invariant_params": len(r.invariant),
                 "wall_time": summary.get("wall_time"),
             }
+            # Written last: its presence marks the run finished (reference norms included).
+            atomic_write_text(run_dir / _FINISHED, json.dumps({"row": row, "epochs": r.epochs},
+                                                             default=float) + "\n")
             rows.append(row)
             log.info("C1 %s seed %d: test acc %s", name, seed, row["test_acc"])
         fig = _plot(runs, out / f"c1_seed{seed}.png",

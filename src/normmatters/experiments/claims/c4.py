@@ -221,8 +221,16 @@ def run(
     rows = []
     for seed in seeds:
         for name in names:
-            cb = _NonfiniteLog()
             run_dir = out / f"{name}-s{seed}"
+            finished = run_dir / "c4_row.json"
+            if finished.exists():  # finished earlier in this folder: reuse, do not retrain
+                try:
+                    rows.append(json.loads(finished.read_text()))
+                    log.info("C4 %s seed %d: reused %s", name, seed, finished)
+                    continue
+                except (OSError, ValueError) as exc:
+                    log.warning("C4: ignoring unreadable %s (%s); the run is trained again", finished, exc)
+            cb = _NonfiniteLog()
             summary = trainer.train(_config(name, seed, epochs), run_dir, callbacks=[cb],
                                     model_transform=_transform(name), progress=progress)
             cb.rec.detach()
@@ -237,6 +245,7 @@ def run(
                 "nonfinite_by_stage": cb.totals_by_stage(),
                 "wall_time": summary.get("wall_time"),
             }
+            atomic_write_text(finished, json.dumps(row, default=str) + "\n")  # marks it finished
             rows.append(row)
             log.info("C4 %s seed %d: test acc %.4f, %d non-finite", name, seed, row["test_acc"] or float("nan"),
                      row["nonfinite"])
