@@ -144,6 +144,30 @@ class _LpNormBase(nn.Module):
     def _check_input_dim(self, input: Tensor) -> None:
         raise NotImplementedError
 
+    def _check_channels(self, input: Tensor) -> None:
+        if input.shape[1] != self.num_features:
+            raise ValueError(
+                f"{type(self).__name__}: expected input with {self.num_features} channels (dim 1), "
+                f"got {input.shape[1]} channels in input of shape {list(input.shape)}"
+            )
+
+    def _batch_norm_state(self) -> tuple[bool, float, Tensor | None, Tensor | None]:
+        """``(bn_training, momentum factor, running_mean, running_var)`` for this call.
+
+        Exactly torch's ``_BatchNorm.forward``: a training call counts the batch in
+        ``num_batches_tracked``; ``momentum=None`` is a cumulative average; batch statistics are
+        used in training and in evaluation without running statistics; the buffers are passed for
+        updating only when they are tracked.
+        """
+        factor = 0.0 if self.momentum is None else self.momentum
+        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+            factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+        bn_training = self.training or (self.running_mean is None and self.running_var is None)
+        use_buffers = not self.training or self.track_running_stats
+        return (bn_training, factor, self.running_mean if use_buffers else None,
+                self.running_var if use_buffers else None)
+
     def extra_repr(self) -> str:
         s = (
             f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}, "
@@ -182,27 +206,8 @@ class _LpBatchNorm(_LpNormBase):
         name = type(self).__name__
         _check_dtype(name, input)
         self._check_input_dim(input)
-        if input.shape[1] != self.num_features:
-            raise ValueError(
-                f"{name}: expected input with {self.num_features} channels (dim 1), got "
-                f"{input.shape[1]} channels in input of shape {list(input.shape)}"
-            )
-        # Momentum semantics exactly as torch's _BatchNorm.forward.
-        if self.momentum is None:
-            exponential_average_factor = 0.0
-        else:
-            exponential_average_factor = self.momentum
-        if self.training and self.track_running_stats:
-            if self.num_batches_tracked is not None:
-                self.num_batches_tracked.add_(1)
-                if self.momentum is None:
-                    exponential_average_factor = 1.0 / float(self.num_batches_tracked)
-                else:
-                    exponential_average_factor = self.momentum
-        if self.training:
-            bn_training = True
-        else:
-            bn_training = (self.running_mean is None) and (self.running_var is None)
+        self._check_channels(input)
+        bn_training, exponential_average_factor, running_mean, running_var = self._batch_norm_state()
         if bn_training and input.numel() == input.shape[1]:
             raise ValueError(
                 f"{name}: expected more than 1 value per channel when training, got input of "
@@ -218,8 +223,6 @@ class _LpBatchNorm(_LpNormBase):
                     f"{name}: Top(k) needs k <= n values per channel, got k={self.k} > n={n} "
                     f"for input of shape {list(input.shape)}"
                 )
-        running_mean = self.running_mean if not self.training or self.track_running_stats else None
-        running_var = self.running_var if not self.training or self.track_running_stats else None
         if self.compute_dtype is not None:
             from ..precision import emulated_batch_norm
 

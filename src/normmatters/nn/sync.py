@@ -314,19 +314,8 @@ class SyncLpBatchNorm(_LpNormBase):
         name = type(self).__name__
         _check_dtype(name, input)
         self._check_input_dim(input)
-        if input.shape[1] != self.num_features:
-            raise ValueError(
-                f"{name}: expected input with {self.num_features} channels (dim 1), got "
-                f"{input.shape[1]} channels in input of shape {list(input.shape)}"
-            )
-        # Momentum semantics exactly as torch's _BatchNorm.forward.
-        factor = 0.0 if self.momentum is None else self.momentum
-        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
-            self.num_batches_tracked.add_(1)
-            factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
-        bn_training = self.training or (self.running_mean is None and self.running_var is None)
-        running_mean = self.running_mean if not self.training or self.track_running_stats else None
-        running_var = self.running_var if not self.training or self.track_running_stats else None
+        self._check_channels(input)
+        bn_training, factor, running_mean, running_var = self._batch_norm_state()
 
         # As torch's SyncBatchNorm: synchronize only in training mode (never in evaluation, even
         # with track_running_stats=False, where each process uses its own batch).

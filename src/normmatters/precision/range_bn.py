@@ -192,20 +192,11 @@ class _RangeBatchNorm(_LpNormBase):
         if input.dim() not in self._expected_dims:
             raise ValueError(f"{name}: expected a {' or '.join(f'{d}D' for d in self._expected_dims)} "
                              f"input, got {input.dim()}D input of shape {list(input.shape)}")
-        if input.shape[1] != self.num_features:
-            raise ValueError(f"{name}: expected {self.num_features} channels (dim 1), got {input.shape[1]}")
-        # Momentum as torch's _BatchNorm.forward (None: cumulative average).
-        factor = 0.0 if self.momentum is None else self.momentum
-        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
-            self.num_batches_tracked.add_(1)
-            if self.momentum is None:
-                factor = 1.0 / float(self.num_batches_tracked)
-        bn_training = self.training or (self.running_mean is None and self.running_var is None)
-        use_running = not self.training or self.track_running_stats
+        self._check_channels(input)
+        bn_training, factor, running_mean, running_var = self._batch_norm_state()
         return range_batch_norm(
-            input, self.running_mean if use_running else None, self.running_var if use_running else None,
-            self.weight, self.bias, bn_training, factor, self.eps, num_chunks=self.num_chunks,
-            constant=self.constant, compute_dtype=self.compute_dtype, accumulate_dtype=self.accumulate_dtype,
+            input, running_mean, running_var, self.weight, self.bias, bn_training, factor, self.eps,
+            num_chunks=self.num_chunks, constant=self.constant, compute_dtype=self.compute_dtype, accumulate_dtype=self.accumulate_dtype,
         )
 
 
