@@ -11,8 +11,6 @@ from __future__ import annotations
 import math
 import os
 import socket
-import sys
-import threading
 from pathlib import Path
 
 import pytest
@@ -22,6 +20,7 @@ import torch.multiprocessing as mp
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from _multiprocess import start_method
 from normmatters.experiments.data.base import EpochSampler
 from normmatters.experiments.distributed import (
     DistInfo,
@@ -48,17 +47,8 @@ WORLD = 2
 
 
 def _start_method() -> str:
-    # Forked children start in milliseconds with torch already imported (as in torch's own
-    # distributed tests); spawned ones re-import torch and normmatters, seconds each on a busy
-    # 2-core machine. Fork only where it is safe (Linux, no other thread, CUDA untouched);
-    # otherwise fork from a clean server process that imports torch and normmatters once.
-    if sys.platform == "linux" and threading.active_count() == 1 and not torch.cuda.is_initialized():
-        return "fork"
-    if "forkserver" in mp.get_all_start_methods():
-        mp.set_forkserver_preload(["torch", "normmatters.nn.sync", "normmatters.convert.sync",
-                                   "normmatters.experiments.distributed"])
-        return "forkserver"
-    return "spawn"
+    return start_method(["normmatters.nn.sync", "normmatters.convert.sync",
+                         "normmatters.experiments.distributed"])
 
 
 TORCHRUN_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")

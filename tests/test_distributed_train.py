@@ -23,7 +23,6 @@ import shutil
 import socket
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import pytest
@@ -32,6 +31,7 @@ import torch.multiprocessing as mp
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from _multiprocess import start_method
 from normmatters.experiments.checkpoint import load_checkpoint
 from normmatters.experiments.config import TrainConfig
 from normmatters.experiments.data import ExampleSeededDataset, get_dataloaders, get_dataset, set_loader_epoch
@@ -44,14 +44,7 @@ WORLD = 2
 
 
 def _start_method() -> str:
-    # As in tests/test_sync.py: fork when it is safe (fast), else a forkserver that imports
-    # torch and normmatters once; spawn re-imports everything in every child.
-    if sys.platform == "linux" and threading.active_count() == 1 and not torch.cuda.is_initialized():
-        return "fork"
-    if "forkserver" in mp.get_all_start_methods():
-        mp.set_forkserver_preload(["torch", "normmatters.experiments.trainer"])
-        return "forkserver"
-    return "spawn"
+    return start_method(["normmatters.experiments.trainer"])
 
 
 def _cfg(**kw) -> TrainConfig:

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import math
 import os
-import sys
-import threading
 from pathlib import Path
 
 import pytest
@@ -21,6 +19,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
+from _multiprocess import start_method
 from normmatters.convert.sync import convert_sync_lp_batchnorm
 from normmatters.nn.batchnorm import LpBatchNorm1d, LpBatchNorm2d, LpBatchNorm3d
 from normmatters.nn.meanbn import MeanOnlyBatchNorm2d
@@ -31,17 +30,8 @@ WORLD = 2
 
 
 def _start_method() -> str:
-    # Forked children start in milliseconds with torch already imported (as in torch's own
-    # distributed tests); spawned ones re-import torch and normmatters, seconds each on a busy
-    # 2-core machine. Fork only where it is safe (Linux, no other thread, CUDA untouched);
-    # otherwise fork from a clean server process that imports torch and normmatters once.
-    if sys.platform == "linux" and threading.active_count() == 1 and not torch.cuda.is_initialized():
-        return "fork"
-    if "forkserver" in mp.get_all_start_methods():
-        mp.set_forkserver_preload(["torch", "normmatters.nn.sync", "normmatters.convert.sync",
-                                   "normmatters.experiments.distributed"])
-        return "forkserver"
-    return "spawn"
+    return start_method(["normmatters.nn.sync", "normmatters.convert.sync",
+                         "normmatters.experiments.distributed"])
 
 
 # name -> (p, k, constant)
