@@ -185,6 +185,19 @@ def _verify_batch_size(size: Sequence[int], where: str) -> None:
         )
 
 
+def _check_batch_norm_input(input: Tensor, training: bool, eps: float, where: str) -> None:
+    """The inputs every batch norm refuses, as torch's ``F.batch_norm`` does, named by ``where``."""
+    _check_float(input, where)
+    if input.dim() < 2:
+        raise ValueError(f"{where}: expected an input of at least 2 dimensions (N, C, ...), got {input.dim()}D")
+    if training:
+        _verify_batch_size(input.shape, where)
+        if eps <= 0.0:
+            raise ValueError(f"{where}: eps must be positive during training, got {eps}")
+    elif eps < 0.0:
+        raise ValueError(f"{where}: eps must be non-negative, got {eps}")
+
+
 def lp_batch_norm(
     input: Tensor,
     running_mean: Tensor | None,
@@ -242,16 +255,8 @@ def _reference_lp_batch_norm(
 ) -> Tensor:
     """The reference path of :func:`lp_batch_norm`: plain torch ops, gradients by autograd."""
     where = "lp_batch_norm"
-    _check_float(input, where)
+    _check_batch_norm_input(input, training, eps, where)
     p, k = _check_p_k(p, k)
-    if input.dim() < 2:
-        raise ValueError(f"{where}: expected an input of at least 2 dimensions (N, C, ...), got {input.dim()}D")
-    if training:
-        _verify_batch_size(input.shape, where)
-        if eps <= 0.0:
-            raise ValueError(f"{where}: eps must be positive during training, got {eps}")
-    elif eps < 0.0:
-        raise ValueError(f"{where}: eps must be non-negative, got {eps}")
     if ghost_batch_size is not None and training and input.shape[0] > ghost_batch_size:
         return _ghost_batch_norm(input, running_mean, running_var, weight, bias, momentum, eps,
                                  p, k, constant, ghost_batch_size)

@@ -42,7 +42,7 @@ import torch
 from torch import Tensor
 
 from ..functional import lp_constant
-from ..functional.norm import _check_float, _check_p_k, _last_dims, _update_running, _verify_batch_size
+from ..functional.norm import _check_batch_norm_input, _check_float, _check_p_k, _last_dims, _update_running
 from .emulate import Arithmetic, _record
 from .formats import FloatFormat
 
@@ -178,16 +178,8 @@ def emulated_batch_norm(
         (True, 1.0)
     """
     where = "emulated_batch_norm"
-    _check_float(input, where)
+    _check_batch_norm_input(input, training, eps, where)
     p, k = _check_p_k(p, k)
-    if input.dim() < 2:
-        raise ValueError(f"{where}: expected an input of at least 2 dimensions (N, C, ...), got {input.dim()}D")
-    if training:
-        _verify_batch_size(input.shape, where)
-        if eps <= 0.0:
-            raise ValueError(f"{where}: eps must be positive during training, got {eps}")
-    elif eps < 0.0:
-        raise ValueError(f"{where}: eps must be non-negative, got {eps}")
     if not training and (running_mean is None or running_var is None):
         raise ValueError(f"{where}: evaluation (training=False) needs running_mean and running_var")
     ar = Arithmetic(compute_dtype, accumulate_dtype, summation=summation, block_size=block_size,

@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..functional.norm import _check_float, _update_running, _verify_batch_size
+from ..functional.norm import _check_batch_norm_input, _update_running
 from ..nn.batchnorm import _LpNormBase
 from .emulate import Arithmetic, _record
 
@@ -98,16 +98,10 @@ def range_batch_norm(
         >>> y = range_batch_norm(x, None, None, training=True, num_chunks=4)
     """
     where = "range_batch_norm"
-    _check_float(input, where)
-    if input.dim() < 2:
-        raise ValueError(f"{where}: expected an input of at least 2 dimensions (N, C, ...), got {input.dim()}D")
+    _check_batch_norm_input(input, training, eps, where)
     if isinstance(num_chunks, bool) or not isinstance(num_chunks, int) or num_chunks < 1:
         raise ValueError(f"{where}: num_chunks must be a positive integer, got {num_chunks!r}")
-    if training:
-        _verify_batch_size(input.shape, where)
-        if eps <= 0.0:
-            raise ValueError(f"{where}: eps must be positive during training, got {eps}")
-    elif running_mean is None or running_var is None:
+    if not training and (running_mean is None or running_var is None):
         raise ValueError(f"{where}: evaluation (training=False) needs running_mean and running_var")
     if input.numel() == 0:
         return input.clone()
