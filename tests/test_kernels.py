@@ -18,7 +18,7 @@ import torch
 
 import normmatters.kernels as K
 from normmatters.functional import lp_batch_norm, lp_group_norm, lp_layer_norm, lp_rms_norm
-from normmatters.kernels import cpu
+from normmatters.kernels import build, cpu
 from normmatters.kernels.autograd import lp_norm_fwd
 from normmatters.nn import LpBatchNorm2d, LpLayerNorm
 
@@ -304,7 +304,7 @@ def test_saves_no_more_for_backward_than_torch():
 
 def test_compile_failure_falls_back_to_reference(tmp_path, monkeypatch, caplog):
     monkeypatch.setenv("NORMMATTERS_CACHE_DIR", str(tmp_path))
-    monkeypatch.setattr(cpu, "_compiler", lambda: None)
+    monkeypatch.setattr(build, "_compiler", lambda: None)
     monkeypatch.setattr(cpu, "_libs", {})
     with caplog.at_level(logging.WARNING, logger="normmatters.kernels"):
         assert cpu.library(torch.float32) is None
@@ -318,7 +318,7 @@ def test_compile_failure_falls_back_to_reference(tmp_path, monkeypatch, caplog):
 def test_library_is_cached_on_disk():
     lib = cpu.library(torch.float32)
     assert lib is cpu.library(torch.float32)
-    assert any(cpu.cache_dir().joinpath("kernels").glob("lp_norm_cpu_float32_*.so"))
+    assert any(build.cache_dir().joinpath("kernels").glob("lp_norm_cpu_float32_*.so"))
 
 
 def test_bench_main_writes_table_and_json(tmp_path, capsys):

@@ -1,14 +1,10 @@
-"""Fused CPU Lp normalization: build, cache and call the C++ kernels of :mod:`._cpu_source`.
+"""Fused CPU Lp normalization: call the C++ kernels of ``csrc/lp_norm_cpu.cpp`` through ctypes.
 
 Why a small C++ library called through ``ctypes`` rather than ``torch.compile`` or a torch C++
 extension: measured on the project's 2-core machine, the ``torch.compile`` (inductor C++) version of
 the same fused function needs a fresh compile per shape and tens of seconds before its first call,
 and a ``torch.utils.cpp_extension`` build spends most of a minute parsing torch's headers. The
-kernels here need no torch headers: one ``g++ -O3 -march=native -fopenmp`` build of about two
-seconds of compiler time per dtype,
-cached on disk (``$NORMMATTERS_CACHE_DIR`` or ``~/.cache/normmatters``) under a hash of the
-source, the flags and the CPU, and later processes load it instantly. The library links the same
-``libgomp`` that torch already loaded, so it shares torch's thread pool; the thread count is
+kernels here need no torch headers; :mod:`.build` compiles and caches them. The thread count is
 ``torch.get_num_threads()``.
 
 If no compiler is found or a build fails, :func:`library` returns ``None`` (logged once) and
@@ -18,70 +14,23 @@ the caller uses the reference path.
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import logging
-import os
-import platform
-import shutil
-import subprocess
-import tempfile
 import threading
-import time
-from pathlib import Path
 
 import torch
 from torch import Tensor
 
-from ._cpu_source import SOURCE
+from . import build
 
-__all__ = ["library", "cache_dir", "forward", "backward", "DTYPE_CODES"]
+__all__ = ["library", "forward", "backward", "DTYPE_CODES"]
 
 logger = logging.getLogger("normmatters.kernels")
 
 #: dtype → code understood by the C++ entry points.
 DTYPE_CODES = {torch.float32: 0, torch.float64: 1, torch.bfloat16: 2, torch.float16: 3}
 
-_FLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=c++17", "-fno-math-errno"]
 _lock = threading.Lock()
 _libs: dict[torch.dtype, ctypes.CDLL | None] = {}
-
-
-def cache_dir() -> Path:
-    """Where compiled kernels are kept: ``$NORMMATTERS_CACHE_DIR`` or ``$XDG_CACHE_HOME/normmatters``."""
-    env = os.environ.get("NORMMATTERS_CACHE_DIR")
-    if env:
-        return Path(env)
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "normmatters"
-
-
-def _cpu_signature() -> str:
-    # -march=native code is only valid on the CPU it was built for: key the cache on its flags.
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
-            for line in f:
-                if line.startswith(("flags", "Features")):
-                    return line.strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _compiler() -> str | None:
-    return shutil.which(os.environ.get("CXX", "g++")) or shutil.which("c++")
-
-
-def _build(target: Path, cxx: str, code: int) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        src = Path(tmp) / "lp_norm.cpp"
-        src.write_text(SOURCE, encoding="utf-8")
-        out = Path(tmp) / target.name
-        cmd = [cxx, *_FLAGS, f"-DNM_DTYPE={code}", str(src), "-o", str(out)]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-2000:]}")
-        os.replace(out, target)  # atomic: concurrent builders each install a complete file
 
 
 def library(dtype: torch.dtype = torch.float32) -> ctypes.CDLL | None:
@@ -107,20 +56,7 @@ def library(dtype: torch.dtype = torch.float32) -> ctypes.CDLL | None:
 
 
 def _load(code: int, dtype: torch.dtype) -> ctypes.CDLL:
-    cxx = _compiler()
-    key = hashlib.sha256("\0".join([SOURCE, " ".join(_FLAGS), str(code), cxx or "",
-                                    _cpu_signature(), platform.machine()]).encode()).hexdigest()[:16]
-    target = cache_dir() / "kernels" / f"lp_norm_cpu_{str(dtype).split('.')[-1]}_{key}.so"
-    if not target.exists():
-        if cxx is None:
-            raise RuntimeError("no C++ compiler found (set CXX)")
-        logger.warning("normmatters: compiling the fused CPU normalization kernels for %s once "
-                       "(a few seconds); cached in %s. Set NORMMATTERS_KERNELS=reference to skip.",
-                       dtype, target.parent)
-        t0 = time.perf_counter()
-        _build(target, cxx, code)
-        logger.info("normmatters: kernels compiled in %.1f s", time.perf_counter() - t0)
-    lib = ctypes.CDLL(str(target))
+    lib = build.load("lp_norm_cpu.cpp", str(dtype).split(".")[-1], {"NM_DTYPE": code})
     p, i64, i32, f64 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_double
     lib.nm_forward.argtypes = [i32, i32, p, p, i64, i64, i64, p, p, i32, i32, i32, f64, f64, i32, p, p, p, i32]
     lib.nm_forward.restype = i32
@@ -136,7 +72,7 @@ def _ptr(t: Tensor | None) -> int | None:
 def forward(x: Tensor, layout: int, weight: Tensor | None, bias: Tensor | None, mode: int, k: int,
             constant: float, eps: float, center: bool, affine: int = 1
             ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Run the fused forward on a dense ``[N, C, S]`` CPU tensor (see :mod:`._cpu_source`).
+    """Run the fused forward on a dense ``[N, C, S]`` CPU tensor (see ``csrc/lp_norm_cpu.cpp``).
 
     ``affine`` 1: weight and bias per channel (size C); 2: per position s (size S; NCS, N = 1).
     Returns ``(y, mean, inv, sigma)``; the statistics have shape ``[C]`` in the accumulation dtype.

@@ -1,21 +1,18 @@
-"""C++ source of the fused CPU Lp normalization kernels (compiled on first use by :mod:`.cpu`).
-
-Kept as a Python string so it ships with the package whatever the build backend does with data
-files. The code includes no torch headers: it builds in about a second with a plain C++ compiler
-and is called through ``ctypes`` on raw pointers of tensors that the Python side allocates.
-
-Layouts: a tensor is viewed as ``[N, C, S]`` (statistics per channel c over N·S values), stored
-either ``NCS`` (each (n, c) a contiguous run of S values: NCHW batch norm, and layer/group norm
-as N=1, C=rows) or ``NSC`` (each of the N·S rows holds C contiguous values: channels-last).
-
-Modes: 1 = L1 (σ̂ = C·mean|d|), 2 = Top(k) (σ̂ = C·mean of the k largest |d|; L∞ is k=1).
-The Top(k) set is found in the same pass as the mean: the k largest |x − μ| lie among the k
-largest and the k smallest x, kept in two small heaps that most chunks skip after one vectorised
-min/max. The backward pass finds the set again from x and the saved μ (deterministically the same
-set), so nothing but x, μ and 1/(σ̂+eps) is saved for backward, as for torch's batch norm.
-"""
-
-SOURCE = r"""
+// Fused CPU Lp normalization kernels, compiled on first use by normmatters/kernels/build.py.
+//
+// The code includes no torch headers: it builds in about a second with a plain C++ compiler and
+// is called through ctypes (normmatters/kernels/cpu.py) on raw pointers of tensors that the
+// Python side allocates.
+//
+// Layouts: a tensor is viewed as ``[N, C, S]`` (statistics per channel c over N·S values), stored
+// either ``NCS`` (each (n, c) a contiguous run of S values: NCHW batch norm, and layer/group norm
+// as N=1, C=rows) or ``NSC`` (each of the N·S rows holds C contiguous values: channels-last).
+//
+// Modes: 1 = L1 (σ̂ = C·mean|d|), 2 = Top(k) (σ̂ = C·mean of the k largest |d|; L∞ is k=1).
+// The Top(k) set is found in the same pass as the mean: the k largest |x − μ| lie among the k
+// largest and the k smallest x, kept in two small heaps that most chunks skip after one vectorised
+// min/max. The backward pass finds the set again from x and the saved μ (deterministically the same
+// set), so nothing but x, μ and 1/(σ̂+eps) is saved for backward, as for torch's batch norm.
 #include <cstdint>
 #include <cstring>
 #include <cmath>
@@ -753,4 +750,3 @@ int nm_backward(int dtype, int layout, const void* dy, const void* x, void* dx, 
 }
 
 }  // extern "C"
-"""
