@@ -18,7 +18,7 @@ from torch.nn import init
 from ..functional.constants import normalize_p
 from ..functional.norm import lp_batch_norm
 
-__all__ = ["LpBatchNorm1d", "LpBatchNorm2d", "LpBatchNorm3d"]
+__all__ = ["BatchNormBase", "LpBatchNormBase", "LpBatchNorm1d", "LpBatchNorm2d", "LpBatchNorm3d"]
 
 _CONSTANTS = ("calibrated", "paper", "none")
 
@@ -54,11 +54,19 @@ def _p_repr(p: float, k: int | None) -> str:
     return f"p={int(p)}"
 
 
-class _LpNormBase(nn.Module):
-    """Parameters, buffers and state-dict handling shared by the Lp batch norms."""
+class BatchNormBase(nn.Module):
+    """What every batch norm of this package shares with ``torch.nn.modules.batchnorm._NormBase``.
+
+    The constructor arguments, parameters (``weight``, ``bias``), buffers (``running_mean``,
+    ``running_var``, ``num_batches_tracked``), :meth:`reset_parameters`, the momentum factor and
+    train/eval decision of torch's ``_BatchNorm.forward`` (:meth:`batch_norm_state`), the channel
+    check and the versioned ``_load_from_state_dict``. It says nothing about how the statistics are
+    computed: :class:`LpBatchNormBase` adds p, k and the constant; Range BN
+    (:mod:`normmatters.precision`) is another kind built on the same base.
+    """
 
     _version = 2
-    __constants__ = ["track_running_stats", "momentum", "eps", "num_features", "affine", "p", "k", "constant"]
+    __constants__ = ["track_running_stats", "momentum", "eps", "num_features", "affine"]
     num_features: int
     eps: float
     momentum: float | None
@@ -76,34 +84,17 @@ class _LpNormBase(nn.Module):
         dtype: Any = None,
         *,
         bias: bool = True,
-        p: float | int | str = 2,
-        k: int | None = None,
-        constant: str = "calibrated",
-        ghost_batch_size: int | None = None,
-        compute_dtype: torch.dtype | str | None = None,
-        accumulate_dtype: torch.dtype | str | None = None,
-        precision_kwargs: dict[str, Any] | None = None,
     ) -> None:
         factory_kwargs = {"device": device, "dtype": dtype}
         super().__init__()
         name = type(self).__name__
-        self.p, self.k = _check_options(name, p, k, constant)
         if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features < 1:
             raise ValueError(f"{name}: num_features must be a positive integer, got {num_features!r}")
-        if ghost_batch_size is not None and (not isinstance(ghost_batch_size, int) or ghost_batch_size < 2):
-            raise ValueError(f"{name}: ghost_batch_size must be an integer >= 2 or None, got {ghost_batch_size!r}")
         self.num_features = num_features
         self.eps = eps
         self.momentum = momentum
         self.affine = affine
         self.track_running_stats = track_running_stats
-        self.constant = constant
-        self.ghost_batch_size = ghost_batch_size
-        self.compute_dtype = compute_dtype
-        self.accumulate_dtype = accumulate_dtype
-        if precision_kwargs and compute_dtype is None:
-            raise ValueError(f"{name}: precision_kwargs={precision_kwargs!r} need a compute_dtype")
-        self.precision_kwargs = dict(precision_kwargs or {})
         if self.affine:
             self.weight = nn.Parameter(torch.empty(num_features, **factory_kwargs))
             if bias:
@@ -144,14 +135,17 @@ class _LpNormBase(nn.Module):
     def _check_input_dim(self, input: Tensor) -> None:
         raise NotImplementedError
 
-    def _check_channels(self, input: Tensor) -> None:
+    def check_channels(self, input: Tensor) -> None:
+        """Refuse an input whose dim 1 is not ``num_features``."""
         if input.shape[1] != self.num_features:
             raise ValueError(
                 f"{type(self).__name__}: expected input with {self.num_features} channels (dim 1), "
                 f"got {input.shape[1]} channels in input of shape {list(input.shape)}"
             )
 
-    def _batch_norm_state(self) -> tuple[bool, float, Tensor | None, Tensor | None]:
+    _check_channels = check_channels
+
+    def batch_norm_state(self) -> tuple[bool, float, Tensor | None, Tensor | None]:
         """``(bn_training, momentum factor, running_mean, running_var)`` for this call.
 
         Exactly torch's ``_BatchNorm.forward``: a training call counts the batch in
@@ -168,21 +162,13 @@ class _LpNormBase(nn.Module):
         return (bn_training, factor, self.running_mean if use_buffers else None,
                 self.running_var if use_buffers else None)
 
+    _batch_norm_state = batch_norm_state
+
     def extra_repr(self) -> str:
-        s = (
+        return (
             f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}, "
-            f"bias={self.bias is not None}, track_running_stats={self.track_running_stats}, "
-            f"{_p_repr(self.p, self.k)}"
+            f"bias={self.bias is not None}, track_running_stats={self.track_running_stats}"
         )
-        if self.p != 2.0:
-            s += f", constant={self.constant!r}"
-        if self.ghost_batch_size is not None:
-            s += f", ghost_batch_size={self.ghost_batch_size}"
-        if self.compute_dtype is not None:
-            s += f", compute_dtype={self.compute_dtype}"
-        if self.accumulate_dtype is not None:
-            s += f", accumulate_dtype={self.accumulate_dtype}"
-        return s
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs) -> None:
@@ -201,7 +187,64 @@ class _LpNormBase(nn.Module):
                                       unexpected_keys, error_msgs)
 
 
-class _LpBatchNorm(_LpNormBase):
+class LpBatchNormBase(BatchNormBase):
+    """:class:`BatchNormBase` with the Lp options: ``p``, ``k``, ``constant``, ghost batches and
+    low-precision emulation. Every Lp batch norm (1d/2d/3d and synchronized) is one."""
+
+    __constants__ = BatchNormBase.__constants__ + ["p", "k", "constant"]
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        device: Any = None,
+        dtype: Any = None,
+        *,
+        bias: bool = True,
+        p: float | int | str = 2,
+        k: int | None = None,
+        constant: str = "calibrated",
+        ghost_batch_size: int | None = None,
+        compute_dtype: torch.dtype | str | None = None,
+        accumulate_dtype: torch.dtype | str | None = None,
+        precision_kwargs: dict[str, Any] | None = None,
+    ) -> None:
+        name = type(self).__name__
+        p, k = _check_options(name, p, k, constant)
+        if ghost_batch_size is not None and (not isinstance(ghost_batch_size, int) or ghost_batch_size < 2):
+            raise ValueError(f"{name}: ghost_batch_size must be an integer >= 2 or None, got {ghost_batch_size!r}")
+        if precision_kwargs and compute_dtype is None:
+            raise ValueError(f"{name}: precision_kwargs={precision_kwargs!r} need a compute_dtype")
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype,
+                         bias=bias)
+        self.p, self.k = p, k
+        self.constant = constant
+        self.ghost_batch_size = ghost_batch_size
+        self.compute_dtype = compute_dtype
+        self.accumulate_dtype = accumulate_dtype
+        self.precision_kwargs = dict(precision_kwargs or {})
+
+    def extra_repr(self) -> str:
+        s = f"{super().extra_repr()}, {_p_repr(self.p, self.k)}"
+        if self.p != 2.0:
+            s += f", constant={self.constant!r}"
+        if self.ghost_batch_size is not None:
+            s += f", ghost_batch_size={self.ghost_batch_size}"
+        if self.compute_dtype is not None:
+            s += f", compute_dtype={self.compute_dtype}"
+        if self.accumulate_dtype is not None:
+            s += f", accumulate_dtype={self.accumulate_dtype}"
+        return s
+
+
+# The name the rest of the package used before the split; kept importable.
+_LpNormBase = LpBatchNormBase
+
+
+class _LpBatchNorm(LpBatchNormBase):
     def forward(self, input: Tensor) -> Tensor:
         name = type(self).__name__
         _check_dtype(name, input)

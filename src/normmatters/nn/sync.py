@@ -44,7 +44,7 @@ from torch.autograd.function import once_differentiable
 
 from ..functional.constants import lp_constant
 from ..functional.norm import _affine, _channel_view, _compute_dtype, _update_running, lp_batch_norm
-from .batchnorm import _check_dtype, _LpNormBase
+from .batchnorm import LpBatchNormBase, _check_dtype
 
 __all__ = ["SyncLpBatchNorm"]
 
@@ -234,7 +234,7 @@ def _global_topk(d: Tensor, k: int, m: int, world: int, group: Any) -> tuple[Ten
     return best.mean(1), _from_channel(mask, d)
 
 
-class SyncLpBatchNorm(_LpNormBase):
+class SyncLpBatchNorm(LpBatchNormBase):
     r"""Lp batch normalization with statistics over every process of a group (SPEC §2; Hoffer
     et al. 2018, §4).
 
