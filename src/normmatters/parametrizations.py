@@ -1,6 +1,6 @@
 r"""Weight normalization, Lp weight normalization and bounded weight normalization.
 
-All three are :mod:`torch.nn.utils.parametrize` parametrizations (SPEC §3, paper §6): the
+All three are :mod:`torch.nn.utils.parametrize` parametrizations (Hoffer et al. 2018, §6; docs/math.md §3): the
 weight stays an ordinary attribute of the module, computed from the stored tensors each time it
 is read, so ``state_dict``/``load_state_dict``, ``copy.deepcopy``, ``torch.compile``,
 ``parameters()`` iteration (nothing is recomputed outside ``forward``) and
@@ -278,7 +278,7 @@ class _BoundedGainWeightNorm(_WeightNormBase):
 
 
 def lp_weight_norm(module: nn.Module, name: str = "weight", p: float | str = 2, dim: int | None = None) -> nn.Module:
-    r"""Apply Lp weight normalization to ``module.name`` (SPEC §3).
+    r"""Apply Lp weight normalization to ``module.name`` (docs/math.md §3).
 
     .. math::
         w_i = g_i \frac{v_i}{\|v_i\|_p}, \qquad p \in \{1, 2, \infty\}
@@ -354,7 +354,7 @@ def bounded_weight_norm(
     *,
     gain: Literal["fixed", "bounded"] = "fixed",
 ) -> nn.Module:
-    r"""Apply bounded weight normalization (BWN, Hoffer et al. 2018 §6; SPEC §3) to ``module.name``.
+    r"""Apply bounded weight normalization (BWN, Hoffer et al. 2018, §6) to ``module.name``.
 
     ``gain="fixed"`` (the paper's formula, default):
 
