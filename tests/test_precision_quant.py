@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from normmatters.precision.formats import round_to_format
+from normmatters.precision import round_to_format
 from normmatters.precision.quant import (
     QConv1d,
     QConv2d,

@@ -13,8 +13,8 @@ fp8, a precision map of the Lp dispersions, and 8-bit training after Banner et a
   rounded activation gradients), Range BN, and :func:`quantize_model`.
 """
 
-from .emulate import Arithmetic, NonfiniteRecorder, emulated_sum, round_ste
-from .formats import (
+from ..functional.emulate import Arithmetic, NonfiniteRecorder, emulated_sum, round_ste
+from ..functional.formats import (
     FORMATS,
     FloatFormat,
     IntFormat,
@@ -23,7 +23,7 @@ from .formats import (
     round_to_format,
     stochastic_round,
 )
-from .norm import emulated_batch_norm, emulated_dispersion, emulated_layer_norm, emulated_statistics
+from ..functional.emulated import emulated_batch_norm, emulated_dispersion, emulated_layer_norm, emulated_statistics
 from .precision_map import PrecisionMap, precision_map
 from .quant import (
     QConv1d,

@@ -37,9 +37,9 @@ import numpy as np
 import torch
 
 from ..functional import lp_dispersion
-from .emulate import Arithmetic
-from .formats import get_format
-from .norm import emulated_statistics
+from ..functional.emulate import Arithmetic
+from ..functional.emulated import emulated_statistics
+from ..functional.formats import get_format
 
 __all__ = ["PrecisionMap", "precision_map", "DEFAULT_FORMATS", "DEFAULT_NORMS"]
 

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .formats import FloatFormat, IntFormat, get_format, round_to_format
+from ..functional.formats import FloatFormat, IntFormat, get_format, round_to_format
 
 __all__ = [
     "QuantConfig",

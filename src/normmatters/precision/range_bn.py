@@ -36,7 +36,7 @@ from torch import Tensor
 
 from ..functional.norm import _check_batch_norm_input, _update_running
 from ..nn.batchnorm import _LpNormBase
-from .emulate import Arithmetic, _record
+from ..functional.emulate import Arithmetic, _record
 
 __all__ = ["expected_range", "range_constant", "range_batch_norm", "RangeBatchNorm1d", "RangeBatchNorm2d"]
 

@@ -148,25 +148,16 @@ class NonfiniteRecorder:
         return {k: vars(v).copy() for k, v in self.counts.items()}
 
     def attach(self, model: torch.nn.Module, types: tuple[type, ...] | None = None) -> list:
-        """Record inside every submodule of ``model`` of the given ``types`` (default: the Lp and
-        Range batch norms and :class:`~normmatters.nn.LpLayerNorm`), scoped by its name.
+        """Record inside every submodule of ``model`` of the given ``types``, scoped by its name.
 
-        Forward hooks make this recorder active for the module's forward only. Returns the hook
-        handles; call ``handle.remove()`` on each (or :meth:`detach`) to stop.
+        By default, every submodule with a ``compute_dtype`` attribute: the Lp batch, layer and
+        group norms and Range BN, whichever format they are set to. Forward hooks make this
+        recorder active for the module's forward only. Returns the hook handles; call
+        ``handle.remove()`` on each (or :meth:`detach`) to stop.
         """
-        if types is None:
-            from ..nn.batchnorm import _LpNormBase
-
-            types = (_LpNormBase,)
-            try:
-                from ..nn import LpLayerNorm
-
-                types = types + (LpLayerNorm,)
-            except ImportError:  # pragma: no cover - layer norms are optional here
-                pass
         handles = []
         for name, module in model.named_modules():
-            if isinstance(module, types):
+            if (hasattr(module, "compute_dtype") if types is None else isinstance(module, types)):
                 handles.append(module.register_forward_pre_hook(self._pre_hook(name or type(module).__name__)))
                 handles.append(module.register_forward_hook(self._post_hook()))
         self._handles = getattr(self, "_handles", []) + handles

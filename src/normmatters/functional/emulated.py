@@ -41,8 +41,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from ..functional import lp_constant
-from ..functional.norm import _check_batch_norm_input, _check_float, _check_p_k, _last_dims, _update_running
+from .constants import lp_constant
+from .norm import _check_batch_norm_input, _check_float, _check_p_k, _last_dims, _update_running
 from .emulate import Arithmetic, _record
 from .formats import FloatFormat
 
