@@ -308,31 +308,47 @@ def _affine(xhat: Tensor, weight: Tensor | None, bias: Tensor | None, ndim: int)
     return xhat
 
 
+def _ghost_statistics(x: Tensor, ghost_batch_size: int, statistics, where: str):
+    """Ghost batches: split ``x`` (N, C, *) along dim 0 into virtual batches of
+    ``ghost_batch_size`` samples and run ``statistics(chunk) -> (out, mean, sigma)`` on each.
+
+    Returns ``(outs, mean, sigma, n)``: the chunks' outputs in order; the merge of their
+    statistics that the running statistics record — the mean of the means and the root mean
+    square of the σ̂ (detached); and n, the values per channel of one ghost batch. Every batch-norm
+    path with ghost batches (the reference and the emulated low precision) goes through here.
+    """
+    chunks = x.split(ghost_batch_size, dim=0)
+    if chunks[-1].shape[0] * math.prod(x.shape[2:]) == 1:
+        raise ValueError(
+            f"{where}: the last ghost batch has one value per channel (batch of "
+            f"{x.shape[0]} with ghost_batch_size={ghost_batch_size}); choose a batch size that "
+            f"leaves at least 2 samples in every ghost batch"
+        )
+    outs, means, sigmas = [], [], []
+    for chunk in chunks:
+        out, mean, sigma = statistics(chunk)
+        outs.append(out)
+        means.append(mean.detach())
+        sigmas.append(sigma.detach())
+    mean = torch.stack(means).mean(0)
+    sigma = torch.stack(sigmas).pow(2).mean(0).sqrt()
+    return outs, mean, sigma, chunks[0].numel() // x.shape[1]
+
+
 def _ghost_batch_norm(input, running_mean, running_var, weight, bias, momentum, eps, p, k,
                       constant, ghost_batch_size):
     ndim = input.dim()
     x = input.to(_compute_dtype(input))
-    chunks = x.split(ghost_batch_size, dim=0)
-    if chunks[-1].shape[0] * math.prod(x.shape[2:]) == 1:
-        raise ValueError(
-            f"lp_batch_norm: the last ghost batch has one value per channel (batch of "
-            f"{x.shape[0]} with ghost_batch_size={ghost_batch_size}); choose a batch size that "
-            f"leaves at least 2 samples in every ghost batch"
-        )
     dims = (0,) + tuple(range(2, ndim))
-    outs, means, sigmas = [], [], []
-    for chunk in chunks:
+
+    def statistics(chunk: Tensor):
         mean, d, inv, sigma = batch_norm_statistics(chunk, dims, p, k, constant, eps)
-        outs.append(d * inv)
-        means.append(mean.detach())
-        sigmas.append(sigma.detach())
-    xhat = torch.cat(outs, dim=0)
+        return d * inv, mean, sigma
+
+    outs, mean, sigma, n = _ghost_statistics(x, ghost_batch_size, statistics, "lp_batch_norm")
     if running_mean is not None or running_var is not None:
-        n = chunks[0].numel() // x.shape[1]
-        mean = torch.stack(means).mean(0)
-        sigma = torch.stack(sigmas).pow(2).mean(0).sqrt()
         _update_running(running_mean, running_var, mean, sigma, n, momentum)
-    return _affine(xhat, weight, bias, ndim).to(input.dtype)
+    return _affine(torch.cat(outs, dim=0), weight, bias, ndim).to(input.dtype)
 
 
 def _last_dims(input: Tensor, normalized_shape: Sequence[int], where: str) -> tuple[int, ...]:
