@@ -38,9 +38,9 @@ import torch.fx as fx
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from ..nn.batchnorm import _LpNormBase
-from ..nn.layernorm import LpGroupNorm, LpLayerNorm, LpRMSNorm
-from ..nn.meanbn import _MeanOnlyBatchNorm
+from ..convert.layers import ForeignLpNorm
+from ..convert.recognise import MEAN_ONLY, NormSpec, recognise, warn_left
+from ..nn import LpBatchNorm1d, LpBatchNorm2d, LpBatchNorm3d, LpGroupNorm, LpLayerNorm, LpRMSNorm, SyncLpBatchNorm
 from ..parametrizations import _own_class
 from .freeze import FrozenNorm
 
@@ -49,18 +49,48 @@ __all__ = ["fold_norms", "FoldReport", "bake_weight_norms", "norm_eval_affine", 
 logger = logging.getLogger(__name__)
 
 _FOLD_INTO = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
-_PER_SAMPLE = (nn.LayerNorm, nn.GroupNorm, nn.RMSNorm, nn.modules.instancenorm._InstanceNorm,
-               LpLayerNorm, LpGroupNorm, LpRMSNorm)
+_BATCH = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, LpBatchNorm1d, LpBatchNorm2d,
+          LpBatchNorm3d, SyncLpBatchNorm) + MEAN_ONLY
+_PER_SAMPLE = (nn.LayerNorm, nn.GroupNorm, nn.RMSNorm, nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d,
+               LpLayerNorm, LpGroupNorm, LpRMSNorm, ForeignLpNorm)
+
+# What each module of the model being folded computes: ("batch" | "sample" | "left", spec or reason).
+# Filled once per fold_norms call (probing a module is not free) and emptied after it.
+_CLASSES: dict[int, tuple[nn.Module, tuple[str, NormSpec | str | None] | None]] = {}
+
+
+def _classify(m: nn.Module) -> tuple[str, NormSpec | str | None] | None:
+    got = _CLASSES.get(id(m))
+    if got is not None and got[0] is m:
+        return got[1]
+    return _classify_now(m)
+
+
+def _classify_now(m: nn.Module) -> tuple[str, NormSpec | str | None] | None:
+    t = type(m)
+    if t is FrozenNorm:
+        return ("batch" if m.kind in ("batch", "mean") else "sample", None)
+    if t in _BATCH:
+        return ("batch", None)
+    if t in _PER_SAMPLE:
+        return ("sample", None)
+    if isinstance(m, MEAN_ONLY + (FrozenNorm,)):
+        return ("left", "a subclass of a normmatters layer that is not known to compute the same")
+    spec = recognise(m)
+    if spec is None:
+        return None
+    if isinstance(spec, str):
+        return ("left", spec)
+    return ("batch" if spec.kind == "batch" else "sample", spec)
 
 
 def _is_batch_norm(m: nn.Module) -> bool:
-    if isinstance(m, FrozenNorm):
-        return m.kind in ("batch", "mean")
-    return isinstance(m, (nn.modules.batchnorm._BatchNorm, _LpNormBase, _MeanOnlyBatchNorm))
+    c = _classify(m)
+    return c is not None and c[0] == "batch"
 
 
 def _is_norm(m: nn.Module) -> bool:
-    return _is_batch_norm(m) or isinstance(m, _PER_SAMPLE + (FrozenNorm,))
+    return _classify(m) is not None
 
 
 @dataclass
@@ -112,12 +142,13 @@ def check_eval_mode(model: nn.Module, where: str) -> None:
         )
 
 
-def norm_eval_affine(norm: nn.Module) -> tuple[Tensor, Tensor] | str:
+def norm_eval_affine(norm: nn.Module, *, eps: float | None = None) -> tuple[Tensor, Tensor] | str:
     """The per-channel ``(scale, shift)`` with ``norm(x) = scale·x + shift`` in evaluation (float64).
 
-    Returns a reason (a string) when the norm is not such a map: no running statistics, or
-    low-precision emulation. Formulas in the module docstring.
+    ``eps`` defaults to ``norm.eps``. Returns a reason (a string) when the norm is not such a map:
+    no running statistics, or low-precision emulation. Formulas in the module docstring.
     """
+    eps = getattr(norm, "eps", None) if eps is None else eps
     rm = getattr(norm, "running_mean", None)
     if rm is None:
         return "has no running statistics (track_running_stats=False): evaluation uses batch statistics"
@@ -129,7 +160,7 @@ def norm_eval_affine(norm: nn.Module) -> tuple[Tensor, Tensor] | str:
     b = getattr(norm, "bias", None)
     gamma = torch.ones_like(mu) if w is None else w.detach().double()
     beta = torch.zeros_like(mu) if b is None else b.detach().double()
-    if isinstance(norm, _MeanOnlyBatchNorm) or getattr(norm, "kind", None) == "mean":
+    if isinstance(norm, MEAN_ONLY) or getattr(norm, "kind", None) == "mean":
         s = torch.ones_like(mu)
     else:
         rv = getattr(norm, "running_var", None)
@@ -137,9 +168,9 @@ def norm_eval_affine(norm: nn.Module) -> tuple[Tensor, Tensor] | str:
             return "has no running_var: evaluation uses batch statistics"
         rv = rv.detach().double()
         if float(getattr(norm, "p", 2.0)) == 2.0:
-            s = torch.rsqrt(rv + norm.eps)
+            s = torch.rsqrt(rv + eps)
         else:
-            s = 1.0 / (rv.sqrt() + norm.eps)
+            s = 1.0 / (rv.sqrt() + eps)
     scale = gamma * s
     return scale, beta - mu * scale
 
@@ -249,7 +280,13 @@ def _fold_graph(gm: fx.GraphModule, prefix: str, report: FoldReport, registered:
             continue
         norm = modules[node.target]
         name = prefix + node.target
-        if not _is_norm(norm):
+        cls = _classify(norm)
+        if cls is None:
+            continue
+        if cls[0] == "left":
+            if all(n != name for n, _ in report.skipped):
+                report.skipped.append((name, cls[1]))
+                warn_left("fold_norms", name, norm, cls[1])
             continue
         if not _is_batch_norm(norm):
             if all(n != name for n, _ in report.skipped):
@@ -287,10 +324,12 @@ def _fold_graph(gm: fx.GraphModule, prefix: str, report: FoldReport, registered:
             skip(f"{conv_name!r} keeps a parametrization that is not a weight norm")
             continue
         out = conv.out_features if isinstance(conv, nn.Linear) else conv.out_channels
-        if out != norm.num_features:
-            skip(f"{conv_name!r} has {out} outputs but the norm has {norm.num_features} channels")
+        channels = getattr(norm, "num_features", None) or norm.running_mean.numel()
+        if out != channels:
+            skip(f"{conv_name!r} has {out} outputs but the norm has {channels} channels")
             continue
-        affine = norm_eval_affine(norm)
+        spec = cls[1]
+        affine = norm_eval_affine(norm, eps=spec.eps if isinstance(spec, NormSpec) else None)
         if isinstance(affine, str):
             skip(affine)
             continue
@@ -438,6 +477,16 @@ def fold_norms(
         raise ValueError(f"{where}: tol must be positive, got {tol}")
     report = FoldReport()
     work = copy.deepcopy(model)
+    _CLASSES.clear()
+    for m in work.modules():
+        _CLASSES[id(m)] = (m, _classify_now(m))
+    try:
+        return _fold(model, work, report, example_inputs, tol, return_report, tracer_class, where)
+    finally:
+        _CLASSES.clear()
+
+
+def _fold(model, work, report, example_inputs, tol, return_report, tracer_class, where):
     bake_weight_norms(work, report)
     registered: Counter = Counter(id(m) for _, m in work.named_modules(remove_duplicate=False))
     args = _as_args(example_inputs) if example_inputs is not None else None

@@ -5,51 +5,47 @@ computes, in training and in evaluation alike, what the original layer computes 
 
 * batch norms of any p (torch's, :class:`~normmatters.nn.LpBatchNorm2d`): the running statistics,
   :math:`y = \gamma (x-\mu)/\sqrt{\sigma^2_{run}+\epsilon} + \beta` at p=2 and
-  :math:`\gamma (x-\mu)/(\sqrt{\sigma^2_{run}}+\epsilon) + \beta` otherwise (SPEC §2), through the
-  same functions the layers use; the running statistics are never updated;
+  :math:`\gamma (x-\mu)/(\sqrt{\sigma^2_{run}}+\epsilon) + \beta` otherwise (docs/math.md),
+  through the same functions the layers use; the running statistics are never updated;
 * mean-only batch norms: :math:`y = (x - \mu_{run})\gamma + \beta`;
-* layer, group and RMS norms (torch's and ours): per-sample statistics, as always (they have no
+* layer, group and RMS norms (torch's, ours, and other classes that compute one of them, such as
+  transformers' ``LlamaRMSNorm`` or a channels-first ``ConvNextLayerNorm``: recognised by what they
+  compute, :mod:`normmatters.convert.recognise`): per-sample statistics, as always (they have no
   running statistics); only their parameters stop training.
 
-State-dict keys are those of the original layer (``weight``, ``bias``, ``running_mean``,
-``running_var``, ``num_batches_tracked``), so state dicts move between a frozen and an unfrozen
+Any other norm-like module (e.g. a batch norm subclass whose ``forward`` adds an activation) is
+left as it is with one :class:`~normmatters.convert.NormConversionWarning`.
+
+State-dict keys are those of the original layer (``weight``, ``bias`` — or the original's own
+names —, ``running_mean``, ``running_var``, ``num_batches_tracked``), so state dicts move between a frozen and an unfrozen
 model both ways. :func:`unfreeze_norms` rebuilds the original layer classes with the current values.
 """
 
 from __future__ import annotations
 
 import copy
-import logging
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..functional.norm import lp_batch_norm, lp_group_norm, lp_layer_norm, lp_rms_norm
-from ..nn.batchnorm import _LpNormBase
-from ..nn.layernorm import LpGroupNorm, LpLayerNorm, LpRMSNorm
-from ..nn.meanbn import _MeanOnlyBatchNorm
+from ..convert.layers import update_transformer_fast_paths
+from ..convert.recognise import MEAN_ONLY, NormSpec, recognise, warn_left
+from ..functional import lp_batch_norm, lp_group_norm, lp_layer_norm, lp_rms_norm
 
 __all__ = ["FrozenNorm", "freeze_norms", "unfreeze_norms"]
 
-logger = logging.getLogger(__name__)
-
 _KINDS = ("batch", "layer", "group", "rms")
-_STATE = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
+_STATS = ("running_mean", "running_var", "num_batches_tracked")
 
 
-def _kind(m: nn.Module) -> str | None:
-    if isinstance(m, _MeanOnlyBatchNorm):
-        return "mean"
-    if isinstance(m, (nn.modules.batchnorm._BatchNorm, _LpNormBase)):
-        return "batch"
-    if isinstance(m, (nn.LayerNorm, LpLayerNorm)):
-        return "layer"
-    if isinstance(m, (nn.GroupNorm, LpGroupNorm)):
-        return "group"
-    if isinstance(m, (nn.RMSNorm, LpRMSNorm)):
-        return "rms"
-    return None
+def _spec(m: nn.Module) -> NormSpec | str | None:
+    """What ``m`` computes (``"mean"`` for a mean-only batch norm), as in :func:`recognise`."""
+    if isinstance(m, MEAN_ONLY):
+        return NormSpec("mean", (m.num_features,), None,
+                        weight="weight" if getattr(m, "weight", None) is not None else None,
+                        bias="bias" if getattr(m, "bias", None) is not None else None)
+    return recognise(m)
 
 
 class FrozenNorm(nn.Module):
@@ -66,11 +62,16 @@ class FrozenNorm(nn.Module):
         []
     """
 
-    def __init__(self, module: nn.Module) -> None:
+    def __init__(self, module: nn.Module, spec: NormSpec | None = None) -> None:
         super().__init__()
-        kind = _kind(module)
-        if kind is None:
-            raise TypeError(f"FrozenNorm: expected a batch/layer/group/RMS norm, got {type(module).__name__}")
+        if spec is None:
+            found = _spec(module)
+            if not isinstance(found, NormSpec):
+                why = f": {found}" if isinstance(found, str) else ""
+                raise TypeError(f"FrozenNorm: expected a batch/layer/group/RMS norm, got "
+                                f"{type(module).__name__}{why}")
+            spec = found
+        kind = spec.kind
         if kind in ("batch", "mean") and getattr(module, "running_mean", None) is None:
             raise ValueError(
                 f"FrozenNorm: {type(module).__name__} has no running statistics "
@@ -81,33 +82,38 @@ class FrozenNorm(nn.Module):
                 f"FrozenNorm: {type(module).__name__} emulates low precision "
                 f"(compute_dtype={module.compute_dtype}); freezing it would change its arithmetic"
             )
+        if kind == "batch" and spec.options.get("ghost_batch_size") is not None:
+            pass  # evaluation of a ghost batch norm uses the running statistics like any other
         self.kind = kind
         self.original_class = type(module).__name__
-        self.p = float(getattr(module, "p", 2.0))
-        self.k = getattr(module, "k", None)
-        self.constant = getattr(module, "constant", "calibrated")
-        self.eps = getattr(module, "eps", None)
-        self.num_features = getattr(module, "num_features", getattr(module, "num_channels", None))
-        self.normalized_shape = tuple(getattr(module, "normalized_shape", ()))
-        self.num_groups = getattr(module, "num_groups", None)
+        self.p, self.k, self.constant = float(spec.p), spec.k, spec.constant
+        self.eps = spec.eps
+        self.axis, self.offset = spec.axis, spec.offset
+        self.weight_name, self.bias_name = spec.weight, spec.bias
+        self.num_features = spec.shape[0] if kind in ("batch", "mean", "group") else None
+        self.normalized_shape = tuple(spec.shape) if kind in ("layer", "rms") else ()
+        self.num_groups = spec.num_groups
         self.requires_grad = {n: p.requires_grad for n, p in module.named_parameters(recurse=False)}
-        for name in _STATE:
+        names = [n for n in (spec.weight, spec.bias) if n is not None]
+        if kind in ("batch", "mean"):
+            names += [n for n in _STATS if n in module._buffers]
+        for name in names:
             t = getattr(module, name, None)
-            if name in module._parameters or name in module._buffers:
-                self.register_buffer(name, None if t is None else t.detach().clone())
+            self.register_buffer(name, None if t is None else t.detach().clone())
         # Kept outside the module tree (no state, no device moves): the original's class and
         # configuration, with its tensors on the meta device.
         self.__dict__["_template"] = copy.deepcopy(module).to("meta")
         self.train(module.training)
 
     def forward(self, input: Tensor) -> Tensor:
-        w, b = self._buffers.get("weight"), self._buffers.get("bias")
+        w = self._buffers.get(self.weight_name) if self.weight_name else None
+        b = self._buffers.get(self.bias_name) if self.bias_name else None
+        lp = {"p": self.p, "k": self.k, "constant": self.constant}
         if self.kind == "batch":
             rm, rv = self._buffers["running_mean"], self._buffers["running_var"]
             if self.p == 2.0:
                 return F.batch_norm(input, rm, rv, w, b, False, 0.0, self.eps)
-            return lp_batch_norm(input, rm, rv, w, b, False, 0.0, self.eps, p=self.p, k=self.k,
-                                 constant=self.constant)
+            return lp_batch_norm(input, rm, rv, w, b, False, 0.0, self.eps, **lp)
         if self.kind == "mean":
             view = [1, -1] + [1] * (input.dim() - 2)
             y = input - self._buffers["running_mean"].reshape(view).to(input.dtype)
@@ -116,14 +122,18 @@ class FrozenNorm(nn.Module):
             if b is not None:
                 y = y + b.reshape(view).to(y.dtype)
             return y
-        if self.kind == "layer":
-            return lp_layer_norm(input, self.normalized_shape, w, b, self.eps, p=self.p, k=self.k,
-                                 constant=self.constant)
         if self.kind == "group":
-            return lp_group_norm(input, self.num_groups, w, b, self.eps, p=self.p, k=self.k,
-                                 constant=self.constant)
-        return lp_rms_norm(input, self.normalized_shape, w, self.eps, p=self.p, k=self.k,
-                           constant=self.constant)
+            return lp_group_norm(input, self.num_groups, w, b, self.eps, **lp)
+        x = input.movedim(1, -1) if self.axis == "channels_first" else input
+        if w is not None and self.offset:
+            w = w + self.offset
+        if self.kind == "layer":
+            y = lp_layer_norm(x, self.normalized_shape, w, b, self.eps, **lp)
+        else:
+            y = lp_rms_norm(x, self.normalized_shape, w, self.eps, **lp)
+            if b is not None:
+                y = y + b.to(y.dtype)
+        return y.movedim(-1, 1) if self.axis == "channels_first" else y
 
     def unfreeze(self) -> nn.Module:
         """A layer of the original class holding this layer's current values and training flag."""
@@ -133,7 +143,7 @@ class FrozenNorm(nn.Module):
         if ref is not None:
             new = new.to(dtype=ref.dtype)
         with torch.no_grad():
-            for name in _STATE:
+            for name in self._buffers:
                 src = self._buffers.get(name)
                 dst = getattr(new, name, None)
                 if src is not None and isinstance(dst, Tensor):
@@ -206,19 +216,26 @@ def freeze_norms(model: nn.Module, kinds: tuple[str, ...] | list[str] = _KINDS) 
         nonlocal frozen
         if isinstance(m, FrozenNorm):
             return m
-        kind = _kind(m)
-        if kind is None or kind not in wanted:
+        spec = _spec(m)
+        if spec is None:
             return None
+        if isinstance(spec, str):
+            warn_left("freeze_norms", name, m, spec)
+            refused.append(f"{name or '<root>'}: {spec}")
+            return m
+        if spec.kind not in wanted:
+            return m
         try:
-            new = FrozenNorm(m)
+            new = FrozenNorm(m, spec)
         except ValueError as exc:
             refused.append(f"{name or '<root>'}: {exc}")
-            logger.warning("freeze_norms: %s left unfrozen: %s", name or "<root>", exc)
+            warn_left("freeze_norms", name, m, str(exc))
             return m
         frozen += 1
         return new
 
     out = _walk(model, fn)
+    update_transformer_fast_paths(out)
     if frozen == 0:
         why = "; ".join(refused) if refused else f"it has no unfrozen {'/'.join(kinds)} norm layer"
         raise ValueError(f"freeze_norms: nothing to freeze in {type(model).__name__} ({why})")
@@ -246,6 +263,7 @@ def unfreeze_norms(model: nn.Module) -> nn.Module:
         return None
 
     out = _walk(model, fn)
+    update_transformer_fast_paths(out)
     if count == 0:
         raise ValueError(f"unfreeze_norms: nothing to unfreeze: {type(model).__name__} has no FrozenNorm")
     return out

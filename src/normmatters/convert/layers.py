@@ -1,0 +1,199 @@
+r"""The layers and bookkeeping the converters need beyond :mod:`normmatters.nn`.
+
+* :class:`ForeignLpNorm` — an Lp layer or RMS norm that keeps a foreign layer's form: its
+  parameter names (so state dicts keep their keys), a channels-first axis, a scale stored as an
+  offset from 1 (Gemma's RMS norm: :math:`y = x/\hat\sigma(x)\cdot(1 + w)`).
+* the original of a converted layer, kept on the ``meta`` device, so that
+  :func:`~normmatters.to_torch_norms` gives back the original class;
+* torch's Transformer fast path, which reads only a norm's weight, bias and eps: it is turned off
+  on the converted layers (and on nothing else).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.nn import init
+
+from ..functional import lp_layer_norm, lp_rms_norm, normalize_p
+
+__all__ = ["ForeignLpNorm", "remember_original", "original_of", "restore_original", "update_transformer_fast_paths"]
+
+
+class ForeignLpNorm(nn.Module):
+    r"""Lp layer norm or RMS norm in the form of another library's layer.
+
+    .. math::
+        y = \frac{x - \mathrm{E}[x]}{\hat\sigma_p + \epsilon}\,(o + w) + b \quad\text{(layer)},\qquad
+        y = \frac{x}{\hat\sigma_p(x) + \epsilon}\,(o + w) + b \quad\text{(RMS)}
+
+    over the trailing ``normalized_shape`` axes (``axis="last"``) or over axis 1
+    (``axis="channels_first"``, e.g. transformers' ``ConvNextLayerNorm(data_format="channels_first")``),
+    with the offset ``o`` = ``offset`` (0, or 1 for Gemma's ``(1 + weight)``). At ``p=2`` it is the
+    formula of torch's ``layer_norm`` / ``rms_norm`` (ε inside the root). Parameters are
+    registered under ``weight_name`` / ``bias_name`` so a state dict keeps the original's keys.
+    Built by :func:`~normmatters.convert_norms`; ``p``, ``k`` and ``constant`` as in
+    :class:`~normmatters.nn.LpLayerNorm`.
+
+    Example::
+
+        >>> ln = ForeignLpNorm("layer", 16, 1e-6, axis="channels_first", p=1)
+        >>> y = ln(torch.randn(2, 16, 8, 8))
+    """
+
+    def __init__(
+        self,
+        kind: str,
+        normalized_shape: int | Sequence[int],
+        eps: float | None = 1e-5,
+        *,
+        axis: str = "last",
+        offset: float = 0.0,
+        weight_name: str | None = "weight",
+        bias_name: str | None = None,
+        device: Any = None,
+        dtype: Any = None,
+        p: float | int | str = 2,
+        k: int | None = None,
+        constant: str = "calibrated",
+    ) -> None:
+        super().__init__()
+        if kind not in ("layer", "rms"):
+            raise ValueError(f"ForeignLpNorm: kind must be 'layer' or 'rms', got {kind!r}")
+        if axis not in ("last", "channels_first"):
+            raise ValueError(f"ForeignLpNorm: axis must be 'last' or 'channels_first', got {axis!r}")
+        shape = (int(normalized_shape),) if isinstance(normalized_shape, int) else tuple(int(s) for s in normalized_shape)
+        if axis == "channels_first" and len(shape) != 1:
+            raise ValueError(f"ForeignLpNorm: a channels-first norm normalizes one axis, got {shape}")
+        if kind == "layer" and eps is None:
+            raise ValueError("ForeignLpNorm: a layer norm needs a number eps")
+        self.p = normalize_p(p)
+        if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1 or self.p != math.inf):
+            raise ValueError(f"ForeignLpNorm: k={k!r} selects Top(k): a positive integer, with p=inf (got p={p})")
+        if constant not in ("calibrated", "paper", "none"):
+            raise ValueError(f"ForeignLpNorm: constant must be 'calibrated', 'paper' or 'none', got {constant!r}")
+        self.kind, self.normalized_shape, self.eps = kind, shape, eps
+        self.axis, self.offset, self.k, self.constant = axis, float(offset), k, constant
+        self.weight_name, self.bias_name = weight_name, bias_name
+        fk = {"device": device, "dtype": dtype}
+        if weight_name is not None:
+            self.register_parameter(weight_name, nn.Parameter(torch.empty(shape, **fk)))
+        if bias_name is not None:
+            self.register_parameter(bias_name, nn.Parameter(torch.empty(shape, **fk)))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        if self.weight_name is not None:
+            init.constant_(getattr(self, self.weight_name), 1.0 - self.offset)
+        if self.bias_name is not None:
+            init.zeros_(getattr(self, self.bias_name))
+
+    def forward(self, input: Tensor) -> Tensor:
+        x = input.movedim(1, -1) if self.axis == "channels_first" else input
+        w = getattr(self, self.weight_name) if self.weight_name is not None else None
+        b = getattr(self, self.bias_name) if self.bias_name is not None else None
+        if w is not None and self.offset:
+            w = w + self.offset
+        lp = {"p": self.p, "k": self.k, "constant": self.constant}
+        if self.kind == "layer":
+            y = lp_layer_norm(x, self.normalized_shape, w, b, self.eps, **lp)
+        else:
+            y = lp_rms_norm(x, self.normalized_shape, w, self.eps, **lp)
+            if b is not None:
+                y = y + b.to(y.dtype)
+        return y.movedim(-1, 1) if self.axis == "channels_first" else y
+
+    def extra_repr(self) -> str:
+        p = "inf" if self.p == math.inf else f"{int(self.p)}"
+        s = f"{self.kind!r}, {self.normalized_shape}, eps={self.eps}, axis={self.axis!r}, p={p}"
+        if self.k is not None:
+            s += f", k={self.k}"
+        if self.offset:
+            s += f", offset={self.offset:g}"
+        return s
+
+
+# ------------------------------------------------------------------------------------------
+# the original of a converted layer
+# ------------------------------------------------------------------------------------------
+
+_ORIGINAL = "_normmatters_original"
+
+
+def remember_original(new: nn.Module, old: nn.Module) -> nn.Module:
+    """Keep ``old``'s class and configuration with ``new`` (on the meta device: no memory, and
+    outside the module tree: no state-dict keys, no device moves)."""
+    template = original_of(old)
+    if template is None:
+        template = copy.deepcopy(old).to("meta")
+        template.__dict__.pop(_ORIGINAL, None)
+    new.__dict__[_ORIGINAL] = template
+    return new
+
+
+def original_of(module: nn.Module) -> nn.Module | None:
+    """The template :func:`remember_original` kept with ``module``, or ``None``."""
+    return module.__dict__.get(_ORIGINAL)
+
+
+def restore_original(module: nn.Module) -> nn.Module:
+    """A layer of the original class holding ``module``'s current state (keys must match)."""
+    template = original_of(module)
+    if template is None:
+        raise ValueError(f"{type(module).__name__} keeps no original layer")
+    tensors = list(module.parameters()) + list(module.buffers())
+    ref = next((t for t in tensors if t.is_floating_point()), None)
+    device = ref.device if ref is not None else torch.device("cpu")
+    new = copy.deepcopy(template).to_empty(device=device)
+    if ref is not None:
+        new = new.to(dtype=ref.dtype)
+    new.load_state_dict(module.state_dict(), strict=True)
+    for name, p in new.named_parameters():
+        src = dict(module.named_parameters()).get(name)
+        if src is not None:
+            p.requires_grad_(src.requires_grad)
+    return new.train(module.training)
+
+
+# ------------------------------------------------------------------------------------------
+# torch's Transformer fast path
+# ------------------------------------------------------------------------------------------
+
+_FAST = "_normmatters_fast_path"
+
+
+def _torch_norms(layer: nn.Module) -> bool:
+    return type(getattr(layer, "norm1", None)) is nn.LayerNorm and type(getattr(layer, "norm2", None)) is nn.LayerNorm
+
+
+def update_transformer_fast_paths(model: nn.Module) -> None:
+    """Turn torch's fused Transformer fast path off where a layer's norms are no longer torch's
+    ``nn.LayerNorm`` (the fused kernel would compute L2 layer norm from their weight, bias and
+    eps), and back on where they are again.
+
+    Per instance: ``TransformerEncoderLayer.activation_relu_or_gelu`` (which the fast path
+    requires) and ``TransformerEncoder.use_nested_tensor`` (nested inputs bypass the layers'
+    Python path); the original values are kept and restored.
+    """
+    for m in model.modules():
+        if isinstance(m, nn.TransformerEncoderLayer):
+            if not _torch_norms(m):
+                if _FAST not in m.__dict__:
+                    m.__dict__[_FAST] = m.activation_relu_or_gelu
+                m.activation_relu_or_gelu = 0
+            elif _FAST in m.__dict__:
+                m.activation_relu_or_gelu = m.__dict__.pop(_FAST)
+    for m in model.modules():
+        if isinstance(m, nn.TransformerEncoder):
+            converted = any(isinstance(l, nn.TransformerEncoderLayer) and not _torch_norms(l) for l in m.layers)
+            if converted:
+                if _FAST not in m.__dict__:
+                    m.__dict__[_FAST] = m.use_nested_tensor
+                m.use_nested_tensor = False
+            elif _FAST in m.__dict__:
+                m.use_nested_tensor = m.__dict__.pop(_FAST)
