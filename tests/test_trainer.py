@@ -13,7 +13,14 @@ from normmatters.experiments.checkpoint import load_checkpoint
 from normmatters.experiments.config import TrainConfig, load_config
 from normmatters.experiments.errors import CheckpointError, ConfigError
 from normmatters.experiments.models import create_model
-from normmatters.experiments.trainer import build_optimizer, evaluate, lr_factor, param_groups, train
+from normmatters.experiments.trainer import build_optimizer, evaluate, lr_factor, train
+
+
+def param_groups(model, weight_decay, *, exclude_norm_bias=False, last_layer_only=False):
+    """The trainer's groups for these options: the ones build_optimizer passes to the optimizer."""
+    cfg = TrainConfig(weight_decay=weight_decay, wd_exclude_norm_bias=exclude_norm_bias,
+                      wd_last_layer_only=last_layer_only)
+    return build_optimizer(model, cfg).param_groups
 
 
 def _cfg(**kw):

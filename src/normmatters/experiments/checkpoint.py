@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from .errors import CheckpointError
-from .io import atomic_torch_save
+from .io import atomic_torch_save, remove_stray_temporaries
 
 __all__ = ["FORMAT", "save_checkpoint", "load_checkpoint", "rng_state", "set_rng_state"]
 
@@ -54,8 +54,15 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def save_checkpoint(path: str | os.PathLike, payload: dict[str, Any]) -> Path:
-    """Write ``payload`` (plus the format tag) atomically to ``path``."""
-    return atomic_torch_save({"format": FORMAT, "version": VERSION, **payload}, path)
+    """Write ``payload`` (plus the format tag) atomically to ``path``.
+
+    Once the new checkpoint is in place, the temporaries an earlier, killed write of the same
+    checkpoint left next to it (``.checkpoint.pt.*.tmp``) are removed: a run's checkpoint has one
+    writer, so none of them is a write in progress.
+    """
+    path = atomic_torch_save({"format": FORMAT, "version": VERSION, **payload}, path)
+    remove_stray_temporaries(path.parent, [path.name])
+    return path
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:

@@ -2,7 +2,9 @@
 
 A file is written to a temporary name in the same folder, flushed to disk, then renamed over the
 target with :func:`os.replace`, which is atomic on POSIX and Windows: a reader (or a resumed run
-after a crash) sees either the old file or the new one, never half of one.
+after a crash) sees either the old file or the new one, never half of one. The temporary is
+``.<name>.<random>.tmp``; a process killed between the two steps leaves it behind, and
+:func:`remove_stray_temporaries` removes such leftovers.
 """
 
 from __future__ import annotations
@@ -11,13 +13,20 @@ import io
 import json
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import IO, Any
 
 import torch
 
-__all__ = ["atomic_write", "atomic_write_bytes", "atomic_write_text", "atomic_torch_save", "append_jsonl"]
+_TMP_SUFFIX = ".tmp"
+
+__all__ = ["atomic_write", "atomic_write_bytes", "atomic_write_text", "atomic_torch_save", "append_jsonl",
+           "stray_temporaries", "remove_stray_temporaries"]
+
+
+def _temporary_prefix(name: str) -> str:
+    return f".{name}."
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) -> Path:
@@ -29,7 +38,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) ->
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=_temporary_prefix(path.name), suffix=_TMP_SUFFIX)
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
@@ -74,3 +83,31 @@ def append_jsonl(path: str | os.PathLike, record: dict) -> None:
         f.write(line)
         f.flush()
         os.fsync(f.fileno())
+
+
+def stray_temporaries(folder: str | os.PathLike, names: Iterable[str]) -> list[Path]:
+    """The temporaries of :func:`atomic_write` for the files ``names`` in ``folder``."""
+    folder = Path(folder)
+    prefixes = tuple(_temporary_prefix(n) for n in names)
+    try:
+        entries = list(folder.iterdir())
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    return sorted(p for p in entries if p.name.startswith(prefixes) and p.name.endswith(_TMP_SUFFIX) and p.is_file())
+
+
+def remove_stray_temporaries(folder: str | os.PathLike, names: Iterable[str]) -> list[Path]:
+    """Remove the temporaries that writes of ``names`` in ``folder`` left when their process was
+    killed mid-write; returns what was removed.
+
+    Only for files one process writes at a time (a run's checkpoint): the temporary of a write in
+    progress elsewhere would be removed too.
+    """
+    removed = []
+    for p in stray_temporaries(folder, names):
+        try:
+            p.unlink()
+            removed.append(p)
+        except FileNotFoundError:
+            pass
+    return removed

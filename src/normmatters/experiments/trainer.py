@@ -53,6 +53,8 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..convert import convert_sync_lp_batchnorm
+from ..optim import split_param_groups
 from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .config import TrainConfig
 from .data import DatasetInfo, get_dataloaders, set_loader_epoch
@@ -70,15 +72,15 @@ from .distributed import (
     wrap_ddp,
 )
 from .errors import CheckpointError, ConfigError
-from .io import append_jsonl, atomic_write_text
-from .models import create_model, last_layer, model_task
+from .io import append_jsonl, atomic_write_text, remove_stray_temporaries
+from .models import create_model, model_task
 
 __all__ = [
     "TrainState",
     "train",
     "build_optimizer",
     "build_scheduler",
-    "param_groups",
+    "RUN_FILES",
     "seed_everything",
     "resolve_device",
     "evaluate",
@@ -88,6 +90,9 @@ log = logging.getLogger(__name__)
 
 CHECKPOINT_NAME = "checkpoint.pt"
 METRICS_NAME = "metrics.jsonl"
+#: Every file :func:`train` writes in a run folder (the plots depend on the task).
+RUN_FILES = ("config.toml", "environment.json", "dataset.json", METRICS_NAME, CHECKPOINT_NAME, "summary.json",
+             "loss.png", "accuracy.png", "bpc.png", "lr.png")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -135,55 +140,18 @@ def init_process_group_for(config: TrainConfig) -> tuple[DistInfo, torch.device,
 # ---------------------------------------------------------------------------------------------
 # Optimizer and schedule
 # ---------------------------------------------------------------------------------------------
-def _norm_parameter_ids(model: nn.Module) -> set[int]:
-    """ids of parameters that belong to normalization layers (ours, torch's, or an affine gain).
-
-    A layer counts as a normalization if it is one of torch's or its class name contains "Norm"
-    (``LpBatchNorm2d``, ``MeanOnlyBatchNorm1d``, ``LpLayerNorm``, …), so that norms from any
-    package are recognized without importing them here.
-    """
-    from .models.norms import Affine
-
-    torch_norms = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.RMSNorm, Affine)
-    ids: set[int] = set()
-    for m in model.modules():
-        if isinstance(m, torch_norms) or "Norm" in type(m).__name__:
-            ids.update(id(p) for p in m.parameters(recurse=False))
-    return ids
-
-
-def param_groups(model: nn.Module, weight_decay: float, *, exclude_norm_bias: bool = False,
-                 last_layer_only: bool = False) -> list[dict[str, Any]]:
-    """Split the parameters into a ``"decay"`` and a ``"no_decay"`` optimizer group.
-
-    :param exclude_norm_bias: no weight decay on normalization parameters (γ, β) and on any
-        per-channel parameter (biases, gains such as weight norm's g).
-    :param last_layer_only: weight decay only on the classifier
-        (:func:`~normmatters.experiments.models.last_layer`): every other weight feeds a
-        normalization, so its decay changes only its effective learning rate (SPEC §4, C1).
-    :returns: non-empty groups, each with a ``"name"`` key.
-    """
-    norm_ids = _norm_parameter_ids(model) if exclude_norm_bias else set()
-    head_ids = {id(p) for p in last_layer(model).parameters()} if last_layer_only else None
-    decay, no_decay = [], []
-    for _, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        # A gain or bias has one number per channel: 1-D, or (C, 1, 1, …) like weight norm's g.
-        per_channel = p.ndim < 2 or p.numel() == p.shape[0]
-        excluded = exclude_norm_bias and (id(p) in norm_ids or per_channel)
-        if head_ids is not None and id(p) not in head_ids:
-            excluded = True
-        (no_decay if excluded else decay).append(p)
-    groups = [{"name": "decay", "params": decay, "weight_decay": weight_decay},
-              {"name": "no_decay", "params": no_decay, "weight_decay": 0.0}]
-    return [g for g in groups if g["params"]]
-
-
 def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
-    """SGD (momentum, Nesterov; coupled weight decay) or AdamW (decoupled), with :func:`param_groups`."""
-    groups = param_groups(model, config.weight_decay, exclude_norm_bias=config.wd_exclude_norm_bias,
-                          last_layer_only=config.wd_last_layer_only)
+    """SGD (momentum, Nesterov; coupled weight decay) or AdamW (decoupled).
+
+    The groups are :func:`~normmatters.optim.split_param_groups`'s, the function claim C1's runs
+    use too: ``wd_last_layer_only`` decays only the classifier
+    (:func:`~normmatters.optim.last_layer_module`; every other weight feeds a normalization, so
+    its decay changes only its effective learning rate, Hoffer et al. 2018, Sec. 2), and
+    ``wd_exclude_norm_bias`` spares normalization parameters and per-channel parameters.
+    """
+    groups = split_param_groups(model, weight_decay=config.weight_decay,
+                                decay="last_layer" if config.wd_last_layer_only else "all",
+                                exclude_norm_bias=config.wd_exclude_norm_bias)
     if config.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum, nesterov=config.nesterov)
     return torch.optim.AdamW(groups, lr=config.lr, betas=tuple(config.betas), eps=config.eps)
@@ -354,6 +322,17 @@ def _environment(config: TrainConfig, device: torch.device) -> dict[str, Any]:
     }
 
 
+def _check_run_folder_names(out: Path) -> None:
+    """Fail now, not after an epoch, when ``out`` or one of the names the run will write is taken
+    by something that is not a file (a folder named ``checkpoint.pt``)."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"run folder {out} exists and is not a folder")
+    for name in RUN_FILES:
+        path = out / name
+        if path.exists() and not path.is_file():
+            raise ConfigError(f"run folder {out}: {name} is a folder (or another non-file); the run cannot write it")
+
+
 def _write_metrics(path: Path, history: list[dict[str, Any]]) -> None:
     atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in history))
 
@@ -428,6 +407,25 @@ def _batches(loader, steps: int) -> Iterable[Any]:
         yield tuple(t[:0] for t in last)
 
 
+@dataclass
+class _Run:
+    """What the epoch loop needs besides the :class:`TrainState` callbacks see."""
+
+    state: TrainState
+    task: str
+    steps_per_epoch: int
+    global_sizes: list[int]  # examples in each step of the one-process order
+    wrapped: nn.Module  # DDP around the model in a multi-process run, else the model
+    forward: Callable[..., Any]  # wrapped, compiled if asked for
+    eval_forward: Callable[..., Any]  # the model without DDP (evaluation needs no communication)
+    n_params: int
+    out: Path | None
+    main: bool
+    progress: bool
+    t_setup: float
+    start_epoch: int = 1
+
+
 def _train(
     config: TrainConfig,
     out_dir: str | os.PathLike | None,
@@ -441,14 +439,58 @@ def _train(
     progress: bool,
     resume: bool | str | os.PathLike,
 ) -> dict[str, Any]:
+    run = _setup(config, out_dir, dinfo, device, model=model, optimizer_factory=optimizer_factory,
+                 model_transform=model_transform, progress=progress)
+    _resume_and_open_run_folder(run, resume)
+    _call(callbacks, "on_train_begin", run.state)
+    wall = _epoch_loop(run, callbacks)
+    return _finish(run, wall)
+
+
+# -- setup ------------------------------------------------------------------------------------
+def _setup(config: TrainConfig, out_dir: str | os.PathLike | None, dinfo: DistInfo, device: torch.device, *,
+           model: nn.Module | None, optimizer_factory, model_transform, progress: bool) -> _Run:
+    """Threads and seeds, then data, model, optimizer and schedule, in this order (the order the
+    random generators are drawn from, so a run is reproducible)."""
     t_setup = time.perf_counter()
+    out = Path(out_dir) if out_dir is not None else None
+    if out is not None:
+        _check_run_folder_names(out)  # before any work: a folder in a file's place fails now
     if config.threads > 0:
         torch.set_num_threads(config.threads)
     world, main = dinfo.world_size, dinfo.is_main
-    progress = progress and main
     seed_everything(config.seed)  # the same seed everywhere: same initial model, same streams
 
-    # -- data ---------------------------------------------------------------------------------
+    train_loader, eval_loader, info, steps_per_epoch, global_sizes = _build_data(config, device, world)
+    model = _build_model(config, info, device, world, model, model_transform)
+    n_params = sum(p.numel() for p in model.parameters())
+
+    if optimizer_factory is not None:
+        optimizer, scheduler = optimizer_factory(model, config)
+        if scheduler is None:
+            scheduler = build_scheduler(optimizer, config, steps_per_epoch)
+    else:
+        optimizer = build_optimizer(model, config)
+        scheduler = build_scheduler(optimizer, config, steps_per_epoch)
+    use_scaler = config.amp and device.type == "cuda" and config.amp_dtype == "float16"
+    scaler = torch.amp.GradScaler("cuda") if use_scaler else None
+    # DDP averages the gradients over the processes; the model inside it is what is evaluated,
+    # checkpointed and shown to callbacks.
+    wrapped = wrap_ddp(model, sync_batchnorm=False) if world > 1 else model
+    forward = torch.compile(wrapped) if config.compile else wrapped
+    eval_forward = forward if world == 1 else (torch.compile(model) if config.compile else model)
+
+    state = TrainState(config=config, model=model, optimizer=optimizer, scheduler=scheduler, info=info,
+                       device=device, scaler=scaler, train_loader=train_loader, test_loader=eval_loader,
+                       rank=dinfo.rank, world_size=world)
+    return _Run(state=state, task=info.task, steps_per_epoch=steps_per_epoch, global_sizes=global_sizes,
+                wrapped=wrapped, forward=forward, eval_forward=eval_forward, n_params=n_params, out=out,
+                main=main, progress=progress and main, t_setup=t_setup)
+
+
+def _build_data(config: TrainConfig, device: torch.device, world: int):
+    """The loaders (this process's shards in a multi-process run), the dataset's description, the
+    steps per epoch and the size of each step's global batch."""
     if world > 1 and config.batch_size % world:
         raise ConfigError(
             f"batch_size: {config.batch_size} is the global batch and must be a multiple of the "
@@ -460,7 +502,6 @@ def _train(
             root=config.data_root, download=config.download, seed=config.seed, num_workers=config.num_workers,
             pin_memory=device.type == "cuda", augment=config.augment, **config.dataset_kwargs,
         )
-    task = info.task
     # Steps are counted on the one-process loader: every process takes every step.
     steps_per_epoch = len(train_loader)
     if config.max_train_batches:
@@ -476,8 +517,14 @@ def _train(
         # example is seen twice; shards of the last step may differ in size.
         train_loader = shard_loader(train_loader, batch_size=config.batch_size // world, pad=False)
         eval_loader = shard_loader(test_loader, pad=False)
+    return train_loader, eval_loader, info, steps_per_epoch, global_sizes
 
-    # -- model --------------------------------------------------------------------------------
+
+def _build_model(config: TrainConfig, info: DatasetInfo, device: torch.device, world: int,
+                 model: nn.Module | None, model_transform: Callable[[nn.Module], nn.Module] | None) -> nn.Module:
+    """``config.model`` for this dataset (or the given model), transformed, on ``device``, with
+    synchronized batch norms in a multi-process run."""
+    task = info.task
     if model is None:
         if model_task(config.model) != task:
             raise ConfigError(
@@ -503,35 +550,15 @@ def _train(
     if config.channels_last and info.input_dims == 2:
         model = model.to(memory_format=torch.channels_last)
     if world > 1 and getattr(config, "sync_bn", True):
-        from ..convert.sync import convert_sync_lp_batchnorm
-
         # Statistics over the global batch, as one process computes them (same state-dict keys).
         model = convert_sync_lp_batchnorm(model)
-    n_params = sum(p.numel() for p in model.parameters())
+    return model
 
-    # -- optimizer and schedule ---------------------------------------------------------------
-    if optimizer_factory is not None:
-        optimizer, scheduler = optimizer_factory(model, config)
-        if scheduler is None:
-            scheduler = build_scheduler(optimizer, config, steps_per_epoch)
-    else:
-        optimizer = build_optimizer(model, config)
-        scheduler = build_scheduler(optimizer, config, steps_per_epoch)
-    use_scaler = config.amp and device.type == "cuda" and config.amp_dtype == "float16"
-    scaler = torch.amp.GradScaler("cuda") if use_scaler else None
-    # DDP averages the gradients over the processes; the model inside it is what is evaluated,
-    # checkpointed and shown to callbacks.
-    wrapped = wrap_ddp(model, sync_batchnorm=False) if world > 1 else model
-    forward = torch.compile(wrapped) if config.compile else wrapped
-    eval_forward = forward if world == 1 else (torch.compile(model) if config.compile else model)
 
-    state = TrainState(config=config, model=model, optimizer=optimizer, scheduler=scheduler, info=info,
-                       device=device, scaler=scaler, train_loader=train_loader, test_loader=eval_loader,
-                       rank=dinfo.rank, world_size=world)
-
-    # -- run folder and resume ----------------------------------------------------------------
-    out = Path(out_dir) if out_dir is not None else None
-    start_epoch = 1
+# -- run folder and resume --------------------------------------------------------------------
+def _resume_and_open_run_folder(run: _Run, resume: bool | str | os.PathLike) -> None:
+    """Restore the checkpoint (``resume``), then write the run folder's description files."""
+    state, out, config = run.state, run.out, run.state.config
     if resume:
         if resume is True:
             if out is None:
@@ -541,130 +568,159 @@ def _train(
             ckpt_path = Path(resume)
         # Rank 0 decides, so that every process resumes or none does.
         if broadcast_object(resume is not True or ckpt_path.is_file()):
-            start_epoch = _restore(state, load_checkpoint(ckpt_path), ckpt_path) + 1
+            run.start_epoch = _restore(state, load_checkpoint(ckpt_path), ckpt_path) + 1
         else:
             log.warning("no checkpoint in %s; starting a fresh run", out)
-    if out is not None and main:
+    if out is not None and run.main:
         out.mkdir(parents=True, exist_ok=True)
+        remove_stray_temporaries(out, RUN_FILES)  # left by a process killed while writing
         atomic_write_text(out / "config.toml", config.to_toml())
-        atomic_write_text(out / "environment.json", json.dumps(_environment(config, device), indent=2) + "\n")
-        atomic_write_text(out / "dataset.json", json.dumps(info.to_dict(), indent=2, default=str) + "\n")
+        atomic_write_text(out / "environment.json", json.dumps(_environment(config, state.device), indent=2) + "\n")
+        atomic_write_text(out / "dataset.json", json.dumps(state.info.to_dict(), indent=2, default=str) + "\n")
         # The log is rewritten from the checkpoint's history, so it never holds an epoch the
         # checkpoint does not (a crash between the two writes would otherwise leave one).
         _write_metrics(out / METRICS_NAME, state.history)
     barrier()
-
     log.info("%s on %s with norm %s: %d parameters, %d steps/epoch, device %s, %d threads, %d process(es)",
-             config.model, config.dataset, config.norm, n_params, steps_per_epoch, device, torch.get_num_threads(),
-             world)
-    _call(callbacks, "on_train_begin", state)
+             config.model, config.dataset, config.norm, run.n_params, run.steps_per_epoch, state.device,
+             torch.get_num_threads(), state.world_size)
 
-    # -- epochs -------------------------------------------------------------------------------
+
+# -- epochs -----------------------------------------------------------------------------------
+def _epoch_loop(run: _Run, callbacks: Iterable[Any]) -> float:
+    """Train, evaluate, call back, checkpoint and log each epoch; return the wall time (s)."""
     from tqdm.auto import tqdm
 
+    state, config = run.state, run.state.config
     t0 = time.perf_counter() - state.elapsed
-    epochs_bar = tqdm(range(start_epoch, config.epochs + 1), desc=f"{config.model}/{config.norm}",
-                      initial=start_epoch - 1, total=config.epochs, disable=not progress, unit="epoch",
+    epochs_bar = tqdm(range(run.start_epoch, config.epochs + 1), desc=f"{config.model}/{config.norm}",
+                      initial=run.start_epoch - 1, total=config.epochs, disable=not run.progress, unit="epoch",
                       dynamic_ncols=True)
-    lr_every = max(1, steps_per_epoch // 25)
     for epoch in epochs_bar:
         state.epoch = epoch
         state.metrics = {}
-        set_loader_epoch(train_loader, epoch)
-        wrapped.train()
         t_epoch = time.perf_counter()
-        sum_loss = torch.zeros((), dtype=torch.float64, device=device)
-        sum_correct = torch.zeros((), dtype=torch.int64, device=device)
-        count = 0
-        bar = tqdm(_batches(train_loader, steps_per_epoch), total=steps_per_epoch, desc=f"epoch {epoch}/{config.epochs}",
-                   leave=False, disable=not progress, dynamic_ncols=True)
-        for i, (x, y) in enumerate(bar):
-            x, y = _to_device(x, device, config.channels_last), y.to(device, non_blocking=True)
-            with _autocast(config, device):
-                logits = forward(x)
-            if world == 1:
-                loss, correct, n = _loss_and_correct(logits, y, config.label_smoothing)
-                step_loss = loss.detach()
-                local_loss_sum = step_loss.double() * n
-            else:
-                # This process's share of the global batch's mean loss, times N because DDP
-                # averages the N gradients: the step is the one-process step on the global batch.
-                loss_sum, correct, n = _loss_and_correct(logits, y, config.label_smoothing, reduction="sum")
-                per_example = n // len(y) if len(y) else 1  # tokens per sequence for a language model
-                loss = loss_sum * (world / (global_sizes[i] * per_example))
-                local_loss_sum = loss_sum.detach().double()
-                step_loss = (local_loss_sum / max(n, 1)).float()  # this process's mean
-            optimizer.zero_grad(set_to_none=True)
-            if scaler is not None:
-                scaler.scale(loss).backward()
-                if config.grad_clip > 0:
-                    scaler.unscale_(optimizer)
-                    nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                loss.backward()
-                if config.grad_clip > 0:
-                    nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-                optimizer.step()
-            if scheduler is not None:
-                scheduler.step()
-            state.step += 1
-            state.loss, state.batch = step_loss, (x, y)
-            sum_loss += local_loss_sum
-            sum_correct += correct
-            count += n
-            if state.step % lr_every == 0:
-                state.lr_history.append([state.step, state.lr])
-            _call(callbacks, "on_step_end", state)
-            if progress and (i % 10 == 0):
-                bar.set_postfix(loss=f"{state.loss.item():.3f}", refresh=False)
-        bar.close()
-        totals = all_reduce_metrics({"loss_sum": sum_loss, "correct": sum_correct, "count": count}, op="sum")
-        train_loss = totals["loss_sum"] / max(totals["count"], 1)
-        if not math.isfinite(train_loss):
-            log.warning("epoch %d: training loss is %s", epoch, train_loss)
-        metrics: dict[str, Any] = {"epoch": epoch, "step": state.step, "lr": state.lr}
-        metrics.update(_epoch_metrics("train", train_loss, totals["correct"] / max(totals["count"], 1), task))
+        metrics = _train_one_epoch(run, epoch, callbacks, tqdm)
         if epoch % config.eval_every == 0 or epoch == config.epochs:
-            if world > 1:
-                # Layers left unsynchronized (ghost or mean-only batch norms) evaluate with rank
-                # 0's running statistics, the ones the checkpoint holds.
-                broadcast_buffers(model)
-            sums = all_reduce_metrics(_evaluate_sums(eval_forward, eval_loader, device, config), op="sum")
-            ev = _means(sums)
-            metrics.update(_epoch_metrics("test", ev["loss"], ev["acc"], task))
+            metrics.update(_evaluate_epoch(run))
         metrics["epoch_time"] = time.perf_counter() - t_epoch
         metrics["elapsed"] = time.perf_counter() - t0
         state.metrics = metrics
         _call(callbacks, "on_epoch_end", state)  # callbacks may add to state.metrics
-        if world > 1:  # a stop asked for by any process stops them all
+        if state.world_size > 1:  # a stop asked for by any process stops them all
             state.should_stop = bool(all_reduce_metrics({"stop": float(state.should_stop)}, op="max")["stop"])
         state.history.append(dict(state.metrics))
         state.elapsed = time.perf_counter() - t0
-        if out is not None and main:
-            if config.checkpoint:
-                save_checkpoint(out / CHECKPOINT_NAME, _checkpoint_payload(state))
-            append_jsonl(out / METRICS_NAME, state.history[-1])
-        barrier()  # the others go on once the checkpoint of this epoch is on disk
-        if progress:
-            epochs_bar.set_postfix(_postfix(state.history[-1], task), refresh=True)
-        if main:
-            log.info("epoch %d: %s", epoch, _postfix(state.history[-1], task))
+        _save_epoch(run)
+        if run.progress:
+            epochs_bar.set_postfix(_postfix(state.history[-1], run.task), refresh=True)
+        if run.main:
+            log.info("epoch %d: %s", epoch, _postfix(state.history[-1], run.task))
         if state.should_stop:
             break
     epochs_bar.close()
-    wall = time.perf_counter() - t0
+    return time.perf_counter() - t0
 
-    # -- summary ------------------------------------------------------------------------------
-    summary = _summary(state, task, wall, n_params, time.perf_counter() - t_setup, out)
-    if out is not None and main:
+
+def _train_one_epoch(run: _Run, epoch: int, callbacks: Iterable[Any], tqdm) -> dict[str, Any]:
+    """One pass over the training shard; returns the epoch's training metrics (global)."""
+    state, config, device = run.state, run.state.config, run.state.device
+    world = state.world_size
+    optimizer, scheduler, scaler, model = state.optimizer, state.scheduler, state.scaler, state.model
+    set_loader_epoch(state.train_loader, epoch)
+    run.wrapped.train()
+    lr_every = max(1, run.steps_per_epoch // 25)
+    sum_loss = torch.zeros((), dtype=torch.float64, device=device)
+    sum_correct = torch.zeros((), dtype=torch.int64, device=device)
+    count = 0
+    bar = tqdm(_batches(state.train_loader, run.steps_per_epoch), total=run.steps_per_epoch,
+               desc=f"epoch {epoch}/{config.epochs}", leave=False, disable=not run.progress, dynamic_ncols=True)
+    for i, (x, y) in enumerate(bar):
+        x, y = _to_device(x, device, config.channels_last), y.to(device, non_blocking=True)
+        with _autocast(config, device):
+            logits = run.forward(x)
+        if world == 1:
+            loss, correct, n = _loss_and_correct(logits, y, config.label_smoothing)
+            step_loss = loss.detach()
+            local_loss_sum = step_loss.double() * n
+        else:
+            # This process's share of the global batch's mean loss, times N because DDP
+            # averages the N gradients: the step is the one-process step on the global batch.
+            loss_sum, correct, n = _loss_and_correct(logits, y, config.label_smoothing, reduction="sum")
+            per_example = n // len(y) if len(y) else 1  # tokens per sequence for a language model
+            loss = loss_sum * (world / (run.global_sizes[i] * per_example))
+            local_loss_sum = loss_sum.detach().double()
+            step_loss = (local_loss_sum / max(n, 1)).float()  # this process's mean
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            if config.grad_clip > 0:
+                scaler.unscale_(optimizer)
+                nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            if config.grad_clip > 0:
+                nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+            optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
+        state.step += 1
+        state.loss, state.batch = step_loss, (x, y)
+        sum_loss += local_loss_sum
+        sum_correct += correct
+        count += n
+        if state.step % lr_every == 0:
+            state.lr_history.append([state.step, state.lr])
+        _call(callbacks, "on_step_end", state)
+        if run.progress and (i % 10 == 0):
+            bar.set_postfix(loss=f"{state.loss.item():.3f}", refresh=False)
+    bar.close()
+    totals = all_reduce_metrics({"loss_sum": sum_loss, "correct": sum_correct, "count": count}, op="sum")
+    train_loss = totals["loss_sum"] / max(totals["count"], 1)
+    if not math.isfinite(train_loss):
+        log.warning("epoch %d: training loss is %s", epoch, train_loss)
+    metrics: dict[str, Any] = {"epoch": epoch, "step": state.step, "lr": state.lr}
+    metrics.update(_epoch_metrics("train", train_loss, totals["correct"] / max(totals["count"], 1), run.task))
+    return metrics
+
+
+def _evaluate_epoch(run: _Run) -> dict[str, float]:
+    """Test metrics over the whole test set (each process's share, summed)."""
+    state = run.state
+    if state.world_size > 1:
+        # Layers left unsynchronized (ghost or mean-only batch norms) evaluate with rank
+        # 0's running statistics, the ones the checkpoint holds.
+        broadcast_buffers(state.model)
+    sums = all_reduce_metrics(_evaluate_sums(run.eval_forward, state.test_loader, state.device, state.config),
+                              op="sum")
+    ev = _means(sums)
+    return _epoch_metrics("test", ev["loss"], ev["acc"], run.task)
+
+
+def _save_epoch(run: _Run) -> None:
+    """The epoch's checkpoint, then its log line (rank 0); the others wait for both."""
+    state, out = run.state, run.out
+    if out is not None and run.main:
+        if state.config.checkpoint:
+            save_checkpoint(out / CHECKPOINT_NAME, _checkpoint_payload(state))
+        append_jsonl(out / METRICS_NAME, state.history[-1])
+    barrier()  # the others go on once the checkpoint of this epoch is on disk
+
+
+# -- summary ----------------------------------------------------------------------------------
+def _finish(run: _Run, wall: float) -> dict[str, Any]:
+    """The summary (returned on every process), written with the plots by rank 0."""
+    state, out = run.state, run.out
+    summary = _summary(state, run.task, wall, run.n_params, time.perf_counter() - run.t_setup, out)
+    if out is not None and run.main:
         atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
-        if config.plots and state.history:
+        if state.config.plots and state.history:
             from .plots import plot_run
 
             try:
-                plot_run(state.history, state.lr_history, out, task=task)
+                plot_run(state.history, state.lr_history, out, task=run.task)
             except Exception as exc:  # a plotting backend problem must not lose a finished run
                 log.warning("could not write plots: %s", exc)
     barrier()

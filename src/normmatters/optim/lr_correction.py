@@ -1,4 +1,4 @@
-"""Mimicking weight decay by a per-channel learning-rate correction (claim C1, SPEC §4).
+"""Mimicking weight decay by a per-channel learning-rate correction (claim C1).
 
 For a scale-invariant weight the direction ``ŵ`` moves by ``η/‖w‖²`` times the projected
 gradient (Hoffer et al. 2018, §2, Eq. 4), so weight decay acts only by shrinking ``‖w‖`` and

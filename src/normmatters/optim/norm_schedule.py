@@ -1,4 +1,4 @@
-"""Norm scheduling instead of learning-rate scheduling (claim C1, SPEC §4).
+"""Norm scheduling instead of learning-rate scheduling (claim C1).
 
 For a scale-invariant weight, ``L(c·w) = L(w)`` and ``∇L(c·w) = ∇L(w)/c``. Where an LR schedule
 would divide the learning rate by ``a``, one can instead keep the rate and multiply the weight

@@ -1,4 +1,4 @@
-"""Tracking weight norms, effective learning rates and angular updates (claim C1, SPEC §4).
+"""Tracking weight norms, effective learning rates and angular updates (claim C1).
 
 For a scale-invariant weight ``w`` trained by SGD with learning rate ``η``, the direction
 ``ŵ = w/‖w‖`` moves as

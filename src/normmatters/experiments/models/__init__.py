@@ -1,7 +1,7 @@
 """Models of the experiments, each taking its normalization as an argument.
 
 :func:`create_model` builds any of them by name; the norm goes through the one factory in
-:mod:`.norms` (SPEC §2, §3)::
+:mod:`.norms`::
 
     from normmatters.experiments.models import create_model
     net = create_model("resnet20", norm="l1", num_classes=10, in_channels=1, input_dims=1)  # MNIST-1D
@@ -29,6 +29,7 @@ from typing import Any
 
 import torch.nn as nn
 
+from ...optim import last_layer_module
 from ..errors import ConfigError
 from .lstm import LSTMLM, lstm_lm
 from .norms import NormFactory, list_norms, parse_norm
@@ -123,11 +124,9 @@ def create_model(
 
 
 def last_layer(model: nn.Module) -> nn.Module:
-    """The model's last (classifier) layer: ``model.get_classifier()``, else its last Linear."""
-    getter = getattr(model, "get_classifier", None)
-    if callable(getter):
-        return getter()
-    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
-    if not linears:
-        raise ValueError(f"last_layer: {type(model).__name__} has no get_classifier() and no nn.Linear")
-    return linears[-1]
+    """The model's last (classifier) layer, :func:`normmatters.optim.last_layer_module`: the one
+    every weight-decay grouping keeps decayed in a WD-off run."""
+    head = last_layer_module(model)
+    if head is None:
+        raise ValueError(f"last_layer: {type(model).__name__} has no get_classifier(), no nn.Linear and no convolution")
+    return head
