@@ -387,3 +387,27 @@ def test_legacy_weight_norm_into_plain_and_parametrized() -> None:
     target.load_state_dict(from_official_state_dict(sd, target))
     with torch.no_grad():
         _close(legacy(x), target(x), 1e-6)
+
+
+def test_integer_statistics_are_refused_naming_the_key() -> None:
+    # An integer running_var used to be converted to zeros (outputs off by ~1e5).
+    sd = {"bn.scale": torch.ones(2), "bn.mean": torch.zeros(2), "bn.running_mean": torch.zeros(2),
+          "bn.running_var": torch.tensor([2, 3])}
+    with pytest.raises(ValueError, match=r"'bn\.running_var' is a torch\.int64 tensor"):
+        from_official_state_dict(sd, p=1)
+    sd = {"bn.running_mean": torch.zeros(2), "bn.running_scale": torch.tensor([1, 2], dtype=torch.int32),
+          "bn.weight": torch.ones(2), "bn.bias": torch.zeros(2)}
+    with pytest.raises(ValueError, match=r"'bn\.running_scale' is a torch\.int32"):
+        from_official_state_dict(sd, p=1)
+
+
+def test_weight_norm_gain_shape_mismatch_names_the_key() -> None:
+    # Used to be a raw broadcasting error from deep inside the conversion.
+    sd = {"conv.weight_g": torch.ones(4, 1, 1, 1), "conv.weight_v": torch.randn(5, 3, 3, 3),
+          "conv.bias": torch.zeros(5)}
+    with pytest.raises(ValueError, match=r"'conv\.weight_g' has shape \(4, 1, 1, 1\).*'conv\.weight_v'"):
+        from_official_state_dict(sd, nn.Sequential())
+    with pytest.raises(ValueError, match=r"'conv\.weight_g' has shape \(4, 1, 1, 1\)"):
+        from_official_state_dict(sd)
+    ok = {"conv.weight_g": torch.ones(5, 1, 1, 1), "conv.weight_v": torch.randn(5, 3, 3, 3)}
+    assert "conv.parametrizations.weight.original0" in from_official_state_dict(ok)

@@ -23,7 +23,7 @@ torch's legacy ``weight_norm``:           w = g · v / ‖v‖₂               
 ========================================  ===========================================  ==============================
 
 Our batch norm evaluates y = γ (x − μ)/(√running_var + eps) + β for p ≠ 2 and
-γ (x − μ)/√(running_var + eps) + β at p = 2 (SPEC §2), so an official inverse scale r becomes
+γ (x − μ)/√(running_var + eps) + β at p = 2 (docs/math.md), so an official inverse scale r becomes
 
 .. math::
     \text{running\_var} = (1/r - \epsilon)^2 \;(p \ne 2),\qquad
@@ -49,8 +49,9 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from ..functional.constants import normalize_p
-from ..nn.batchnorm import _LpNormBase
-from ..nn.meanbn import _MeanOnlyBatchNorm
+from ..nn import BatchNormBase, LpBatchNormBase, MeanOnlyBatchNorm1d, MeanOnlyBatchNorm2d, MeanOnlyBatchNorm3d
+
+_MEAN_ONLY = (MeanOnlyBatchNorm1d, MeanOnlyBatchNorm2d, MeanOnlyBatchNorm3d)
 
 __all__ = ["from_official_state_dict"]
 
@@ -64,6 +65,29 @@ _WN_RE = re.compile(r"^(?P<name>.+?)_(?P<part>g_prenorm|g|v)$")
 def _split(key: str) -> tuple[str, str]:
     prefix, _, leaf = key.rpartition(".")
     return (prefix + "." if prefix else ""), leaf
+
+
+def _floating(leaves: dict[str, Tensor], prefix: str, names: Any) -> None:
+    """Statistics and weights are floating point: an integer tensor would be truncated to nonsense."""
+    for leaf in names:
+        t = leaves.get(leaf)
+        if t is not None and not t.is_floating_point():
+            raise ValueError(f"{_WHERE}: {prefix + leaf!r} is a {t.dtype} tensor; the official layers store "
+                             "floating-point values there (was the checkpoint altered?)")
+
+
+def _check_gain_shape(g: Tensor, v: Tensor, key_g: str, key_v: str) -> None:
+    """A weight norm's gain has one value per slice of v along one axis (or one in all)."""
+    if g.dim() == v.dim():
+        ok = all(a in (1, b) for a, b in zip(g.shape, v.shape))
+    elif g.dim() <= 1:
+        ok = g.numel() == 1 or (v.dim() > 0 and g.numel() in v.shape)
+    else:
+        ok = False
+    if not ok:
+        raise ValueError(f"{_WHERE}: {key_g!r} has shape {tuple(g.shape)}, which does not fit {key_v!r} of "
+                         f"shape {tuple(v.shape)} (a gain per output channel: {(v.shape[0],) if v.dim() else ()} "
+                         f"or {tuple([v.shape[0]] + [1] * (v.dim() - 1)) if v.dim() else ()})")
 
 
 def _target_inverse_scale(r: Tensor, p2: bool, eps: float, key: str) -> Tensor:
@@ -126,8 +150,8 @@ def _bn_options(target: nn.Module | None, prefix: str, p: float | None, eps: flo
                 "or p= (the p of its batch norms)"
             )
         return p == 2.0, eps
-    if isinstance(target, _MeanOnlyBatchNorm) or not isinstance(
-        target, (_LpNormBase, nn.modules.batchnorm._BatchNorm)
+    if isinstance(target, _MEAN_ONLY) or not isinstance(
+        target, (LpBatchNormBase, BatchNormBase, nn.modules.batchnorm._BatchNorm)
     ):
         raise ValueError(
             f"{_WHERE}: {prefix[:-1]!r} is an official batch norm (scale, mean, running statistics) "
@@ -252,6 +276,7 @@ def from_official_state_dict(
             extra = names - _OFFICIAL_BN - _OFFICIAL_BN_EXTRA
             if extra:
                 raise ValueError(f"{_WHERE}: cannot map {[prefix + e for e in sorted(extra)]} next to an official batch norm")
+            _floating(leaves, prefix, sorted(_OFFICIAL_BN))
             p2, e = _bn_options(target.module(prefix), prefix, pf, eps)
             out[prefix + "weight"] = leaves["scale"]
             out[prefix + "bias"] = leaves["mean"]
@@ -266,6 +291,7 @@ def from_official_state_dict(
             if missing or extra:
                 raise ValueError(f"{_WHERE}: cannot map {prefix + 'running_scale'!r}: missing "
                                  f"{[prefix + m for m in missing]}, unexpected {[prefix + x for x in sorted(extra)]}")
+            _floating(leaves, prefix, sorted(_OFFICIAL_L1 | {"weight", "bias"}))
             p2, e = _bn_options(target.module(prefix), prefix, pf, eps)
             for leaf in ("weight", "bias", "running_mean"):
                 if leaf in leaves:
@@ -277,9 +303,10 @@ def from_official_state_dict(
         # -- MeanBN --------------------------------------------------------------------------------
         if "running_mean" in names and names <= {"running_mean", "bias"}:
             m = target.module(prefix)
-            if m is not None and not isinstance(m, _MeanOnlyBatchNorm):
+            if m is not None and not isinstance(m, _MEAN_ONLY):
                 raise ValueError(f"{_WHERE}: {prefix + 'running_mean'!r} is an official MeanBN but the model "
                                  f"has a {type(m).__name__} there (expected MeanOnlyBatchNorm)")
+            _floating(leaves, prefix, sorted(names))
             out.update({prefix + k: v for k, v in leaves.items()})
             out[prefix + "num_batches_tracked"] = torch.tensor(0, dtype=torch.long)
             converted += 1
@@ -317,6 +344,11 @@ def _convert_wn(prefix: str, name: str, parts: dict[str, Tensor], target: _Targe
     g, v = parts["g"], parts["v"]
     prenorm = parts.get("g_prenorm")
     key = f"{prefix}{name}_g"
+    _floating({f"{name}_{k}": t for k, t in parts.items()}, prefix, [f"{name}_{k}" for k in sorted(parts)])
+    _check_gain_shape(g, v, key, f"{prefix}{name}_v")
+    if prenorm is not None and prenorm.numel() != 1:
+        raise ValueError(f"{_WHERE}: {prefix}{name}_g_prenorm has shape {tuple(prenorm.shape)}; it holds one "
+                         "number, the initial norm of the gains")
     m = target.module(prefix)
     kind = _wn_kind(m, name) if m is not None else ("bounded" if prenorm is not None else "wn")
     base = f"{prefix}parametrizations.{name}."

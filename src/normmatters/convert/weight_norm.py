@@ -1,4 +1,4 @@
-r"""Turn a batch-norm network into its weight-normalized, BN-free counterpart (SPEC §3, C5).
+r"""Turn a batch-norm network into its weight-normalized, BN-free counterpart (Hoffer et al. 2018, Sec. 5; C5).
 
 The official BWN ResNet replaces every *convolution → batch norm* by *weight-normalized
 convolution → mean-only batch norm*: the weight normalization takes over the scale control that
@@ -64,19 +64,20 @@ from ..parametrizations import (
     weight_norm,
 )
 
-try:  # our Lp batch norms are batch norms too
-    from ..nn.batchnorm import _LpBatchNorm
-except ImportError:  # pragma: no cover - the layer module always ships with the package
-    _LpBatchNorm = ()  # type: ignore[assignment,misc]
+from ..nn import BatchNormBase, LpBatchNorm1d, LpBatchNorm2d, LpBatchNorm3d, SyncLpBatchNorm
+from .recognise import NormSpec, recognise, warn_left
 
 __all__ = ["to_weight_normalized", "find_weight_norm_pairs", "WeightNormPair"]
 
 logger = logging.getLogger(__name__)
 
 _WEIGHT_TYPES = (nn.Linear, nn.modules.conv._ConvNd)
-_BN_TYPES: tuple[type, ...] = (nn.modules.batchnorm._BatchNorm,) + (
-    (_LpBatchNorm,) if isinstance(_LpBatchNorm, type) else ()
-)
+# Converted by their exact class; any other batch-norm-like module only if it computes what a
+# batch norm computes (a probe, normmatters.convert.recognise), else left with a warning.
+_EXACT_BN: dict[type, int | None] = {nn.BatchNorm1d: 1, nn.BatchNorm2d: 2, nn.BatchNorm3d: 3, nn.SyncBatchNorm: None,
+                                     LpBatchNorm1d: 1, LpBatchNorm2d: 2, LpBatchNorm3d: 3, SyncLpBatchNorm: None}
+_BN_LIKE = (nn.modules.batchnorm._BatchNorm, BatchNormBase)
+_SEEN: dict[int, tuple[nn.Module, NormSpec | str | None]] = {}
 _MEAN_BN = {1: MeanOnlyBatchNorm1d, 2: MeanOnlyBatchNorm2d, 3: MeanOnlyBatchNorm3d}
 _KINDS = ("bwn", "wn", "lpwn")
 
@@ -111,8 +112,21 @@ def _is_weight(m: nn.Module) -> bool:
     return isinstance(m, _WEIGHT_TYPES) and not _is_lazy(m)
 
 
+def _bn_spec(m: nn.Module) -> NormSpec | str | None:
+    got = _SEEN.get(id(m))
+    if got is None or got[0] is not m:
+        got = (m, recognise(m) if isinstance(m, _BN_LIKE) and type(m) not in _EXACT_BN and not _is_lazy(m) else None)
+        _SEEN[id(m)] = got
+    return got[1]
+
+
 def _is_bn(m: nn.Module) -> bool:
-    return isinstance(m, _BN_TYPES) and not _is_lazy(m)
+    if _is_lazy(m):
+        return False
+    if type(m) in _EXACT_BN:
+        return True
+    spec = _bn_spec(m)
+    return isinstance(spec, NormSpec) and spec.kind == "batch"
 
 
 def _out_channels(m: nn.Module) -> int:
@@ -341,8 +355,7 @@ def _scale_output_channels(layer: nn.Module, gamma: torch.Tensor) -> None:
 
 
 def _mean_only_from(bn: nn.Module, layer: nn.Module, scale: bool) -> nn.Module:
-    name = type(bn).__name__
-    nd = next((d for d in (1, 2, 3) if name.endswith(f"{d}d")), None)
+    nd = _EXACT_BN.get(type(bn)) if type(bn) in _EXACT_BN else getattr(_bn_spec(bn), "dims", None)
     if nd is None:  # SyncBatchNorm and friends: take the dimensionality from the layer
         nd = 1 if isinstance(layer, nn.Linear) else len(layer.kernel_size)
     ref = next(iter(list(bn.parameters()) + [b for b in bn.buffers() if b.is_floating_point()]), None)
@@ -384,7 +397,7 @@ def to_weight_normalized(
 ) -> nn.Module:
     r"""Convert every *layer → batch norm* of ``model`` into *weight-normalized layer → mean-only BN*.
 
-    The BN-free form of the official BWN ResNet (SPEC §3, C5): for each ``Linear`` / conv layer
+    The BN-free form of the official BWN ResNet (Hoffer et al. 2018, Sec. 5; C5): for each ``Linear`` / conv layer
     whose output goes only into a batch norm (see :func:`find_weight_norm_pairs`),
 
     * ``kind="bwn"``: :math:`w_i = \rho\, v_i/\|v_i\|_p`, :math:`\rho = \|V_0\|_p / N^{1/p}`
@@ -435,7 +448,13 @@ def to_weight_normalized(
     if scale is None:
         scale = kind == "bwn" and gain == "fixed"
 
+    _SEEN.clear()
     pairs = find_weight_norm_pairs(model, example_inputs)
+    for name, m in model.named_modules():
+        if isinstance(m, _BN_LIKE) and not _is_bn(m):
+            why = _bn_spec(m)
+            warn_left(func, name, m, why if isinstance(why, str) else "it is not a batch norm normmatters "
+                                                                      "can replace by a mean-only batch norm")
     for pair in pairs:
         layer = model.get_submodule(pair.weight)
         if is_weight_normalized(layer):
@@ -457,4 +476,5 @@ def to_weight_normalized(
             lp_weight_norm(layer, p=pf)
         _set_submodule(model, pair.norm, _mean_only_from(bn, layer, scale))
         logger.debug("%s: %s -> %s (%s, found by %s)", func, pair.weight, pair.norm, kind, pair.method)
+    _SEEN.clear()
     return model

@@ -21,9 +21,9 @@ import torch
 from torch import nn
 
 from ..kernels import use_backend
-from .fold import FoldReport, _as_args, _max_abs, _max_diff, check_eval_mode, fold_norms
+from .fold import FoldReport, _as_args, _max_abs, _max_diff, check_eval_mode, flatten_outputs, fold_norms
 
-__all__ = ["export_onnx", "OnnxExport", "warm_constants"]
+__all__ = ["export_onnx", "OnnxExport", "warm_constants", "flatten_outputs"]
 
 
 @dataclass
@@ -57,17 +57,27 @@ def warm_constants(model: nn.Module, example_inputs: Any) -> None:
         copy.deepcopy(model)(*args)
 
 
-def _atomic_save(onnx_program: Any, path: Path) -> None:
+class _FlatOutputs(nn.Module):
+    """``model`` with its output flattened to a tuple of tensors (what ONNX can name)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, *args: Any) -> tuple[torch.Tensor, ...]:
+        return tuple(flatten_outputs(self.model(*args)))
+
+
+def _save_tmp(onnx_program: Any, path: Path) -> str:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         onnx_program.save(tmp, external_data=False)
-        os.replace(tmp, path)
     except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        os.unlink(tmp)
         raise
+    return tmp
 
 
 def export_onnx(
@@ -83,10 +93,16 @@ def export_onnx(
 ) -> OnnxExport:
     """Fold ``model``'s norms and export it to ONNX with ``torch.onnx.export(..., dynamo=True)``.
 
+    The model may return any structure of tensors (a tensor, tuples, lists, dicts, dataclasses,
+    transformers' ``ModelOutput``): the ONNX graph has one output per tensor, in the order of
+    :func:`flatten_outputs`, and every one of them is compared.
+
     Args:
         model: a module in evaluation mode.
         example_inputs: a tensor or a tuple of positional tensors.
-        path: the ``.onnx`` file; written to a temporary file and moved into place.
+        path: the ``.onnx`` file; written to a temporary file, checked there and only then moved
+            into place: when the export or the check fails, no file is left behind (an earlier
+            file at ``path`` is kept as it was).
         fold: fold batch norms and bake weight norms first (:func:`fold_norms`); a model with
             nothing to fold is exported as it is.
         dynamic_batch: make dimension 0 of every input dynamic.
@@ -127,22 +143,36 @@ def export_onnx(
     # plain ATen ops computing the same function.
     with use_backend("reference"):
         warm_constants(target, args)
-        program = torch.onnx.export(target, args, dynamo=True, dynamic_shapes=dynamic_shapes,
-                                    opset_version=opset_version, verbose=False)
-    _atomic_save(program, path)
-    diff_onnx = None
-    if verify:
-        import numpy as np
-        import onnxruntime as ort
+        program = torch.onnx.export(_FlatOutputs(target).eval(), args, dynamo=True,
+                                    dynamic_shapes=dynamic_shapes, opset_version=opset_version,
+                                    verbose=False)
+    tmp = _save_tmp(program, path)
+    try:
+        diff_onnx = None
+        if verify:
+            import numpy as np
+            import onnxruntime as ort
 
-        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-        feeds = {i.name: a.detach().cpu().numpy() for i, a in zip(session.get_inputs(), args)}
-        outs = session.run(None, feeds)
-        with torch.no_grad():
-            ref = model(*args)
-        refs = ref if isinstance(ref, (tuple, list)) else (ref,)
-        diff_onnx = _max_diff(tuple(r.detach().cpu() for r in refs), tuple(torch.from_numpy(np.asarray(o)) for o in outs))
-        bound = tol * max(1.0, _max_abs(refs))
-        if not diff_onnx <= bound:
-            raise ValueError(f"{where}: onnxruntime's output differs from PyTorch's by {diff_onnx:.3g} (> {bound:.3g})")
+            session = ort.InferenceSession(tmp, providers=["CPUExecutionProvider"])
+            feeds = {i.name: a.detach().cpu().numpy() for i, a in zip(session.get_inputs(), args)}
+            outs = [torch.from_numpy(np.asarray(o)) for o in session.run(None, feeds)]
+            with torch.no_grad():
+                refs = [r.detach().cpu() for r in flatten_outputs(model(*args))]
+            if len(outs) != len(refs):
+                raise ValueError(f"{where}: the ONNX graph has {len(outs)} outputs, the model returns "
+                                 f"{len(refs)} tensors")
+            for i, (r, o) in enumerate(zip(refs, outs)):
+                if tuple(r.shape) != tuple(o.shape):
+                    raise ValueError(f"{where}: output {i} has shape {tuple(o.shape)} in onnxruntime, "
+                                     f"{tuple(r.shape)} in PyTorch")
+            diff_onnx = _max_diff(tuple(refs), tuple(outs))
+            bound = tol * max(1.0, _max_abs(refs))
+            if not diff_onnx <= bound:
+                raise ValueError(f"{where}: onnxruntime's output differs from PyTorch's by {diff_onnx:.3g} "
+                                 f"(> {bound:.3g}); no file written")
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
     return OnnxExport(path, path.stat().st_size, report, diff_folded, diff_onnx)

@@ -1,6 +1,6 @@
 r"""Fold batch norms into the preceding convolution and bake weight normalizations in.
 
-In evaluation a batch norm of any p is a per-channel affine map of its input (SPEC §2):
+In evaluation a batch norm of any p is a per-channel affine map of its input (docs/math.md):
 
 .. math::
     y = \gamma\,(x - \mu)\,s + \beta,\qquad
@@ -16,7 +16,7 @@ by it is therefore one convolution with
 .. math::
     W'_i = \gamma_i s_i W_i,\qquad b'_i = \gamma_i s_i (b_i - \mu_i) + \beta_i
 
-per output channel i. Weight normalizations (WN, Lp WN, BWN: SPEC §3) are computed once and
+per output channel i. Weight normalizations (WN, Lp WN, BWN: Hoffer et al. 2018, Sec. 5) are computed once and
 stored as plain weights.
 
 Pairs are found by tracing with :mod:`torch.fx` (norm and conv modules are leaves), never by module
@@ -28,7 +28,9 @@ once, and the norm has running statistics. Everything else is left as it is and 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
+from collections.abc import Mapping
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
@@ -44,7 +46,7 @@ from ..nn import LpBatchNorm1d, LpBatchNorm2d, LpBatchNorm3d, LpGroupNorm, LpLay
 from ..parametrizations import _own_class
 from .freeze import FrozenNorm
 
-__all__ = ["fold_norms", "FoldReport", "bake_weight_norms", "norm_eval_affine", "check_eval_mode"]
+__all__ = ["fold_norms", "FoldReport", "bake_weight_norms", "norm_eval_affine", "check_eval_mode", "flatten_outputs"]
 
 logger = logging.getLogger(__name__)
 
@@ -401,24 +403,29 @@ def _as_args(example_inputs: Any) -> tuple[Any, ...]:
     return (example_inputs,)
 
 
+def flatten_outputs(out: Any) -> list[torch.Tensor]:
+    """Every tensor of a model's output, in a fixed order: tuples and lists in order, mappings
+    (``dict``, transformers' ``ModelOutput``) and dataclasses by field; other values are dropped."""
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, Mapping):
+        return [t for v in out.values() for t in flatten_outputs(v)]
+    if dataclasses.is_dataclass(out) and not isinstance(out, type):
+        return [t for f in dataclasses.fields(out) for t in flatten_outputs(getattr(out, f.name))]
+    if isinstance(out, (tuple, list)):
+        return [t for v in out for t in flatten_outputs(v)]
+    return []
+
+
 def _max_diff(a: Any, b: Any) -> float:
-    if isinstance(a, Tensor):
-        return float((a.double() - b.double()).abs().max()) if a.numel() else 0.0
-    if isinstance(a, (tuple, list)):
-        return max((_max_diff(x, y) for x, y in zip(a, b)), default=0.0)
-    if isinstance(a, dict):
-        return max((_max_diff(a[k], b[k]) for k in a), default=0.0)
-    return 0.0
+    xs, ys = flatten_outputs(a), flatten_outputs(b)
+    if len(xs) != len(ys) or any(x.shape != y.shape for x, y in zip(xs, ys)):
+        return float("inf")
+    return max((float((x.double() - y.double()).abs().max()) for x, y in zip(xs, ys) if x.numel()), default=0.0)
 
 
 def _max_abs(a: Any) -> float:
-    if isinstance(a, Tensor):
-        return float(a.double().abs().max()) if a.numel() else 0.0
-    if isinstance(a, (tuple, list)):
-        return max((_max_abs(x) for x in a), default=0.0)
-    if isinstance(a, dict):
-        return max((_max_abs(x) for x in a.values()), default=0.0)
-    return 0.0
+    return max((float(x.double().abs().max()) for x in flatten_outputs(a) if x.numel()), default=0.0)
 
 
 def fold_norms(
