@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
+from ...kernels.build import cache_root
 from ..io import atomic_write_bytes
 
 __all__ = ["DatasetInfo", "ArrayDataset", "EpochSampler", "cache_dir", "load_or_build_arrays"]
@@ -97,10 +98,13 @@ class EpochSampler(Sampler[int]):
 
 
 def cache_dir(root: str | os.PathLike | None = None, *parts: str) -> Path:
-    """The cache folder: ``root`` if given, else ``$NORMMATTERS_CACHE`` or ``~/.cache/normmatters``."""
-    base = Path(root) if root is not None else Path(
-        os.environ.get("NORMMATTERS_CACHE", Path.home() / ".cache" / "normmatters")
-    )
+    """The cache folder ``root / parts``; without ``root`` normmatters' cache root.
+
+    That root is ``$NORMMATTERS_CACHE_DIR`` (``$NORMMATTERS_CACHE`` is accepted as an alias), else
+    ``$XDG_CACHE_HOME/normmatters`` or ``~/.cache/normmatters``; data sets live in its ``data/``
+    folder, the compiled kernels in ``kernels/``.
+    """
+    base = Path(root) if root is not None else cache_root()
     return base.joinpath(*parts)
 
 
