@@ -26,7 +26,8 @@ from normmatters.experiments.claims import (
     run_folder,
     run_key,
 )
-from normmatters.experiments.claims import report as rep
+from normmatters.experiments.claims import verdict_for
+from normmatters.experiments.claims.stats import aggregate
 from normmatters.experiments.config import TrainConfig
 from normmatters.experiments.errors import ConfigError
 
@@ -127,90 +128,131 @@ def test_cached_train_requires_variant_for_optimizer_factory(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
-# Aggregation and verdicts
+# Aggregation and each claim's verdict rule
 # ---------------------------------------------------------------------------------------------
-def _rows(spec: dict[str, list[float]], key: str = "test_acc") -> list[dict]:
-    return [{"run": name, "seed": i, key: v} for name, vals in spec.items() for i, v in enumerate(vals)]
+def _rows(spec: dict[str, list[float]], key: str = "test_acc", **extra) -> list[dict]:
+    return [{"run": name, "seed": i, key: v, **extra} for name, vals in spec.items() for i, v in enumerate(vals)]
 
 
 def test_aggregate_matches_statistics_and_counts_nonfinite():
     rows = _rows({"a": [0.9, 0.92, 0.95], "b": [0.5, float("nan"), 0.6]})
     rows.append({"run": "c", "seed": 0, "test_acc": None})
-    agg = rep.aggregate(rows)
+    agg = aggregate(rows)
     assert list(agg) == ["a", "b", "c"]
     assert agg["a"]["test_acc"].mean == pytest.approx(statistics.mean([0.9, 0.92, 0.95]))
     assert agg["a"]["test_acc"].std == pytest.approx(statistics.stdev([0.9, 0.92, 0.95]))
     assert math.isnan(agg["b"]["test_acc"].mean) and agg["b"]["test_acc"].nonfinite == 1
     assert agg["c"]["test_acc"].nonfinite == 1
-    assert rep.aggregate([{"run": "x", "seed": 0, "test_acc": 0.5}])["x"]["test_acc"].std is None
-
-
-def test_match_check_tolerance_is_one_point_or_twice_the_seed_spread():
-    agg = rep.aggregate(_rows({"a": [0.905], "b": [0.90], "c": [0.915]}))
-    assert rep.match_check(agg, "a", "b", "x").passed is True
-    c = rep.match_check(agg, "c", "b", "x")
-    assert c.passed is False and c.tol == pytest.approx(rep.ACC_TOL)
-    assert c.diff == pytest.approx(0.015)
-    # three seeds with a 2-point spread: tol = 2·std, so a 1.5-point gap now matches
-    agg = rep.aggregate(_rows({"a": [0.895, 0.915, 0.935], "b": [0.90, 0.90, 0.90]}))
-    c = rep.match_check(agg, "a", "b", "x")
-    assert c.tol == pytest.approx(2 * statistics.stdev([0.895, 0.915, 0.935]))
-    assert c.passed is True
-
-
-def test_bits_per_char_uses_relative_tolerance_and_lower_is_better():
-    agg = rep.aggregate(_rows({"l1": [3.05], "l2": [3.0], "bad": [3.2]}, key="test_bpc"))
-    assert rep.match_check(agg, "l1", "l2", "x").passed is True         # 1.7% < 2%
-    assert rep.match_check(agg, "bad", "l2", "x").passed is False       # 6.7% > 2%
-    assert rep.not_worse_check(agg, "l2", "bad", "x").passed is True    # lower bpc is better
-    assert rep.not_worse_check(agg, "bad", "l2", "x").passed is False
+    assert aggregate([{"run": "x", "seed": 0, "test_acc": 0.5}])["x"]["test_acc"].std is None
 
 
 def _ok(rows):
     return {"status": "ok", "rows": rows}
 
 
-def test_c2_verdicts_follow_the_numbers():
-    good = _rows({"bn-l2": [0.90], "bn-l1": [0.905], "bn-l1-noconst": [0.85]}) + \
-        _rows({"ln-l2": [3.0], "ln-l1": [3.01]}, key="test_bpc")
-    assert rep.verdict_for("C2", _ok(good)).verdict == "supported"
-    half = _rows({"bn-l2": [0.90], "bn-l1": [0.85]}) + _rows({"ln-l2": [3.0], "ln-l1": [3.01]}, key="test_bpc")
-    assert rep.verdict_for("C2", _ok(half)).verdict == "partly supported"
-    bad = _rows({"bn-l2": [0.90], "bn-l1": [0.85]}) + _rows({"ln-l2": [3.0], "ln-l1": [3.5]}, key="test_bpc")
-    assert rep.verdict_for("C2", _ok(bad)).verdict == "not supported"
-    only_bn = _rows({"bn-l2": [0.90], "bn-l1": [0.901]})
-    v = rep.verdict_for("C2", _ok(only_bn)).verdict
+def _c2(bn_l1, ln_l1, bn_l2=(0.90, 0.91, 0.92), ln_l2=(3.0, 3.0, 3.0)):
+    return _rows({"bn-l2": list(bn_l2), "bn-l1": list(bn_l1)}) + \
+        _rows({"ln-l2": list(ln_l2), "ln-l1": list(ln_l1)}, key="test_bpc")
+
+
+def test_c2_is_non_inferiority_and_better_than_l2_is_not_a_failure():
+    # L1 layer norm better than L2 by 3.5 % (the old rule's "partly"): supported
+    v = verdict_for("C2", _ok(_c2([0.899, 0.911, 0.918], [2.90, 2.89, 2.895])))
+    assert v.verdict == "supported"
+    assert [c.a for c in v.core] == ["bn-l1", "ln-l1"]
+    v = verdict_for("C2", _ok(_c2([0.85, 0.86, 0.87], [2.90, 2.89, 2.895])))
+    assert v.verdict.startswith("partly supported")
+    v = verdict_for("C2", _ok(_c2([0.85, 0.86, 0.87], [3.3, 3.31, 3.29])))
+    assert v.verdict == "not supported"
+    # one seed: no interval, so no verdict either way
+    one = _rows({"bn-l2": [0.90], "bn-l1": [0.95]}) + _rows({"ln-l2": [3.0], "ln-l1": [2.0]}, key="test_bpc")
+    assert verdict_for("C2", _ok(one)).verdict == "inconclusive (1 seed)"
+    only_bn = _rows({"bn-l2": [0.90, 0.91, 0.92], "bn-l1": [0.901, 0.909, 0.921]})
+    v = verdict_for("C2", _ok(only_bn)).verdict
     assert v.startswith("supported") and "1 of 2" in v
-    assert rep.verdict_for("C2", _ok([])).verdict == "inconclusive"
+    assert verdict_for("C2", _ok([])).verdict.startswith("inconclusive")
 
 
-def test_c3_linf_may_be_two_tolerances_lower():
-    rows = _rows({"bn-l2": [0.90], "bn-top10": [0.895], "bn-linf": [0.885]})
-    assert rep.verdict_for("C3", _ok(rows)).verdict == "supported"
-    rows = _rows({"bn-l2": [0.90], "bn-top10": [0.895], "bn-linf": [0.87]})
-    assert rep.verdict_for("C3", _ok(rows)).verdict == "partly supported"
+def test_c3_linf_margin_is_two_points_top10_one():
+    base = {"bn-l2": [0.90, 0.91, 0.92], "bn-top10": [0.899, 0.909, 0.919]}
+    v = verdict_for("C3", _ok(_rows({**base, "bn-linf": [0.885, 0.895, 0.905]})))  # 1.5 pt lower
+    assert v.verdict == "supported"
+    v = verdict_for("C3", _ok(_rows({**base, "bn-linf": [0.87, 0.88, 0.89]})))     # 3 pt lower
+    assert v.verdict.startswith("partly supported")
 
 
-def test_c4_needs_l2_to_fail_and_l1_to_hold_in_fp16():
-    base = {"fp32-l2": [0.95], "fp32-l1": [0.95], "fp16-l1": [0.948], "int8-l1": [0.94]}
-    diverged = _rows({**base, "fp16-l2": [float("nan")]})
-    assert rep.verdict_for("C4", _ok(diverged)).verdict == "supported"
-    l2_fine = _rows({**base, "fp16-l2": [0.95]})
-    assert rep.verdict_for("C4", _ok(l2_fine)).verdict == "partly supported"
+def _c4(raw_fp16_l2, raw_l2_nonfinite, std_fp16_l2=(0.95, 0.95, 0.95)):
+    rows = []
+    spec = {"std-fp32-l2": (0.95, 0.95, 0.95), "std-fp32-l1": (0.95, 0.95, 0.95), "std-fp16-l1": (0.951, 0.949, 0.95),
+            "std-fp16-l2": std_fp16_l2, "raw-fp32-l2": (0.95, 0.95, 0.95), "raw-fp32-l1": (0.95, 0.95, 0.95),
+            "raw-fp16-l1": (0.951, 0.949, 0.95), "raw-fp16-l2": raw_fp16_l2, "raw-int8-l1": (0.94, 0.945, 0.94)}
+    for name, vals in spec.items():
+        for s, v in enumerate(vals):
+            bad = raw_l2_nonfinite if name == "raw-fp16-l2" else 0
+            rows.append({"run": name, "seed": s, "test_acc": v, "nonfinite": bad})
+    return rows
 
 
-def test_c1_and_c5_rules_use_their_modules_run_names():
-    c1 = _rows({"wd_on": [0.9], "wd_off": [0.85], "wd_off_lr_correction": [0.905], "norm_schedule": [0.895]})
-    v = rep.verdict_for("C1", _ok(c1))
+def test_c4_l2_fails_by_count_in_the_raw_regime_and_l1_holds_in_both():
+    v = verdict_for("C4", _ok(_c4((0.1, 0.1, float("nan")), 1000)))
+    assert v.verdict == "supported"
+    std_l2 = next(c for c in v.checks if c.a == "std-fp16-l2")
+    assert not std_l2.core and std_l2.outcome == "does not fail"
+    # L2 fine in fp16 everywhere: the failure part of the claim is against
+    v = verdict_for("C4", _ok(_c4((0.951, 0.949, 0.95), 0)))
+    assert v.verdict.startswith("partly supported")
+    # the count alone decides, even with a single seed
+    one = [r for r in _c4((0.5, 0.5, 0.5), 3) if r["seed"] == 0]
+    v = verdict_for("C4", _ok(one))
+    assert next(c for c in v.core if c.a == "raw-fp16-l2").outcome == "fails"
+
+
+def test_c4_names_its_accumulation_in_every_low_precision_setting():
+    from normmatters.experiments.claims import c4
+
+    for setting, (_, kw, _) in c4.SETTINGS.items():
+        if kw:
+            assert "compute_dtype" in kw and "accumulate_dtype" in kw, setting
+    assert c4.SETTINGS["fp16-l2"][1]["accumulate_dtype"] == "fp32"
+    assert c4.SETTINGS["fp16acc16-l2"][1]["accumulate_dtype"] == "fp16"
+    assert set(c4.REGIMES) == {"std", "raw"}
+    assert all(r in c4.RUNS for r in c4.VOTED)
+
+
+def test_c1_is_equivalence_and_c5_non_inferiority_with_their_modules_run_names():
+    from normmatters.experiments.claims import c1, c5
+
+    c1_rows = _rows({c1.WD_ON: [0.90, 0.91, 0.92], c1.WD_OFF: [0.85, 0.86, 0.85],
+                     c1.WD_OFF_LR_CORRECTION: [0.901, 0.909, 0.921], c1.NORM_SCHEDULE: [0.899, 0.911, 0.919]})
+    v = verdict_for("C1", _ok(c1_rows))
     assert v.verdict == "supported"
     assert any(not c.core and c.passed is False for c in v.checks)  # WD off differs: context only
-    c5 = _rows({"cnn-bn": [0.95], "cnn-wn": [0.9], "cnn-bwn": [0.945]}) + \
-        _rows({"lstm-plain": [2.5], "lstm-bwn": [2.9]}, key="test_bpc")
-    assert rep.verdict_for("C5", _ok(c5)).verdict == "partly supported"
+    c5_rows = _rows({c5.CNN_BN: [0.95, 0.96, 0.95], c5.CNN_WN: [0.9, 0.9, 0.9], c5.CNN_BWN: [0.951, 0.959, 0.95]}) + \
+        _rows({c5.LSTM_PLAIN: [2.5, 2.5, 2.5], c5.LSTM_BWN: [2.9, 2.91, 2.92]}, key="test_bpc")
+    assert verdict_for("C5", _ok(c5_rows)).verdict.startswith("partly supported")
+
+
+def test_speed_verdict_pairs_step_times_of_c2_and_c3():
+    from normmatters.experiments.claims import speed
+
+    def timed(spec):
+        return [{"run": n, "seed": i, "test_acc": 0.9, "step_cpu_time": t} for n, ts in spec.items()
+                for i, t in enumerate(ts)]
+
+    results = {"C2": _ok(timed({"bn-l2": [0.10, 0.11, 0.10], "bn-l1": [0.090, 0.099, 0.091]})),
+               "C3": _ok(timed({"bn-l2": [0.10, 0.11, 0.10], "bn-linf": [0.150, 0.160, 0.152]}))}
+    v = speed.verdict(results)
+    assert [c.a for c in v.core] == ["bn-l1", "bn-linf"]
+    l1, linf = v.core
+    assert l1.outcome == "supported" and l1.diff["mean"] == pytest.approx(0.9, abs=0.01)
+    assert linf.outcome == "not supported"
+    assert v.verdict.startswith("partly supported")
+    assert l1.seeds == [0, 1, 2]  # C3's copy of the shared L2 run is not counted twice
+    assert speed.verdict({"C1": _ok([])}) is None
 
 
 def test_failed_claim_verdict_says_not_run():
-    v = rep.verdict_for("C4", {"status": "error", "error": "ImportError: no module"})
+    v = verdict_for("C4", {"status": "error", "error": "ImportError: no module"})
     assert v.verdict == "not run: ImportError: no module"
 
 
@@ -245,7 +287,7 @@ def _c2_rows():
 
 def test_reproduce_writes_report_reuses_finished_claims_and_isolates_failures(tmp_path):
     c2 = _FakeClaim("C2", _c2_rows())
-    out = rp.reproduce(tmp_path, claims=["C2", "C3"], progress=False, runners={"C2": c2, "C3": _boom})
+    out = rp.reproduce(tmp_path, claims=["C2", "C3"], seeds=[0], progress=False, runners={"C2": c2, "C3": _boom})
     res = out["results"]
     assert res["C2"]["status"] == "ok" and res["C3"]["status"] == "error"
     assert c2.cache_dir == tmp_path / "runs"  # the shared run cache is passed where accepted
@@ -255,13 +297,16 @@ def test_reproduce_writes_report_reuses_finished_claims_and_isolates_failures(tm
     assert "93.03 / 93.07" in text               # the paper's numbers beside ours
     assert "92.40 / 92.05" in text               # and seed 003's
     assert "| bn-l1 | 1 | 90.40 |" in text       # measured, in percent
-    assert "**Verdict: supported.**" in text
+    assert "**Verdict: inconclusive (1 seed).**" in text   # one seed: no interval
+    assert "| bn-l1 vs bn-l2 | non-inferiority | +0.40 pt (1 seed) | 1 pt | inconclusive (1 seed) | yes |" in text
     assert "![C2 curve](c2/curve.png)" in text   # the module's figure, relative to the report
     assert (tmp_path / "figures" / "c2_summary.png").is_file()
     for word in ("torch", "numpy", "python", "normmatters", "cpu_count"):
         assert f"| {word} |" in text
     data = json.loads((tmp_path / "results.json").read_text())
-    assert data["claims"]["C2"]["verdict"]["verdict"] == "supported"
+    assert data["claims"]["C2"]["verdict"]["verdict"] == "inconclusive (1 seed)"
+    check = data["claims"]["C2"]["verdict"]["checks"][0]
+    assert check["rule"] == "non-inferiority" and check["margin"] == 0.01 and check["diff"]["lo"] is None
     assert data["claims"]["C3"]["status"] == "error"
 
     # a second invocation reuses the finished claim and retries the failed one
@@ -272,7 +317,7 @@ def test_reproduce_writes_report_reuses_finished_claims_and_isolates_failures(tm
         calls.append(1)
         return {"claim": "C3", "rows": [{"run": "bn-l2", "seed": 0, "test_acc": 0.9}], "figures": [], "notes": ""}
 
-    out = rp.reproduce(tmp_path, claims=["C2", "C3"], progress=False, runners={"C2": c2b, "C3": c3_ok})
+    out = rp.reproduce(tmp_path, claims=["C2", "C3"], seeds=[0], progress=False, runners={"C2": c2b, "C3": c3_ok})
     assert c2b.calls == 0 and out["results"]["C2"]["reused"] is True
     assert calls == [1] and out["results"]["C3"]["status"] == "ok"
     assert "(reused)" in (tmp_path / "REPORT.md").read_text()
@@ -293,11 +338,18 @@ def test_report_shows_spread_over_seeds(tmp_path):
     rp.reproduce(tmp_path, claims=["C2"], seeds=[0, 1, 2], progress=False, runners={"C2": Seeded("C2", [])})
     text = (tmp_path / "REPORT.md").read_text()
     assert "| bn-l1 | 3 | 91.00 ± 1.00 |" in text
+    # the summary shows the verdict, the paired interval and the margin: +1.00 pt ± 4.303 · 1.00 / √3
+    assert "| L1 batch norm as good as L2 | +1.00 pt [-1.48 pt, +3.48 pt] | 1 pt | inconclusive at this scale |" in text
+    data = json.loads((tmp_path / "results.json").read_text())
+    check = data["claims"]["C2"]["verdict"]["checks"][0]
+    assert check["diff"]["lo"] == pytest.approx(0.01 - 4.302652730 * 0.01 / math.sqrt(3))
+    assert "non-inferiority" in data["claims"]["C2"]["verdict"]["rule"] or check["rule"] == "non-inferiority"
 
 
 def test_nan_results_are_valid_json(tmp_path):
     rows = [{"run": "fp32-l2", "test_acc": 0.9}, {"run": "fp16-l2", "test_acc": float("nan")}]
-    rp.reproduce(tmp_path, claims=["C4"], progress=False, runners={"C4": _FakeClaim("C4", rows, figure=False)})
+    rp.reproduce(tmp_path, claims=["C4"], seeds=[0], progress=False,
+                 runners={"C4": _FakeClaim("C4", rows, figure=False)})
     data = json.loads((tmp_path / "results.json").read_text())  # strict JSON: no NaN literal
     agg = data["claims"]["C4"]["aggregate"]["fp16-l2"]["test_acc"]
     assert agg["mean"] is None and agg["nonfinite"] == 1
@@ -323,7 +375,8 @@ def test_main_one_claim_ok_exits_zero(tmp_path, monkeypatch):
 # ---------------------------------------------------------------------------------------------
 def test_parser_defaults_and_flags():
     a = rp.build_parser().parse_args([])
-    assert (a.scale, a.claims, a.out, a.seeds, a.force, a.progress) == ("embedded", None, None, 1, False, True)
+    assert (a.scale, a.claims, a.out, a.seeds, a.force, a.progress, a.quick) == \
+        ("embedded", None, None, 3, False, True, False)
     a = rp.build_parser().parse_args(["--scale", "paper", "--claims", "C2,C3", "--out", "x", "--seeds", "3",
                                       "--data-root", "/d", "--force", "--no-progress"])
     assert (a.scale, a.claims, a.out, a.seeds, a.data_root, a.force, a.progress) == \
@@ -344,10 +397,13 @@ def test_default_out_dir_is_reports_scale(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert rp.main(["--no-progress"]) == 0
     assert seen["out"] == Path("reports") / "embedded"
-    assert seen["claims"] == list(CLAIMS) and seen["seeds"] == [0] and seen["scale"] == "embedded"
+    assert seen["claims"] == list(CLAIMS) and seen["seeds"] == [0, 1, 2] and seen["scale"] == "embedded"
     assert seen["jobs"] == "auto"
     rp.main(["--scale", "paper", "--seeds", "2"])
     assert seen["out"] == Path("reports") / "paper" and seen["seeds"] == [0, 1]
+    rp.main(["--quick"])
+    assert seen["seeds"] == [0]
+    assert rp.main(["--quick", "--seeds", "5"]) == 2
 
 
 def test_cli_dispatches_reproduce(tmp_path, monkeypatch):
@@ -447,3 +503,46 @@ def test_c2_and_c3_share_the_l2_baseline(tmp_path, monkeypatch):
     assert row2["run_dir"] == row3["run_dir"]
     assert row3["test_acc"] == row2["test_acc"] and 0.0 <= row2["test_acc"] <= 1.0
     assert len(list(cache.iterdir())) == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# The output folder: its own report is continued, anything else refused
+# ---------------------------------------------------------------------------------------------
+def _tree(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): (p.read_bytes() if p.is_file() else b"<dir>") for p in sorted(root.rglob("*"))}
+
+
+def test_out_folder_with_other_files_is_refused_and_left_untouched(tmp_path, capsys):
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("my notes")
+    (folder / "config.toml").write_text("[train]\n")
+    before = _tree(folder)
+    c2 = _FakeClaim("C2", _c2_rows())
+    with pytest.raises(ConfigError, match="not a normmatters reproduce report"):
+        rp.reproduce(folder, claims=["C2"], seeds=[0], progress=False, runners={"C2": c2})
+    assert c2.calls == 0 and _tree(folder) == before
+    # through the command line: one line on stderr, exit status 2, nothing changed
+    assert rp.main(["--claims", "C2", "--out", str(folder), "--no-progress", "--jobs", "1", "--quick"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("normmatters reproduce: error: --out:")
+    assert _tree(folder) == before
+    # a file is refused too
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(ConfigError, match="is a file"):
+        rp.check_out_dir(tmp_path / "afile")
+
+
+def test_out_folder_of_an_earlier_reproduce_is_continued(tmp_path):
+    folder = tmp_path / "rep"
+    c2 = _FakeClaim("C2", _c2_rows())
+    rp.reproduce(folder, claims=["C2"], seeds=[0], progress=False, runners={"C2": c2})
+    assert (folder / rp.MARKER_NAME).is_file()
+    rp.reproduce(folder, claims=["C2"], seeds=[0], progress=False, runners={"C2": c2})
+    assert c2.calls == 1  # the finished claim is reused
+    # an empty folder is fine; a report folder written before the marker existed is recognised
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert rp.check_out_dir(empty) == empty
+    (folder / rp.MARKER_NAME).unlink()
+    assert rp.check_out_dir(folder) == folder

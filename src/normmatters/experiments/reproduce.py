@@ -1,15 +1,18 @@
-"""``normmatters reproduce``: run the paper's claims C1–C5 and write one report (SPEC §1, §6).
+"""``normmatters reproduce``: run the paper's claims C1–C5 and write one report (Hoffer et al. 2018).
 
 ::
 
-    normmatters reproduce                                   # every claim, embedded scale, reports/embedded
-    normmatters reproduce --claims C2,C3 --seeds 3          # two claims, three seeds each
+    normmatters reproduce                                   # every claim, 3 seeds, embedded scale, reports/embedded
+    normmatters reproduce --quick                           # one seed: minutes, every verdict inconclusive
+    normmatters reproduce --claims C2,C3 --seeds 5          # two claims, five seeds each
     normmatters reproduce --scale paper --data-root /data   # the paper's configurations where data is present
 
 The embedded scale (default) trains on data that needs no network (MNIST-1D, scikit-learn's
-digits, CPython's pydoc text) and is sized to finish in about 20 minutes on a 2-core CPU. The
-paper scale trains the paper's networks on CIFAR-10, ImageNet and a text corpus found under
-``--data-root`` and lists what is missing, with how to provide it.
+digits, CPython's pydoc text) and is sized so that three seeds finish within 15 minutes on a
+2-core CPU (one seed in about 5). Verdicts come from paired comparisons over the seeds (see
+:mod:`normmatters.experiments.claims.verdicts`); with one seed there is no interval and every
+comparison is inconclusive. The paper scale trains the paper's networks on CIFAR-10, ImageNet and
+a text corpus found under ``--data-root`` and lists what is missing, with how to provide it.
 
 Output folder::
 
@@ -19,6 +22,11 @@ Output folder::
     figures/           summary bar charts
     runs/              the shared run cache (one folder per configuration and seed)
     c1/ … c5/          each claim's folder: its own runs and figures, result.json when finished
+    .normmatters-reproduce   the marker that says the folder is a reproduce report
+
+The output folder must be new, empty, or a report folder written by ``normmatters reproduce``
+(it holds the marker); any other folder is refused (one line, exit status 2, nothing written), so
+a mistyped ``--out`` never mixes a report into someone else's files.
 
 Parallel claims. ``--jobs N`` (default ``auto``: one per usable core, at most 4) runs N claims at
 once, each in its own process with its share of the cores; small networks train faster as two
@@ -51,12 +59,12 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from .claims import CLAIMS, SCALES, load_claim, missing_paper_data, paper_data, parse_claims
-from .claims.report import verdict_for, write_report
+from .claims import CLAIMS, SCALES, load_claim, missing_paper_data, paper_data, parse_claims, verdict_for
+from .claims.report import write_report
 from .errors import ConfigError, InputError
 from .io import atomic_write_text
 
-__all__ = ["main", "build_parser", "reproduce", "RESULT_NAME"]
+__all__ = ["main", "build_parser", "reproduce", "check_out_dir", "RESULT_NAME", "MARKER_NAME", "DEFAULT_SEEDS"]
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +72,10 @@ PROG = "normmatters reproduce"
 #: A finished claim's record in its folder.
 RESULT_NAME = "result.json"
 RUN_CACHE = "runs"
+#: The file that marks a folder as a reproduce report (written before anything else).
+MARKER_NAME = ".normmatters-reproduce"
+#: Seeds per configuration by default: the fewest that give a t interval with some power.
+DEFAULT_SEEDS = 3
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -75,14 +87,16 @@ def build_parser() -> argparse.ArgumentParser:
                "where it stopped. Claims: " + "; ".join(f"{c}: {i.title}" for c, i in CLAIMS.items()),
     )
     p.add_argument("--scale", choices=SCALES, default="embedded",
-                   help="embedded (default: real data that needs no network, ~20 min on 2 CPU cores) or paper "
+                   help="embedded (default: real data that needs no network, within 15 min on 2 CPU cores) or paper "
                         "(the paper's configurations, where the data is present)")
     p.add_argument("--claims", default=None, metavar="C1,C2,...",
                    help=f"comma-separated claims to run (default: all of {','.join(CLAIMS)})")
     p.add_argument("--out", default=None, metavar="DIR", help="report folder (default: reports/<scale>)")
-    p.add_argument("--seeds", type=int, default=1, metavar="N",
-                   help="seeds per configuration, 0..N-1 (default 1); with N > 1 tables show mean ± std and "
-                        "verdict tolerances widen to twice the spread")
+    p.add_argument("--seeds", type=int, default=DEFAULT_SEEDS, metavar="N",
+                   help=f"seeds per configuration, 0..N-1 (default {DEFAULT_SEEDS}); verdicts compare runs of the "
+                        "same seed and need N >= 2 for an interval")
+    p.add_argument("--quick", action="store_true",
+                   help="one seed (same as --seeds 1): about a third of the time, every verdict inconclusive")
     p.add_argument("--data-root", dest="data_root", default=None, metavar="DIR",
                    help="paper scale: folder with cifar-10-batches-py/, imagenet/{train,val}/, lm_corpus.txt "
                         "(default $NORMMATTERS_CACHE/data)")
@@ -132,6 +146,50 @@ def _teardown_logging(handler: logging.Handler) -> None:
             lg.removeHandler(handler)
         if name != "normmatters.experiments.trainer":
             lg.propagate = True
+
+
+def _is_report_folder(root: Path) -> bool:
+    """Whether ``root`` holds a report written by ``normmatters reproduce``: its marker, or (written
+    before the marker existed) a results.json whose command is a reproduce command."""
+    if (root / MARKER_NAME).is_file():
+        return True
+    try:
+        meta = json.loads((root / "results.json").read_text(encoding="utf-8")).get("meta", {})
+    except (OSError, ValueError, AttributeError):
+        return False
+    return isinstance(meta, dict) and str(meta.get("command", "")).startswith("normmatters reproduce")
+
+
+def check_out_dir(out_dir: str | Path) -> Path:
+    """Check that ``out_dir`` may hold a report: absent, empty, or a report folder of this command.
+
+    Nothing is created or changed here.
+
+    :raises ConfigError: ``out_dir`` is a file, or a folder that holds anything else.
+    """
+    root = Path(out_dir)
+    if root.exists() and not root.is_dir():
+        raise ConfigError(f"--out: {root} is a file, not a folder")
+    if root.is_dir():
+        try:
+            entries = sorted(p.name for p in root.iterdir())
+        except OSError as exc:
+            raise ConfigError(f"--out: cannot read {root} ({exc.strerror or exc})") from None
+        if entries and not _is_report_folder(root):
+            shown = ", ".join(entries[:3]) + (", …" if len(entries) > 3 else "")
+            raise ConfigError(f"--out: {root} holds files that are not a normmatters reproduce report ({shown}); "
+                              "choose a new or empty folder")
+    return root
+
+
+def _claim_out_dir(root: Path, meta: dict[str, Any]) -> None:
+    """Create the report folder and its marker (the folder was checked by :func:`check_out_dir`)."""
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        if not (root / MARKER_NAME).is_file():
+            atomic_write_text(root / MARKER_NAME, json.dumps({"command": meta["command"], "scale": meta["scale"]}) + "\n")
+    except OSError as exc:
+        raise ConfigError(f"--out: cannot write to {root} ({exc.strerror or exc})") from None
 
 
 def _load_finished(claim_dir: Path, scale: str, seeds: Sequence[int]) -> dict[str, Any] | None:
@@ -323,7 +381,7 @@ def reproduce(
     *,
     claims: Sequence[str] | None = None,
     scale: str = "embedded",
-    seeds: Sequence[int] = (0,),
+    seeds: Sequence[int] = tuple(range(DEFAULT_SEEDS)),
     data_root: str | None = None,
     progress: bool = True,
     force: bool = False,
@@ -334,7 +392,7 @@ def reproduce(
 ) -> dict[str, Any]:
     """Run the claims and write the report; the library form of ``normmatters reproduce``.
 
-    :param out_dir: the report folder.
+    :param out_dir: the report folder: new, empty, or one this command wrote (see :func:`check_out_dir`).
     :param claims: claim ids (default all).
     :param scale: ``"embedded"`` or ``"paper"``.
     :param seeds: the seeds every configuration runs with.
@@ -349,6 +407,7 @@ def reproduce(
     :param verbose: log every epoch.
     :returns: ``{"results": {claim: record}, "report": path, "json": path, "wall_time": s,
         "interrupted": bool, "paper_data": {name: status} or None}``.
+    :raises ConfigError: bad arguments, or an ``out_dir`` that holds anything but a report.
     """
     if scale not in SCALES:
         raise ConfigError(f"--scale: expected one of {', '.join(SCALES)}, got {scale!r}")
@@ -359,10 +418,10 @@ def reproduce(
     n_jobs = resolve_jobs(jobs, len(ids))
     if runners and n_jobs > 1:
         raise ConfigError("reproduce: runners= replaces claim modules in this process and needs jobs=1")
-    root = Path(out_dir)
-    root.mkdir(parents=True, exist_ok=True)
+    root = check_out_dir(out_dir)
     meta: dict[str, Any] = {"scale": scale, "seeds": seeds, "claims": ids,
                             "command": command or f"normmatters reproduce --scale {scale} --out {root}"}
+    _claim_out_dir(root, meta)
     if scale == "paper":
         status = paper_data(data_root)
         meta["paper_data"] = {k: d.to_dict() for k, d in status.items()}
@@ -409,10 +468,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.seeds < 1:
             raise ConfigError(f"--seeds: expected a number of seeds >= 1, got {args.seeds}")
+        if args.quick and args.seeds not in (1, DEFAULT_SEEDS):
+            raise ConfigError(f"--quick runs one seed; it contradicts --seeds {args.seeds}")
+        n_seeds = 1 if args.quick else args.seeds
         claims = parse_claims(args.claims)
         out = Path(args.out) if args.out else Path("reports") / args.scale
         command = "normmatters reproduce " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[2:]))
-        out_info = reproduce(out, claims=claims, scale=args.scale, seeds=list(range(args.seeds)),
+        out_info = reproduce(out, claims=claims, scale=args.scale, seeds=list(range(n_seeds)),
                              data_root=args.data_root, progress=args.progress, force=args.force,
                              command=command.strip(), jobs=args.jobs, verbose=args.verbose)
     except InputError as exc:

@@ -1,8 +1,11 @@
-"""The paper's five claims (SPEC §1), each a module with one entry point, and the run cache they share.
+"""The paper's five claims (Hoffer et al. 2018), each a module that owns its runs, its paper rows and its
+verdict rule, and the run cache they share.
 
 Every claim module ``normmatters.experiments.claims.c<N>`` defines::
 
     run(out_dir, *, seeds=(0,), scale="embedded", progress=True, **options) -> dict
+    verdict(rows) -> Verdict        # its rule, stated before the runs (see .verdicts)
+    PAPER                           # rows of (setting, the paper's number, seed 003's number)
 
 returning ``{"claim": "C<N>", "rows": [{"run": name, "seed": s, "test_acc": ..., ...}, ...],
 "figures": [PNG paths, relative to out_dir], "notes": str}``. Options a module may accept (the
@@ -11,7 +14,10 @@ cache, see :func:`cached_train`) and ``data_root`` (paper-scale data, see :func:
 
 The registry :data:`CLAIMS` names the module, the claim in words and the data each scale needs;
 :func:`load_claim` imports a module lazily, so a missing or broken claim module is an error of
-that claim alone.
+that claim alone; :func:`verdict_for` applies a claim module's rule to a claim's result. The
+other modules of the package: :mod:`.stats` (t intervals), :mod:`.verdicts` (the paired rules),
+:mod:`.timing` (time per step), :mod:`.speed` (the Speed section), :mod:`.env` (versions and
+hardware) and :mod:`.report` (REPORT.md and results.json).
 
 Run cache. :func:`cached_train` trains a :class:`~normmatters.experiments.config.TrainConfig` in
 a folder named after the config's hash. A folder holding ``summary.json`` (written by
@@ -49,6 +55,8 @@ __all__ = [
     "parse_claims",
     "check_run_args",
     "load_claim",
+    "claim_module",
+    "verdict_for",
     "run_key",
     "run_folder",
     "cached_train",
@@ -66,7 +74,7 @@ SCALES = ("embedded", "paper")
 
 @dataclass(frozen=True)
 class ClaimInfo:
-    """One claim of the paper (SPEC §1).
+    """One claim of the paper.
 
     :ivar id: ``"C1"`` … ``"C5"``.
     :ivar module: the module that runs it (defines ``run``).
@@ -74,8 +82,8 @@ class ClaimInfo:
     :ivar embedded: what the embedded scale trains.
     :ivar paper: what the paper scale trains.
     :ivar paper_data: dataset names (keys of :func:`paper_data`) the paper scale needs.
-    :ivar cost: rough CPU minutes at the embedded scale; ``reproduce --jobs`` starts the
-        costliest claims first so that parallel workers finish together.
+    :ivar cost: rough CPU minutes per seed at the embedded scale (measured); ``reproduce --jobs``
+        starts the costliest claims first so that parallel workers finish together.
     """
 
     id: str
@@ -97,7 +105,7 @@ CLAIMS: dict[str, ClaimInfo] = {
         "ResNet on MNIST-1D: WD on, WD off, WD off + LR correction, norm scheduling instead of LR scheduling",
         "ResNet-56 / VGG11 on CIFAR-10: the same four runs",
         ("cifar10",),
-        cost=5.0,
+        cost=0.9,
     ),
     "C2": ClaimInfo(
         "C2", f"{_PKG}.c2",
@@ -105,7 +113,7 @@ CLAIMS: dict[str, ClaimInfo] = {
         "1-D ResNet-20 on MNIST-1D: L2 vs L1 vs L1 without C_L1; Transformer LM on the embedded text: L2 vs L1 LN",
         "ResNet-56 on CIFAR-10, ResNet-18/50 on ImageNet, Transformer LM on a text corpus",
         ("cifar10", "imagenet", "text"),
-        cost=3.0,
+        cost=2.8,
     ),
     "C3": ClaimInfo(
         "C3", f"{_PKG}.c3",
@@ -113,15 +121,16 @@ CLAIMS: dict[str, ClaimInfo] = {
         "1-D ResNet-20 on MNIST-1D: L∞ and Top(10), calibrated vs the paper's constant, beside L2",
         "ResNet-56 on CIFAR-10, ResNet-18 on ImageNet",
         ("cifar10", "imagenet"),
-        cost=3.5,
+        cost=1.5,
     ),
     "C4": ClaimInfo(
         "C4", f"{_PKG}.c4",
         "L1 batch norm works in low precision where L2 fails; with 8-bit ops the network trains in int8.",
-        "fp32 vs emulated fp16/fp8 L2 and L1 batch norm, and int8 training, on embedded data",
+        "ResNet-8 on scikit-learn's digits, standardized and raw-intensity inputs side by side: fp32 vs emulated "
+        "fp16/fp8 L2 and L1 batch norm (float32 sums; fp16 sums as an option), and int8 training",
         "ResNet-18 on ImageNet",
         ("imagenet",),
-        cost=5.0,
+        cost=1.9,
     ),
     "C5": ClaimInfo(
         "C5", f"{_PKG}.c5",
@@ -129,7 +138,7 @@ CLAIMS: dict[str, ClaimInfo] = {
         "CNN on embedded images: BN vs WN vs BWN; 2-layer LSTM LM on the embedded text: WN vs BWN",
         "ResNet-56 on CIFAR-10, ResNet-50 on ImageNet, 2-layer LSTM LM on a text corpus",
         ("cifar10", "imagenet", "text"),
-        cost=4.0,
+        cost=0.9,
     ),
 }
 
@@ -177,6 +186,26 @@ def check_run_args(claim: str, scale: str, seeds: Iterable[int]) -> tuple[int, .
     return out
 
 
+def claim_module(claim_id: str) -> Any:
+    """The module of a claim (imported on first use).
+
+    :raises ConfigError: an unknown claim id.
+    """
+    info = CLAIMS.get(str(claim_id).upper())
+    if info is None:
+        raise ConfigError(f"claim: unknown claim {claim_id!r}; expected one of {', '.join(CLAIMS)}")
+    return importlib.import_module(info.module)
+
+
+def verdict_for(claim_id: str, result: dict[str, Any]) -> Any:
+    """The :class:`~.verdicts.Verdict` of one claim's result (``status`` ``"ok"`` and ``rows``), by its module's rule."""
+    from .verdicts import Verdict
+
+    if result.get("status") != "ok":
+        return Verdict(f"not run: {result.get('error', 'unknown error')}", "the claim did not run")
+    return claim_module(claim_id).verdict(list(result.get("rows", [])))
+
+
 def load_claim(claim_id: str) -> Callable[..., dict[str, Any]]:
     """The ``run`` function of a claim's module.
 
@@ -184,13 +213,10 @@ def load_claim(claim_id: str) -> Callable[..., dict[str, Any]]:
     :raises ImportError: the module is missing or fails to import (reported as "not run").
     :raises AttributeError: the module has no ``run``.
     """
-    info = CLAIMS.get(str(claim_id).upper())
-    if info is None:
-        raise ConfigError(f"claim: unknown claim {claim_id!r}; expected one of {', '.join(CLAIMS)}")
-    mod = importlib.import_module(info.module)
+    mod = claim_module(claim_id)
     fn = getattr(mod, "run", None)
     if not callable(fn):
-        raise AttributeError(f"{info.module} defines no run(out_dir, *, seeds, scale, progress)")
+        raise AttributeError(f"{mod.__name__} defines no run(out_dir, *, seeds, scale, progress)")
     return fn
 
 
@@ -336,7 +362,7 @@ PAPER_TEXT_FILE = "lm_corpus.txt"
 def paper_data(data_root: str | os.PathLike | None = None) -> dict[str, DataStatus]:
     """Check the paper-scale datasets under ``data_root`` without loading them.
 
-    Layout (SPEC §6): ``<root>/cifar-10-batches-py/`` (the CIFAR-10 python archive, unpacked),
+    Layout: ``<root>/cifar-10-batches-py/`` (the CIFAR-10 python archive, unpacked),
     ``<root>/imagenet/train/<class>/…`` and ``<root>/imagenet/val/<class>/…``, and
     ``<root>/lm_corpus.txt`` (any UTF-8 text, e.g. the English side of WMT14) for the language
     models. ``data_root=None`` looks in ``$NORMMATTERS_CACHE/data`` (``~/.cache/normmatters/data``),

@@ -1,4 +1,4 @@
-r"""Claim C1: weight decay acts only through the effective learning rate (SPEC §1, §4).
+r"""Claim C1: weight decay acts only through the effective learning rate (Hoffer et al. 2018, Sec. 2).
 
 The experiment of the paper's Figure 1, four runs from the same seed on real data:
 
@@ -25,6 +25,10 @@ effective learning rates η/‖w‖² of those weights (:class:`~normmatters.opt
 The paper (VGG / ResNet on CIFAR-10): the corrected and the norm-scheduled runs match *WD on*;
 *WD off* is worse. One reproduction (seed 003) found WD on ≈ norm schedule but got NaN for the
 correction.
+
+Verdict (:func:`verdict`, stated before the runs): each substitute for weight decay *matches* WD on —
+equivalence of the paired per-seed difference of test accuracy, its 95 % t interval within
+±1 point (:mod:`~normmatters.experiments.claims.verdicts`); WD off without correction is context.
 
 Embedded scale: a narrow 1-D ResNet-8 on MNIST-1D (4000 train / 1000 test sequences), sized to
 run in well under a minute per run on two CPU cores; ``scale="paper"``: ResNet-56 on CIFAR-10
@@ -58,8 +62,10 @@ from ...optim import (
 )
 from ..config import TrainConfig
 from ..io import append_jsonl, atomic_write_text
+from .verdicts import ACC_MARGIN, Verdict, decide, equivalent
 
-__all__ = ["run", "RUNS", "LABELS", "SETTINGS"]
+__all__ = ["run", "verdict", "PAPER", "RUNS", "LABELS", "SETTINGS", "WD_ON", "WD_OFF", "WD_OFF_LR_CORRECTION",
+           "NORM_SCHEDULE"]
 
 log = logging.getLogger(__name__)
 
@@ -75,13 +81,44 @@ CORRECTION_FLOOR: float | None = None
 #: weights the claim is about, and the classifier, compares like with like.
 WD_ON_DECAY = "invariant"
 
-RUNS = ("wd_on", "wd_off", "wd_off_lr_correction", "norm_schedule")
+# Run names.
+WD_ON = "wd_on"
+WD_OFF = "wd_off"
+WD_OFF_LR_CORRECTION = "wd_off_lr_correction"
+NORM_SCHEDULE = "norm_schedule"
+RUNS = (WD_ON, WD_OFF, WD_OFF_LR_CORRECTION, NORM_SCHEDULE)
 LABELS = {
-    "wd_on": "WD on",
-    "wd_off": "WD off (last layer on)",
-    "wd_off_lr_correction": "WD off + LR correction",
-    "norm_schedule": "norm schedule instead of LR schedule",
+    WD_ON: "WD on",
+    WD_OFF: "WD off (last layer on)",
+    WD_OFF_LR_CORRECTION: "WD off + LR correction",
+    NORM_SCHEDULE: "norm schedule instead of LR schedule",
 }
+
+#: Rows of (setting, the paper's number, the independent reproduction's (seed 003) number).
+PAPER: list[tuple[str, str, str]] = [
+    ("CIFAR-10 (VGG11 / ResNet): WD on vs WD off + per-channel LR correction",
+     "corrected run matches WD on (curves)", "corrected run diverged (NaN) in their code"),
+    ("CIFAR-10: norm scheduling instead of LR scheduling", "matches WD on with LR schedule (curves)",
+     "WD on ≈ norm schedule"),
+]
+
+RULE = (f"each substitute for weight decay — WD off with the per-channel LR correction, and norm scheduling "
+        f"instead of LR scheduling — matches WD on: equivalence of the paired per-seed difference of final test "
+        f"accuracy, its 95% t interval inside ±{100 * ACC_MARGIN:g} point. WD off without correction is reported "
+        "as context, not voted.")
+
+
+def verdict(rows: list[dict[str, Any]]) -> Verdict:
+    """C1's verdict from its rows, by :data:`RULE`."""
+    checks = [
+        equivalent(rows, WD_OFF_LR_CORRECTION, WD_ON, "WD off + per-channel LR correction matches WD on",
+                   metric="test_acc", margin=ACC_MARGIN),
+        equivalent(rows, NORM_SCHEDULE, WD_ON, "norm scheduling instead of LR scheduling matches WD on",
+                   metric="test_acc", margin=ACC_MARGIN),
+        equivalent(rows, WD_OFF, WD_ON, "WD off without correction vs WD on (context)", metric="test_acc",
+                   margin=ACC_MARGIN, core=False),
+    ]
+    return decide(checks, RULE)
 
 #: Settings per scale (the TrainConfig fields that differ from its defaults).
 SETTINGS: dict[str, dict[str, Any]] = {
@@ -169,7 +206,7 @@ class _Run:
 
         self.invariant = scale_invariant_parameters(model, self.example.to(
             next(model.parameters()).device))
-        decay = self.wd_on_decay if self.name == "wd_on" else "last_layer"
+        decay = self.wd_on_decay if self.name == WD_ON else "last_layer"
         groups = split_param_groups(model, self.invariant, weight_decay=config.weight_decay,
                                     decay=decay)
         opt = torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum,
@@ -179,7 +216,7 @@ class _Run:
         def f(t: int) -> float:
             return lr_factor(t, config, spe)
 
-        if self.name == "norm_schedule":
+        if self.name == NORM_SCHEDULE:
             assert self.reference is not None
             lambdas: list[Callable[[int], float]] = [
                 (lambda t: 1.0) if g["scale_invariant"] else f for g in groups
@@ -188,7 +225,7 @@ class _Run:
             norm_sched = ReferenceNormSchedule(opt, self.invariant, self.reference, lr_factor=f,
                                                model=model)
             return opt, _CompositeScheduler(lr_sched, norm_sched)
-        if self.name == "wd_off_lr_correction":
+        if self.name == WD_OFF_LR_CORRECTION:
             assert self.reference is not None
             self.correction = LRCorrection(opt, self.invariant, self.reference,
                                            reference_floor=self.correction_floor)
@@ -248,7 +285,7 @@ def _plot(runs: Mapping[str, _Run], path: Path, title: str) -> Path:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
-    styles = {"wd_on": "-", "wd_off": "--", "wd_off_lr_correction": "-.", "norm_schedule": ":"}
+    styles = {WD_ON: "-", WD_OFF: "--", WD_OFF_LR_CORRECTION: "-.", NORM_SCHEDULE: ":"}
     for name, r in runs.items():
         ep = [e["epoch"] for e in r.epochs]
         acc = [(e["epoch"], e["test_acc"]) for e in r.epochs if e["test_acc"] is not None]
@@ -289,7 +326,7 @@ class _FinishedRun:
 
 def _load_finished(run_dir: Path, name: str) -> tuple[_FinishedRun, dict[str, Any]] | None:
     path = run_dir / _FINISHED
-    if not path.exists() or (name == "wd_on" and not (run_dir / "reference_norms.pt").exists()):
+    if not path.exists() or (name == WD_ON and not (run_dir / "reference_norms.pt").exists()):
         return None
     try:
         data = json.loads(path.read_text())
@@ -340,8 +377,8 @@ def run(
     unknown = [r for r in names if r not in RUNS]
     if unknown:
         raise ValueError(f"C1: unknown runs {unknown}; expected names from {list(RUNS)}")
-    if set(names) & {"wd_off_lr_correction", "norm_schedule"}:
-        names = tuple(dict.fromkeys(("wd_on", *names)))  # the reference comes first
+    if set(names) & {WD_OFF_LR_CORRECTION, NORM_SCHEDULE}:
+        names = tuple(dict.fromkeys((WD_ON, *names)))  # the reference comes first
     names = tuple(r for r in RUNS if r in names)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -360,7 +397,7 @@ def run(
             done = _load_finished(run_dir, name)
             if done is not None:  # finished earlier in this folder: reuse, do not retrain
                 r, row = done
-                if name == "wd_on":
+                if name == WD_ON:
                     reference = ReferenceNorms.load(run_dir / "reference_norms.pt")
                 runs[name] = r
                 rows.append(row)
@@ -377,7 +414,7 @@ def run(
                 plot_norm_log(r.epochs, run_dir / "norms.png", title=f"C1 {LABELS[name]}, seed {seed}")
             except Exception as exc:  # a plotting problem must not lose a finished run
                 log.warning("could not plot %s: %s", run_dir / "norms.png", exc)
-            if name == "wd_on":
+            if name == WD_ON:
                 assert r.tracker is not None
                 reference = r.tracker.reference_norms()
                 reference.save(run_dir / "reference_norms.pt")
@@ -453,9 +490,9 @@ def _notes(rows: list[dict[str, Any]], config: TrainConfig, wall: float,
         parts.append(
             "Mean final test accuracy: " + ", ".join(f"{LABELS[k]} {mean[k]:.4f}" for k in RUNS) + "."
         )
-        gap_off = mean["wd_on"] - mean["wd_off"]
-        gap_corr = mean["wd_on"] - mean["wd_off_lr_correction"]
-        gap_norm = mean["wd_on"] - mean["norm_schedule"]
+        gap_off = mean[WD_ON] - mean[WD_OFF]
+        gap_corr = mean[WD_ON] - mean[WD_OFF_LR_CORRECTION]
+        gap_norm = mean[WD_ON] - mean[NORM_SCHEDULE]
         parts.append(
             f"WD on − WD off = {gap_off:+.4f}; WD on − corrected = {gap_corr:+.4f}; "
             f"WD on − norm schedule = {gap_norm:+.4f} (the paper: the last two ≈ 0, the first > 0)."

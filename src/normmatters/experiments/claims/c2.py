@@ -1,4 +1,4 @@
-"""Claim C2: L1 batch norm with C_L1 = √(π/2) matches L2 batch norm (SPEC §1, §2).
+"""Claim C2: L1 batch norm with C_L1 = √(π/2) is as good as L2 batch norm (Hoffer et al. 2018, Sec. 4).
 
 The same network is trained with each normalization, with the same seeds, data order and
 hyperparameters; only the dispersion σ̂ of every norm layer changes:
@@ -17,7 +17,14 @@ momentum, cosine schedule) and a 2-layer character-level Transformer on the embe
 ImageNet and a 6-layer Transformer on ``<data-root>/lm_corpus.txt``, each where its data is present.
 
 Every run goes through the shared run cache (:func:`~normmatters.experiments.claims.cached_train`):
-claim C3 reuses the ``bn-l2`` runs, and a finished run is never trained twice.
+claim C3 reuses the ``bn-l2`` runs, and a finished run is never trained twice. Every run also
+records its time per training step (:class:`~normmatters.experiments.claims.timing.StepTimer`),
+the measurement of the report's Speed section.
+
+Verdict (:func:`verdict`, stated before the runs): L1 is *as good as* L2 — non-inferiority of the
+paired per-seed difference, margin 1 point of test accuracy for batch norm and 2 % of the test
+bits per character for layer norm (see :mod:`~normmatters.experiments.claims.verdicts`). The
+ablation without C_L1 is reported beside it and does not vote.
 """
 
 from __future__ import annotations
@@ -32,9 +39,18 @@ from typing import Any
 from ..config import TrainConfig
 from ..errors import ConfigError, DataNotFoundError
 from . import cached_train, check_run_args, paper_data
+from .timing import StepTimer, run_step_times
+from .verdicts import ACC_MARGIN, BPC_MARGIN, Verdict, decide, non_inferior
 
 __all__ = [
     "run",
+    "verdict",
+    "PAPER",
+    "BN_L2",
+    "BN_L1",
+    "BN_L1_NOCONST",
+    "LN_L2",
+    "LN_L1",
     "BN_RUNS",
     "LN_RUNS",
     "image_config",
@@ -46,17 +62,66 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
+# Run names (claim C3 and the Speed section use these too).
+BN_L2 = "bn-l2"
+BN_L1 = "bn-l1"
+BN_L1_NOCONST = "bn-l1-noconst"
+LN_L2 = "ln-l2"
+LN_L1 = "ln-l1"
+
 #: run name -> (norm, norm_kwargs) of the batch-norm comparison.
 BN_RUNS: dict[str, tuple[str, dict[str, Any]]] = {
-    "bn-l2": ("l2", {}),
-    "bn-l1": ("l1", {}),
-    "bn-l1-noconst": ("l1", {"constant": "none"}),
+    BN_L2: ("l2", {}),
+    BN_L1: ("l1", {}),
+    BN_L1_NOCONST: ("l1", {"constant": "none"}),
 }
 #: run name -> (norm, norm_kwargs) of the layer-norm comparison (Transformer).
 LN_RUNS: dict[str, tuple[str, dict[str, Any]]] = {
-    "ln-l2": ("l2", {}),
-    "ln-l1": ("l1", {}),
+    LN_L2: ("l2", {}),
+    LN_L1: ("l1", {}),
 }
+
+#: Rows of (setting, the paper's number, the independent reproduction's (seed 003) number).
+PAPER: list[tuple[str, str, str]] = [
+    ("ResNet-56, CIFAR-10: L2 BN / L1 BN (top-1 %)", "93.03 / 93.07", "92.40 / 92.05"),
+    ("ResNet-18, ImageNet: L2 BN / L1 BN (top-1 %)", "69.8 / 69.74", "—"),
+    ("ResNet-50, ImageNet: L2 BN / L1 BN (top-1 %)", "75.3 / 75.32", "—"),
+    ("Transformer, WMT14: L2 LN / L1 LN (perplexity)", "5.1 / 5.2", "—"),
+    ("ResNet-56, CIFAR-10: L1 BN without C_L1", "—", "higher error than with C_L1"),
+]
+
+RULE = (f"L1 is as good as L2 (non-inferiority of the paired per-seed difference, 95% t interval over seeds): "
+        f"as batch norm with margin δ = {100 * ACC_MARGIN:g} point of test accuracy, as layer norm in the "
+        f"Transformer with δ = {100 * BPC_MARGIN:g}% of the L2 run's test bits per character. Supported when "
+        "both intervals' worse ends are within δ; being better than L2 is not a failure. The ablation without "
+        "C_L1 is reported, not voted.")
+
+
+def _suffixes(rows: Sequence[dict[str, Any]], base: str) -> list[str]:
+    """The setting suffixes of ``base`` among the rows' run names (``""`` at the embedded scale)."""
+    out: list[str] = []
+    for r in rows:
+        name = str(r.get("run", ""))
+        if name == base or name.startswith(base + "-"):
+            sfx = name[len(base):]
+            if sfx not in out:
+                out.append(sfx)
+    return out
+
+
+def verdict(rows: Sequence[dict[str, Any]]) -> Verdict:
+    """C2's verdict from its rows, by :data:`RULE`."""
+    checks = []
+    for sfx in _suffixes(rows, BN_L2) or [""]:
+        checks.append(non_inferior(rows, BN_L1 + sfx, BN_L2 + sfx, f"L1 batch norm as good as L2{sfx}",
+                                   metric="test_acc", margin=ACC_MARGIN))
+    checks.append(non_inferior(rows, LN_L1, LN_L2, "L1 layer norm as good as L2 (Transformer LM)",
+                               metric="test_bpc", margin=BPC_MARGIN, higher_is_better=False, kind="relative"))
+    for sfx in _suffixes(rows, BN_L2) or [""]:
+        checks.append(non_inferior(rows, BN_L1_NOCONST + sfx, BN_L1 + sfx,
+                                   f"ablation: L1 batch norm without C_L1 vs with it{sfx}", metric="test_acc",
+                                   margin=ACC_MARGIN, core=False))
+    return decide(checks, RULE)
 
 # -- embedded scale: the hyperparameters, in one place --------------------------------------------
 # ResNet-20 (1-D) on MNIST-1D: 32 steps of 128 sequences per epoch, ~2-4 s per epoch on 2 cores.
@@ -136,6 +201,7 @@ def _row(name: str, seed: int, config: TrainConfig, s: dict[str, Any], setting: 
         row.update(test_acc=s.get("final_test_acc"), best_test_acc=s.get("best_test_acc"),
                    test_loss=s.get("final_test_loss"))
     row.update(final_train_loss=s.get("final_train_loss"), time_per_epoch=s.get("time_per_epoch"),
+               **run_step_times(s.get("run_dir")), steps=s.get("steps"),
                wall_time=s.get("wall_time"), reused=bool(s.get("reused")), run_dir=s.get("run_dir"))
     return row
 
@@ -144,7 +210,7 @@ def train_rows(claim: str, jobs: Sequence[tuple[str, TrainConfig, str]], cache_d
     """Train (or reuse) each ``(run name, config, setting)`` and return one row per job."""
     rows = []
     for i, (name, config, setting) in enumerate(jobs, 1):
-        s = cached_train(config, cache_dir, progress=progress)
+        s = cached_train(config, cache_dir, progress=progress, callbacks=[StepTimer()])
         row = _row(name, config.seed, config, s, setting)
         rows.append(row)
         metric = (f"test {row['test_bpc']:.4f} bits/char" if "test_bpc" in row and row["test_bpc"] is not None

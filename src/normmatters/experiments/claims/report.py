@@ -1,24 +1,17 @@
-r"""The report of ``normmatters reproduce``: one table per claim beside the paper's numbers, a verdict
-per claim computed from the measured numbers, figures, configs, versions, hardware and wall times.
+r"""The report of ``normmatters reproduce``: REPORT.md for people and results.json for programs.
 
-Inputs are the dicts the claim modules return (``{"claim", "rows", "figures", "notes"}``, see
-:mod:`normmatters.experiments.claims`) wrapped by the reproduce command with its status and wall
-time; outputs are ``REPORT.md`` (for people) and ``results.json`` (for programs) in the report
-folder.
+This module only renders. Each claim module owns its runs, its paper rows (``PAPER``) and its
+verdict rule (``verdict(rows)``, see :mod:`~normmatters.experiments.claims.verdicts`); the Speed
+section's rule is :mod:`~normmatters.experiments.claims.speed`'s; the environment comes from
+:mod:`~normmatters.experiments.claims.env`. Inputs are the dicts the claim modules return
+(``{"claim", "rows", "figures", "notes"}``) wrapped by the reproduce command with its status and
+wall time.
 
-Verdicts (never written by hand: each is a function of the measured rows). Runs are compared on
-their primary metric: final test accuracy for classifiers (higher is better), test bits per
-character for language models (lower is better). Over several seeds a run's number is the mean
-over seeds and s its sample standard deviation. Two runs *match* when
-
-* accuracy: \|a − b\| ≤ tol, tol = max(1 percentage point, 2·max(s_a, s_b));
-* bits per character: \|a − b\| ≤ tol, tol = max(2 % of the reference, 2·max(s_a, s_b)).
-
-A run *fails* when its number is not finite (the training diverged) or it is worse than its
-reference by more than tol. A claim is ``supported`` when all of its core checks pass,
-``partly supported`` when some do, ``not supported`` when none do, and ``inconclusive`` when a
-check lacks its runs. Secondary findings (e.g. what removing C_L1 does) are reported beside the
-verdict but do not decide it.
+REPORT.md: a summary table (one line per voting check: the verdict, the mean paired difference
+with its 95 % interval, and the margin δ), then per claim the paper's and seed 003's numbers, the
+measured table (mean ± sample std over seeds), the verdict with its rule and every check, notes and
+figures; the Speed section; paper-scale data; environment; the resolved configuration of every run.
+results.json carries the same, every check with its interval, margin and rule.
 """
 
 from __future__ import annotations
@@ -28,137 +21,30 @@ import json
 import logging
 import math
 import os
-import platform
-import sys
 import time
 import tomllib
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from ..io import atomic_write_bytes, atomic_write_text
+from . import CLAIMS, claim_module, verdict_for
+from . import speed as speed_mod
+from .env import environment
+from .stats import Agg, aggregate
+from .verdicts import ACC_MARGIN, BPC_MARGIN, SPEED_MARGIN, Check, Verdict, fmt_interval, fmt_margin
 
 __all__ = [
-    "ACC_TOL",
-    "BPC_REL_TOL",
-    "PAPER",
-    "Agg",
-    "Check",
-    "Verdict",
-    "aggregate",
     "primary_metric",
-    "match_check",
-    "fail_check",
-    "not_worse_check",
-    "decide",
-    "verdict_for",
-    "environment",
-    "write_report",
+    "measured_table",
+    "summary_table",
+    "speed_section",
+    "paper_rows",
     "render_report",
+    "write_report",
 ]
 
 log = logging.getLogger(__name__)
-
-#: Base tolerance of an accuracy comparison: 1 percentage point (accuracies are fractions).
-ACC_TOL = 0.01
-#: Base tolerance of a bits-per-character comparison: 2 % of the reference run's value.
-BPC_REL_TOL = 0.02
-
-# ---------------------------------------------------------------------------------------------
-# The paper's and the reproduction's numbers (SPEC §1)
-# ---------------------------------------------------------------------------------------------
-#: claim -> rows of (setting, paper's number, independent reproduction's (seed 003) number).
-PAPER: dict[str, list[tuple[str, str, str]]] = {
-    "C1": [
-        ("CIFAR-10 (VGG11 / ResNet): WD on vs WD off + per-channel LR correction",
-         "corrected run matches WD on (curves)", "corrected run diverged (NaN) in their code"),
-        ("CIFAR-10: norm scheduling instead of LR scheduling", "matches WD on with LR schedule (curves)",
-         "WD on ≈ norm schedule"),
-    ],
-    "C2": [
-        ("ResNet-56, CIFAR-10: L2 BN / L1 BN (top-1 %)", "93.03 / 93.07", "92.40 / 92.05"),
-        ("ResNet-18, ImageNet: L2 BN / L1 BN (top-1 %)", "69.8 / 69.74", "—"),
-        ("ResNet-50, ImageNet: L2 BN / L1 BN (top-1 %)", "75.3 / 75.32", "—"),
-        ("Transformer, WMT14: L2 LN / L1 LN (perplexity)", "5.1 / 5.2", "—"),
-        ("ResNet-56, CIFAR-10: L1 BN without C_L1", "—", "higher error than with C_L1"),
-    ],
-    "C3": [
-        ("ResNet-56, CIFAR-10: L2 / L∞ BN (top-1 %)", "—", "92.40 / 91.91"),
-        ("ResNet-18/50, ImageNet: L∞ BN", "slightly lower than L2 (curves)", "—"),
-        ("ImageNet: Top(10) BN", "close to L2 (curves)", "—"),
-        ("ResNet-56 training time L2 / L1 / L∞ (GPU)", "—", "93 / 83 / 85 min"),
-    ],
-    "C4": [
-        ("ResNet-18, ImageNet: L2 BN in fp16", "diverges", "—"),
-        ("ResNet-18, ImageNet: L1 BN in fp16", "matches fp32", "—"),
-        ("ResNet-18, ImageNet: 8-bit bottleneck ops (Banner et al.)", "trains in int8", "—"),
-    ],
-    "C5": [
-        ("ResNet-56, CIFAR-10: BN / WN / BWN (top-1 %)", "93.03 / 92.5 / 92.88", "92.40 / — / 92.37"),
-        ("ResNet-50, ImageNet: BN / WN / BWN (top-1 %)", "75.3 / 67 / 73.8", "—"),
-        ("Transformer, WMT14: LN / BWN (BLEU)", "27.3 / 26.5", "—"),
-        ("2-layer LSTM, WMT14: baseline / BWN (BLEU)", "21.5 / 21.2", "—"),
-    ],
-}
-
-
-# ---------------------------------------------------------------------------------------------
-# Aggregation over seeds
-# ---------------------------------------------------------------------------------------------
-@dataclass
-class Agg:
-    """One metric of one run over its seeds.
-
-    :ivar mean: mean over seeds (NaN if any seed is not finite).
-    :ivar std: sample standard deviation (ddof = 1) of the finite values; ``None`` for one seed.
-    :ivar n: number of seeds.
-    :ivar values: the per-seed values.
-    :ivar nonfinite: how many seeds gave a NaN or infinity.
-    """
-
-    mean: float
-    std: float | None
-    n: int
-    values: list[float]
-    nonfinite: int = 0
-
-
-def _is_number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
-
-
-def aggregate(rows: Iterable[dict[str, Any]]) -> dict[str, dict[str, Agg]]:
-    """Group rows by ``"run"`` (first-seen order) and aggregate every numeric key but ``"seed"``.
-
-    A ``None`` value counts as not finite (a metric that was never reached, e.g. a diverged run).
-    """
-    grouped: dict[str, dict[str, list[float]]] = {}
-    for r in rows:
-        name = str(r.get("run", "?"))
-        g = grouped.setdefault(name, {})
-        for k, v in r.items():
-            if k in ("seed", "run"):
-                continue
-            if _is_number(v):
-                g.setdefault(k, []).append(float(v))
-            elif v is None and k in g:
-                g[k].append(float("nan"))
-            elif v is None and (k.startswith(("test_", "best_", "final_"))):
-                g.setdefault(k, []).append(float("nan"))
-    out: dict[str, dict[str, Agg]] = {}
-    for name, metrics in grouped.items():
-        out[name] = {}
-        for k, vals in metrics.items():
-            finite = [v for v in vals if math.isfinite(v)]
-            bad = len(vals) - len(finite)
-            mean = sum(vals) / len(vals) if vals and not bad else float("nan")
-            std = None
-            if len(finite) > 1:
-                m = sum(finite) / len(finite)
-                std = math.sqrt(sum((v - m) ** 2 for v in finite) / (len(finite) - 1))
-            out[name][k] = Agg(mean, std, len(vals), vals, bad)
-    return out
 
 
 def primary_metric(metrics: dict[str, Agg]) -> tuple[str | None, bool]:
@@ -173,47 +59,6 @@ def primary_metric(metrics: dict[str, Agg]) -> tuple[str | None, bool]:
         if key in metrics:
             return key, higher
     return None, True
-
-
-# ---------------------------------------------------------------------------------------------
-# Checks and verdicts
-# ---------------------------------------------------------------------------------------------
-@dataclass
-class Check:
-    """One comparison of two runs.
-
-    :ivar name: what is checked, in words.
-    :ivar a, b: the run and its reference.
-    :ivar metric: the compared metric.
-    :ivar diff: a − b (NaN when either is not finite, ``None`` when a run is missing).
-    :ivar tol: the tolerance used.
-    :ivar passed: ``True``/``False``, or ``None`` when it could not be checked.
-    :ivar text: the evidence in a sentence.
-    :ivar core: whether it decides the verdict.
-    """
-
-    name: str
-    a: str
-    b: str
-    metric: str | None
-    diff: float | None
-    tol: float | None
-    passed: bool | None
-    text: str
-    core: bool = True
-
-
-@dataclass
-class Verdict:
-    """A claim's verdict: ``supported``, ``partly supported``, ``not supported``, ``inconclusive``
-    or ``not run``, the rule that produced it and the checks behind it."""
-
-    verdict: str
-    rule: str
-    checks: list[Check] = field(default_factory=list)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"verdict": self.verdict, "rule": self.rule, "checks": [asdict(c) for c in self.checks]}
 
 
 def _fmt(metric: str | None, v: float | None, *, signed: bool = False, delta: bool = False) -> str:
@@ -234,281 +79,117 @@ def _fmt(metric: str | None, v: float | None, *, signed: bool = False, delta: bo
     return f"{v:{sign}.4g}"
 
 
-def _tolerance(metric: str, ref: Agg, other: Agg, factor: float = 1.0) -> float:
-    if "bpc" in metric or "ppl" in metric or "loss" in metric:
-        base = BPC_REL_TOL * abs(ref.mean) if math.isfinite(ref.mean) else BPC_REL_TOL
-    else:
-        base = ACC_TOL
-    spread = max(ref.std or 0.0, other.std or 0.0)
-    return factor * max(base, 2.0 * spread)
+def paper_rows(claim_id: str) -> list[tuple[str, str, str]]:
+    """The claim module's rows of (setting, paper, seed 003); none if the module does not import."""
+    try:
+        return list(getattr(claim_module(claim_id), "PAPER", []))
+    except Exception as exc:  # a broken claim module is that claim's error, not the report's
+        log.warning("%s: no paper rows (%s)", claim_id, exc)
+        return []
 
 
-def _lookup(agg: dict[str, dict[str, Agg]], a: str, b: str, metric: str | None):
-    ra, rb = agg.get(a), agg.get(b)
-    if ra is None or rb is None:
-        missing = [x for x, r in ((a, ra), (b, rb)) if r is None]
-        return None, None, None, f"run{'s' if len(missing) > 1 else ''} {', '.join(missing)} not measured"
-    m = metric or primary_metric(rb)[0]
-    if m is None or m not in ra or m not in rb:
-        return None, None, None, f"no common metric for {a} and {b}"
-    return ra[m], rb[m], m, None
+def _check_cells(c: Check) -> tuple[str, str, str]:
+    """(difference with its interval, δ, outcome) of a check, for the tables."""
+    if c.outcome == "not measured":
+        return "—", fmt_margin(c.kind, c.metric, c.margin), c.outcome
+    margin = fmt_margin(c.kind, c.metric, c.margin)
+    if c.rule == "equivalence":
+        margin = "±" + margin
+    if c.kind == "ratio" and c.margin is not None:
+        margin += f" (ratio ≤ {1 + c.margin:g})"
+    diff = fmt_interval(c)
+    if c.nonfinite:
+        diff += f"; non-finite in {c.nonfinite}/{c.n} seeds"
+    return diff, margin, c.outcome
 
 
-def match_check(agg: dict[str, dict[str, Agg]], a: str, b: str, name: str, *, metric: str | None = None,
-                factor: float = 1.0, core: bool = True) -> Check:
-    """``a`` matches ``b``: \\|a − b\\| ≤ tol (see the module docstring); ``factor`` widens tol."""
-    xa, xb, m, why = _lookup(agg, a, b, metric)
-    if why:
-        return Check(name, a, b, metric, None, None, None, why, core)
-    tol = _tolerance(m, xb, xa, factor)
-    diff = xa.mean - xb.mean
-    if not math.isfinite(diff):
-        return Check(name, a, b, m, float("nan"), tol, False,
-                     f"{a}: {_fmt(m, xa.mean)} vs {b}: {_fmt(m, xb.mean)} (a run diverged)", core)
-    ok = abs(diff) <= tol
-    side = "" if ok else f" ({a} {'better' if _better(m, diff) > 0 else 'worse'})"
-    return Check(name, a, b, m, diff, tol, ok,
-                 f"{a} {_fmt(m, xa.mean)} vs {b} {_fmt(m, xb.mean)}: difference {_fmt(m, diff, signed=True)}, "
-                 f"|difference| {'≤' if ok else '>'} tol {_fmt(m, tol, delta=True)}{side}", core)
-
-
-def _better(m: str, diff: float) -> float:
-    """``diff`` = a − b turned into "how much better a is" (positive = better)."""
-    return -diff if ("bpc" in m or "ppl" in m or "loss" in m) else diff
-
-
-def not_worse_check(agg: dict[str, dict[str, Agg]], a: str, b: str, name: str, *, metric: str | None = None,
-                    factor: float = 1.0, core: bool = True) -> Check:
-    """``a`` is not worse than ``b`` by more than tol."""
-    xa, xb, m, why = _lookup(agg, a, b, metric)
-    if why:
-        return Check(name, a, b, metric, None, None, None, why, core)
-    tol = _tolerance(m, xb, xa, factor)
-    diff = xa.mean - xb.mean
-    if not math.isfinite(diff):
-        ok = math.isfinite(xa.mean)  # b diverged and a did not: a is not worse
-        return Check(name, a, b, m, float("nan"), tol, ok,
-                     f"{a}: {_fmt(m, xa.mean)} vs {b}: {_fmt(m, xb.mean)}", core)
-    ok = _better(m, diff) >= -tol
-    return Check(name, a, b, m, diff, tol, ok,
-                 f"{a} {_fmt(m, xa.mean)} vs {b} {_fmt(m, xb.mean)}: difference {_fmt(m, diff, signed=True)} "
-                 f"({'within' if ok else 'worse by more than'} tol {_fmt(m, tol, delta=True)})", core)
-
-
-def fail_check(agg: dict[str, dict[str, Agg]], a: str, b: str, name: str, *, metric: str | None = None,
-               factor: float = 1.0, core: bool = True) -> Check:
-    """``a`` fails against ``b``: not finite, or worse than ``b`` by more than tol."""
-    xa, xb, m, why = _lookup(agg, a, b, metric)
-    if why:
-        return Check(name, a, b, metric, None, None, None, why, core)
-    tol = _tolerance(m, xb, xa, factor)
-    if xa.nonfinite or not math.isfinite(xa.mean):
-        return Check(name, a, b, m, float("nan"), tol, True,
-                     f"{a} diverged ({xa.nonfinite}/{xa.n} seeds not finite)", core)
-    diff = xa.mean - xb.mean
-    failed = _better(m, diff) < -tol
-    return Check(name, a, b, m, diff, tol, failed,
-                 f"{a} {_fmt(m, xa.mean)} vs {b} {_fmt(m, xb.mean)}: difference {_fmt(m, diff, signed=True)} "
-                 f"({'worse by more than' if failed else 'within'} tol {_fmt(m, tol, delta=True)})", core)
-
-
-def decide(checks: Sequence[Check], rule: str) -> Verdict:
-    """Turn checks into a verdict.
-
-    Over the core checks that could be made: all pass → ``supported``, some → ``partly
-    supported``, none → ``not supported``; none could be made → ``inconclusive``. When some core
-    checks lack their runs the verdict says on how many it rests.
-    """
-    core = [c for c in checks if c.core]
-    known = [c for c in core if c.passed is not None]
-    if not known:
-        return Verdict("inconclusive", rule, list(checks))
-    if all(c.passed for c in known):
-        v = "supported"
-    elif any(c.passed for c in known):
-        v = "partly supported"
-    else:
-        v = "not supported"
-    if len(known) < len(core):
-        v += f" (on {len(known)} of {len(core)} checks; the others lack their runs)"
-    return Verdict(v, rule, list(checks))
-
-
-def _rule_c1(agg: dict[str, dict[str, Agg]]) -> Verdict:
-    checks = [
-        match_check(agg, "wd_off_lr_correction", "wd_on", "WD off + per-channel LR correction matches WD on"),
-        match_check(agg, "norm_schedule", "wd_on", "norm scheduling instead of LR scheduling matches WD on"),
-        match_check(agg, "wd_off", "wd_on", "WD off without correction vs WD on (context)", core=False),
-    ]
-    rule = ("supported if both substitutes for weight decay — WD off with the per-channel LR correction, and norm "
-            "scheduling instead of LR scheduling — match the WD-on run (|Δacc| ≤ max(1 pt, 2·seed std)); partly "
-            "if one does. WD off without correction is reported as context, not voted.")
-    return decide(checks, rule)
-
-
-def _rule_c2(agg: dict[str, dict[str, Agg]]) -> Verdict:
-    checks = [
-        match_check(agg, "bn-l1", "bn-l2", "L1 batch norm matches L2 batch norm (ResNet)"),
-        match_check(agg, "ln-l1", "ln-l2", "L1 layer norm matches L2 layer norm (Transformer)"),
-        not_worse_check(agg, "bn-l1-noconst", "bn-l1", "L1 batch norm without C_L1 vs with it (ablation)",
-                        core=False),
-        match_check(agg, "bn-l1-noconst", "bn-l2", "L1 batch norm without C_L1 vs L2 (ablation)", core=False),
-    ]
-    extra = sorted(n for n in agg if n.startswith("bn-l1-") and n != "bn-l1-noconst")
-    for n in extra:
-        checks.append(match_check(agg, n, n.replace("-l1-", "-l2-"), f"{n} vs its L2 run", core=False))
-    rule = ("supported if L1 matches L2 both as batch norm (|Δacc| ≤ max(1 pt, 2·seed std)) and as layer norm "
-            "in the Transformer (|Δbpc| ≤ max(2% of L2, 2·seed std)); partly if one of them. The no-C_L1 "
-            "ablation is reported, not voted.")
-    return decide(checks, rule)
-
-
-def _rule_c3(agg: dict[str, dict[str, Agg]]) -> Verdict:
-    checks = [
-        match_check(agg, "bn-top10", "bn-l2", "Top(10) batch norm (calibrated C) matches L2"),
-        not_worse_check(agg, "bn-linf", "bn-l2", "L∞ batch norm (calibrated C) nearly as accurate as L2 "
-                        "(within 2×tol)", factor=2.0),
-        match_check(agg, "bn-linf-paper", "bn-linf", "L∞: the paper's constant vs calibrated", core=False),
-        match_check(agg, "bn-top10-paper", "bn-top10", "Top(10): the paper's constant vs calibrated", core=False),
-        match_check(agg, "bn-linf-paper", "bn-l2", "L∞ with the paper's constant vs L2", core=False),
-    ]
-    rule = ("supported if Top(10) matches L2 (|Δacc| ≤ tol = max(1 pt, 2·seed std)) and L∞ is nearly as "
-            "accurate (acc_L∞ ≥ acc_L2 − 2·tol), both with the calibrated constants; partly if one of them. "
-            "The paper-constant runs are reported beside them, not voted.")
-    return decide(checks, rule)
-
-
-def _rule_c4(agg: dict[str, dict[str, Agg]]) -> Verdict:
-    checks: list[Check] = [
-        match_check(agg, "fp16-l1", "fp32-l1", "L1 batch norm in fp16 matches fp32"),
-        fail_check(agg, "fp16-l2", "fp32-l2", "L2 batch norm in fp16 fails (diverges or loses more than tol)"),
-    ]
-    int8 = [n for n in agg if n.lower().startswith("int8")]
-
-    def score(n: str) -> float:
-        m = primary_metric(agg[n])[0]
-        v = agg[n][m].mean if m else float("nan")
-        return v if math.isfinite(v) else -math.inf
-
-    if int8:
-        best = max(int8, key=score)
-        checks.append(not_worse_check(agg, best, "fp32-l2", f"the network trains in int8 (best int8 run, {best}, "
-                                      "within 2×tol of fp32 L2)", factor=2.0))
-    else:
-        checks.append(Check("the network trains in int8", "int8-*", "fp32-l2", None, None, None, None,
-                            "no int8 run was measured"))
-    # every other format, reported beside the voted fp16 pair
-    for n in agg:
-        low = n.lower()
-        if low.startswith(("fp32", "int8")) or low in ("fp16-l1", "fp16-l2"):
+def summary_table(results: dict[str, dict[str, Any]], verdicts: dict[str, Verdict],
+                  speed: Verdict | None = None) -> str:
+    """One line per voting check: claim, verdict, check, paired difference [95% interval], δ, outcome."""
+    lines = ["| claim | verdict | check (voting) | mean paired difference [95% CI] | δ | outcome | wall time |",
+             "|---|---|---|---|---|---|---|"]
+    sections = [(cid, verdicts[cid], results[cid]) for cid in results]
+    if speed is not None:
+        sections.append(("Speed", speed, None))
+    for cid, v, res in sections:
+        anchor = f"[{cid}](#{cid.lower()})"
+        wall = ""
+        if res is not None:
+            wall = _fmt_seconds(res.get("wall_time")) + (" (reused)" if res.get("reused") else "")
+        core = v.core
+        if not core:
+            lines.append(f"| {anchor} | {v.verdict} | — | — | — | — | {wall} |")
             continue
-        ref = "fp32-l1" if low.endswith("-l1") else "fp32-l2"
-        if low.endswith("-l2"):
-            checks.append(fail_check(agg, n, ref, f"{n} fails", core=False))
-        else:
-            checks.append(match_check(agg, n, ref, f"{n} matches {ref}", core=False))
-    rule = ("supported if, with the batch norm's arithmetic in fp16, L1 batch norm matches its fp32 run "
-            "(|Δacc| ≤ max(1 pt, 2·seed std)) while L2 batch norm fails (not finite, or worse than fp32 by more "
-            "than that), and the best int8 run is within 2×tol of fp32; partly if some of these hold. Other "
-            "formats (fp16 sums, fp8) are reported, not voted.")
-    return decide(checks, rule)
+        for i, c in enumerate(core):
+            diff, margin, outcome = _check_cells(c)
+            head = f"{anchor} | **{v.verdict}**" if i == 0 else " | "
+            lines.append(f"| {head} | {c.name} | {diff} | {margin} | {outcome} | {wall if i == 0 else ''} |")
+    return "\n".join(lines)
 
 
-def _rule_c5(agg: dict[str, dict[str, Agg]]) -> Verdict:
-    checks: list[Check] = [
-        match_check(agg, "cnn-bwn", "cnn-bn", "CNN: BWN matches batch norm"),
-        match_check(agg, "lstm-bwn", "lstm-plain", "LSTM LM: BWN matches the unnormalized LSTM"),
-    ]
-    for model, ref in (("cnn", "cnn-bn"), ("lstm", "lstm-plain")):
-        for other in (f"{model}-bounded-bwn", f"{model}-wn"):
-            if other in agg:
-                checks.append(match_check(agg, other, ref, f"{other} vs {ref}", core=False))
-        if f"{model}-wn" in agg:
-            checks.append(not_worse_check(agg, f"{model}-bwn", f"{model}-wn", f"{model}: BWN not worse than WN",
-                                          core=False))
-    rule = ("supported if BWN (ρ fixed, SPEC §3) matches its baseline in both models: batch norm in the CNN "
-            "(|Δacc| ≤ max(1 pt, 2·seed std)) and the plain LSTM in the language model (|Δbpc| ≤ max(2% of the "
-            "baseline, 2·seed std)); partly if in one. WN and the official code's bounded-gain BWN are reported "
-            "beside them, not voted.")
-    return decide(checks, rule)
+def _checks_table(v: Verdict) -> str:
+    lines = ["| check | runs (a vs b) | rule | mean paired difference [95% CI] | δ | outcome | votes |",
+             "|---|---|---|---|---|---|---|"]
+    for c in v.checks:
+        diff, margin, outcome = _check_cells(c)
+        lines.append(f"| {c.name} | {c.a} vs {c.b} | {c.rule} | {diff} | {margin} | {outcome} | "
+                     f"{'yes' if c.core else 'no'} |")
+    return "\n".join(lines)
 
 
-_RULES: dict[str, Callable[[dict[str, dict[str, Agg]]], Verdict]] = {
-    "C1": _rule_c1, "C2": _rule_c2, "C3": _rule_c3, "C4": _rule_c4, "C5": _rule_c5,
-}
+def speed_section(results: dict[str, dict[str, Any]], v: Verdict | None) -> list[str]:
+    """The lines of the Speed section."""
+    L = ["## Speed", ""]
+    L.append("**Claim.** L1 and L∞ batch norm remove the squares and the square root of L2; the independent "
+             "reproduction (seed 003) trained ResNet-56 on CIFAR-10 on a GPU in 83 min (L1), 85 min (L∞) and 93 min "
+             "(L2).")
+    L.append("")
+    L.append("| setting | paper | seed 003 |")
+    L.append("|---|---|---|")
+    for s, p, r in speed_mod.PAPER:
+        L.append(f"| {s} | {p} | {r} |")
+    L.append("")
+    if v is None:
+        L.append("Not measured: claims C2 and C3 (whose runs are timed) did not run.")
+        return L
+    rows = speed_mod.speed_rows(results)
+    L.append("**Measured** (this machine's CPU, from the claims' own runs: per run the median over epochs of "
+             "the mean CPU seconds per training step; per seed the ratio to L2 of the same seed):")
+    L.append("")
+    L.append("| comparison | ms/step (CPU), norm vs L2 | ratio per seed | mean ratio [95% CI] | wall-clock ratio | "
+             "seed 003 (GPU) | outcome |")
+    L.append("|---|---|---|---|---|---|---|")
+    by = {(c.a, c.b): c for c in v.checks}
+    agg = aggregate(rows)
+    for a, b, label, ref, _ in speed_mod.COMPARISONS:
+        c = by.get((a, b))
+        if c is None:
+            continue
+        ta = agg.get(a, {}).get("step_cpu_time")
+        tb = agg.get(b, {}).get("step_cpu_time")
+        ms = (f"{1e3 * ta.mean:.1f} vs {1e3 * tb.mean:.1f}" if ta and tb and math.isfinite(ta.mean)
+              and math.isfinite(tb.mean) else "—")
+        per_seed = ", ".join(f"{r:.3f}" for r in c.per_seed) or "—"
+        wa, wb = agg.get(a, {}).get("step_time"), agg.get(b, {}).get("step_time")
+        wall = f"{wa.mean / wb.mean:.3f}" if wa and wb and wb.mean and math.isfinite(wa.mean / wb.mean) else "—"
+        diff, _, outcome = _check_cells(c)
+        L.append(f"| {label} | {ms} | {per_seed} | {diff} | {wall} | {'—' if ref is None else f'{ref:.2f}'} | "
+                 f"{outcome}{'' if c.core else ' (not voted)'} |")
+    L.append("")
+    L.append(f"**Verdict: {v.verdict}.** Rule: {v.rule}")
+    L.append("")
+    L.append("The embedded networks are small (a 1-D ResNet-20 on sequences of 40, batches of 128) and run on a "
+             "CPU, where a norm layer is a small share of a step and host overhead weighs more than on a GPU; "
+             "seed 003's ratios are GPU times of ResNet-56 on CIFAR-10. The timings come from runs that share the "
+             "machine with whatever else runs on it (other claims in parallel, other work): CPU time is less "
+             "affected than wall time, but not immune.")
+    return L
 
 
-def verdict_for(claim_id: str, result: dict[str, Any]) -> Verdict:
-    """The verdict of one claim from its result (``status`` ``"ok"`` and ``rows``), by its rule."""
-    if result.get("status") != "ok":
-        return Verdict(f"not run: {result.get('error', 'unknown error')}", "the claim did not run")
-    rule = _RULES.get(claim_id)
-    agg = aggregate(result.get("rows", []))
-    if rule is None:
-        return Verdict("inconclusive", f"no verdict rule for {claim_id}")
-    return rule(agg)
-
-
-# ---------------------------------------------------------------------------------------------
-# Environment
-# ---------------------------------------------------------------------------------------------
-def _version(mod: str) -> str | None:
-    try:
-        from importlib.metadata import version
-
-        return version(mod)
-    except Exception:  # not installed, or no metadata
-        return None
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown"
-
-
-def environment() -> dict[str, Any]:
-    """Versions and hardware of this process: python, torch, numpy, normmatters, CPU, cores, GPU."""
-    import numpy
-    import torch
-
-    import normmatters
-
-    gpu = None
-    if torch.cuda.is_available():
-        gpu = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
-    try:
-        affinity = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        affinity = None
-    return {
-        "python": sys.version.split()[0],
-        "torch": torch.__version__,
-        "numpy": numpy.__version__,
-        "normmatters": getattr(normmatters, "__version__", _version("normmatters") or "unknown"),
-        "matplotlib": _version("matplotlib"),
-        "scikit-learn": _version("scikit-learn"),
-        "mnist1d": _version("mnist1d"),
-        "platform": platform.platform(),
-        "cpu": _cpu_model(),
-        "cpu_count": os.cpu_count(),
-        "cpus_usable": affinity,
-        "torch_threads": torch.get_num_threads(),
-        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
-        "cuda": torch.version.cuda,
-        "gpu": gpu,
-    }
-
-
-# ---------------------------------------------------------------------------------------------
-# Rendering
-# ---------------------------------------------------------------------------------------------
 _COLUMN_ORDER = ("test_acc", "best_test_acc", "test_bpc", "test_ppl", "test_loss", "final_train_loss",
-                 "nonfinite", "time_per_epoch", "wall_time")
+                 "nonfinite", "step_cpu_time", "time_per_epoch", "wall_time")
+#: Row keys that are bookkeeping, not measurements.
+_NOT_SHOWN = ("steps", "timed_steps", "eval_nonfinite", "first_nonfinite_step", "step_time")
 
 
 def _cell(metric: str, a: Agg) -> str:
@@ -523,7 +204,8 @@ def _cell(metric: str, a: Agg) -> str:
 def _header(metric: str) -> str:
     names = {"test_acc": "test acc (%)", "best_test_acc": "best test acc (%)", "test_bpc": "test bits/char",
              "test_ppl": "test ppl", "test_loss": "test loss", "final_train_loss": "train loss",
-             "nonfinite": "non-finite", "time_per_epoch": "s/epoch", "wall_time": "wall (s)"}
+             "nonfinite": "non-finite", "time_per_epoch": "s/epoch", "wall_time": "wall (s)",
+             "step_cpu_time": "CPU ms/step"}
     if metric in names:
         return names[metric]
     return metric.replace("_", " ") + (" (%)" if metric.endswith("acc") else "")
@@ -536,7 +218,7 @@ def measured_table(agg: dict[str, dict[str, Agg]], max_columns: int = 8) -> str:
     keys: list[str] = []
     for metrics in agg.values():
         for k in metrics:
-            if k not in keys:
+            if k not in keys and k not in _NOT_SHOWN:
                 keys.append(k)
     ordered = [k for k in _COLUMN_ORDER if k in keys] + [k for k in keys if k not in _COLUMN_ORDER]
     cols = ordered[:max_columns]
@@ -549,6 +231,8 @@ def measured_table(agg: dict[str, dict[str, Agg]], max_columns: int = 8) -> str:
             a = metrics.get(k)
             if a is None:
                 cells.append("—")
+            elif k == "step_cpu_time":
+                cells.append(f"{1e3 * a.mean:.1f}" + (f" ± {1e3 * a.std:.1f}" if a.std is not None else ""))
             elif "time" in k:
                 cells.append(f"{a.mean:.1f}" + (f" ± {a.std:.1f}" if a.std is not None else ""))
             else:
@@ -647,17 +331,16 @@ def _fmt_seconds(s: float | None) -> str:
 
 def render_report(results: dict[str, dict[str, Any]], meta: dict[str, Any], root: Path,
                   verdicts: dict[str, Verdict], figures: dict[str, list[str]],
-                  configs: list[dict[str, Any]]) -> str:
+                  configs: list[dict[str, Any]], speed: Verdict | None = None) -> str:
     """The text of REPORT.md."""
-    from . import CLAIMS
-
     scale = meta.get("scale", "embedded")
+    seeds = list(meta.get("seeds", []))
     L: list[str] = []
     L.append(f"# Norm matters — reproduction report ({scale} scale)")
     L.append("")
     L.append(f"Command: `{meta.get('command', 'normmatters reproduce')}`  ")
     jobs = meta.get("jobs", 1)
-    L.append(f"Finished: {meta.get('finished', '—')}; seeds: {', '.join(map(str, meta.get('seeds', [])))}; "
+    L.append(f"Finished: {meta.get('finished', '—')}; seeds: {', '.join(map(str, seeds))}; "
              f"{jobs} claim{'s' if jobs != 1 else ''} at a time"
              + (f" ({meta['threads_per_job']} torch thread(s) each)" if meta.get("threads_per_job") else "")
              + "; total wall time "
@@ -676,22 +359,25 @@ def render_report(results: dict[str, dict[str, Any]], meta: dict[str, Any], root
     L.append("")
     L.append("## Summary")
     L.append("")
-    L.append("| claim | verdict | wall time | CPU time | runs |")
-    L.append("|---|---|---|---|---|")
-    for cid, res in results.items():
-        v = verdicts[cid].verdict
-        reused = " (reused)" if res.get("reused") else ""
-        nruns = len({r.get("run") for r in res.get("rows", [])}) if res.get("status") == "ok" else 0
-        L.append(f"| [{cid}](#{cid.lower()}) | {v.splitlines()[0]} | {_fmt_seconds(res.get('wall_time'))}{reused} | "
-                 f"{_fmt_seconds(res.get('cpu_time'))} | {nruns} |")
+    L.append(summary_table(results, verdicts, speed))
     L.append("")
-    L.append("Verdict rule (the same for every claim, details per claim): runs are compared on final test "
-             f"accuracy (classifiers) or test bits per character (language models). Two runs match when the "
-             f"difference is within tol = max({100 * ACC_TOL:g} percentage point, 2 × seed std) for accuracy, "
-             f"or max({100 * BPC_REL_TOL:g}% of the reference, 2 × seed std) for bits per character. With one "
-             "seed the spread is unknown and only the base tolerance applies. CPU time is the process's CPU "
-             "seconds over all its threads: on a machine shared with other work it stays near what the claim "
-             "costs, while the wall time grows.")
+    L.append("How verdicts are decided (stated before the runs; each claim's rule below names its checks and "
+             "margins). Runs of a comparison share the seed, hence the initialization and the data order, and are "
+             "compared seed by seed: the mean paired difference over seeds and its 95% t interval. Accuracy "
+             f"differences are in points (δ = {100 * ACC_MARGIN:g} point unless a claim says otherwise), "
+             f"bits-per-character differences relative to the reference (δ = {100 * BPC_MARGIN:g}%), step times as "
+             f"ratios (δ = {100 * SPEED_MARGIN:g}%). *As good as* (non-inferiority): supported when the interval's "
+             "worse end is within δ, not supported when the whole interval is beyond δ; better than the reference "
+             "is never a failure. *Matches* (equivalence, C1): the whole interval inside ±δ. *Fails* (C4's L2): "
+             "non-finite values or divergence in a seed, or worse with an interval that excludes zero. "
+             "Undecided: *inconclusive (1 seed)* — one seed gives no interval —, *inconclusive at this scale* — "
+             "the interval is wider than δ, so the runs cannot resolve a difference of the margin's size —, or "
+             "*inconclusive* — a narrow interval across the margin. A claim is supported when every voting check "
+             "is; checks that do not vote are reported beside it.")
+    if len(seeds) < 2:
+        L.append("")
+        L.append("**One seed:** no interval can be computed, so every comparison is inconclusive by design; run "
+                 "with `--seeds 3` (the default) for verdicts.")
 
     for cid, res in results.items():
         info = CLAIMS.get(cid)
@@ -708,7 +394,7 @@ def render_report(results: dict[str, dict[str, Any]], meta: dict[str, Any], root
         L.append("")
         L.append("| setting | paper | seed 003 |")
         L.append("|---|---|---|")
-        for setting, paper, seed in PAPER.get(cid, []):
+        for setting, paper, seed in paper_rows(cid):
             L.append(f"| {setting} | {paper} | {seed} |")
         L.append("")
         if res.get("status") != "ok":
@@ -724,13 +410,16 @@ def render_report(results: dict[str, dict[str, Any]], meta: dict[str, Any], root
         L.append(f"**Measured** ({len(res.get('seeds', []) or [0])} seed(s); mean ± sample std over seeds):")
         L.append("")
         L.append(measured_table(agg))
+        if res.get("table") and cid == "C4":
+            L.append("")
+            L.append("**The two input regimes side by side** (mean over seeds; non-finite: seeds with non-finite "
+                     "values in the norms during training):")
+            L.append("")
+            L.append(res["table"])
         L.append("")
         L.append(f"**Verdict: {v.verdict}.** Rule: {v.rule}")
         L.append("")
-        for c in v.checks:
-            mark = {True: "✓", False: "✗", None: "?"}[c.passed]
-            tag = "" if c.core else " *(not voted)*"
-            L.append(f"- {mark} {c.name}{tag}: {c.text}")
+        L.append(_checks_table(v))
         if res.get("notes"):
             L.append("")
             L.append(f"**Notes.** {res['notes']}")
@@ -744,6 +433,9 @@ def render_report(results: dict[str, dict[str, Any]], meta: dict[str, Any], root
         L.append("")
         L.append(f"Wall time: {_fmt_seconds(res.get('wall_time'))}"
                  + (" (reused from an earlier invocation)." if res.get("reused") else "."))
+
+    L.append("")
+    L.extend(speed_section(results, speed))
 
     if meta.get("paper_data"):
         L.append("")
@@ -816,7 +508,14 @@ def write_report(out_dir: str | os.PathLike, results: dict[str, dict[str, Any]],
     meta = dict(meta)
     meta.setdefault("finished", time.strftime("%Y-%m-%d %H:%M:%S %Z"))
     meta.setdefault("environment", environment())
-    verdicts = {cid: verdict_for(cid, res) for cid, res in results.items()}
+    verdicts: dict[str, Verdict] = {}
+    for cid, res in results.items():
+        try:
+            verdicts[cid] = verdict_for(cid, res)
+        except Exception as exc:  # a broken rule is that claim's problem, not the report's
+            log.warning("%s: verdict failed: %s", cid, exc)
+            verdicts[cid] = Verdict(f"inconclusive (the verdict rule failed: {type(exc).__name__}: {exc})", "—")
+    speed = speed_mod.verdict(results)
     figures: dict[str, list[str]] = {}
     for cid, res in results.items():
         if res.get("status") != "ok":
@@ -835,11 +534,12 @@ def write_report(out_dir: str | os.PathLike, results: dict[str, dict[str, Any]],
                 figs.append(rel)
         figures[cid] = figs
     configs = _configs(root)
-    text = render_report(results, meta, root, verdicts, figures, configs)
+    text = render_report(results, meta, root, verdicts, figures, configs, speed)
     report = atomic_write_text(root / "REPORT.md", text)
     payload = {
         "meta": meta,
-        "tolerances": {"accuracy_points": ACC_TOL, "bpc_relative": BPC_REL_TOL, "spread_factor": 2.0},
+        "margins": {"accuracy_points": ACC_MARGIN, "bpc_relative": BPC_MARGIN, "step_time_ratio": SPEED_MARGIN,
+                    "interval": "95% t interval of the mean paired (same-seed) difference over seeds"},
         "claims": {
             cid: {
                 **{k: v for k, v in res.items() if k != "table"},
@@ -847,9 +547,15 @@ def write_report(out_dir: str | os.PathLike, results: dict[str, dict[str, Any]],
                 "aggregate": {run: {k: asdict(a) for k, a in m.items()}
                               for run, m in aggregate(res.get("rows", [])).items()} if res.get("status") == "ok" else {},
                 "report_figures": figures.get(cid, []),
-                "paper": [{"setting": s, "paper": p, "seed003": r} for s, p, r in PAPER.get(cid, [])],
+                "paper": [{"setting": s, "paper": p, "seed003": r} for s, p, r in paper_rows(cid)],
             }
             for cid, res in results.items()
+        },
+        "speed": None if speed is None else {
+            **speed.to_dict(),
+            "seed003": {"minutes": speed_mod.SEED003,
+                        "ratios": {a: r for a, _, _, r, _ in speed_mod.COMPARISONS if r is not None}},
+            "paper": [{"setting": s, "paper": p, "seed003": r} for s, p, r in speed_mod.PAPER],
         },
         "configs": [{"path": c["path"], "finished": c["finished"], "config": c["config"]} for c in configs],
     }
