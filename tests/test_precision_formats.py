@@ -1,4 +1,4 @@
-"""Format emulation (SPEC §5): rounding equals torch's own casts, each format's real overflow and
+"""Format emulation (Hoffer et al. 2018, Sec. 5): rounding equals torch's own casts, each format's real overflow and
 underflow, unbiased stochastic rounding, integer quantization."""
 
 import math

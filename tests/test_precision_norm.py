@@ -1,6 +1,7 @@
-"""Normalization computed in a format (SPEC §5): the emulation has the functional's semantics,
-every intermediate is in the format, sums really accumulate in it (overflow, swamping), and the
-L2 / L1 difference of claim C4 is where the arithmetic says it is."""
+"""Normalization computed in a format (Hoffer et al. 2018, Sec. 5): the emulation has the
+functional's semantics, every intermediate is in the format, sums accumulate in float32 by default
+and in the format on request (overflow, swamping, or averaging reductions that cannot overflow),
+and the L2 / L1 difference of claim C4 is where the arithmetic says it is."""
 
 import math
 
@@ -58,8 +59,9 @@ def test_float32_emulation_gradients_are_the_functional(p, k):
 @pytest.mark.parametrize("fmt", ["fp16", "bf16", "fp8_e4m3"])
 def test_low_precision_output_is_in_the_format_and_close_to_float(p, k, fmt):
     x = torch.randn(16, 4, 6, 6)
-    # fp8 sums of 576 values would overflow e4m3 (max 448): accumulate those in fp16
-    acc = "fp16" if fmt.startswith("fp8") else None
+    # sums in the format itself; fp8 sums of 576 values would overflow e4m3 (max 448): accumulate
+    # those in fp16
+    acc = "fp16" if fmt.startswith("fp8") else fmt
     y = emulated_batch_norm(x, None, None, torch.rand(4) + 0.5, torch.randn(4), True, p=p, k=k,
                             compute_dtype=fmt, accumulate_dtype=acc)
     assert torch.equal(round_to_format(y, fmt), y)  # every output value is a number of the format
@@ -88,14 +90,16 @@ def test_sums_accumulate_in_the_format():
     torch.testing.assert_close(emulated_sum(big, "fp32"), big.sum(-1, keepdim=True))
 
 
-def test_fp16_l2_overflows_where_l1_does_not():
-    # n = 16384 values per channel, σ = 3: Σd² ≈ 147000 > 65504, Σ|d| ≈ 39000 < 65504.
+def test_fp16_sums_l2_overflows_where_l1_does_not():
+    # With fp16 sums: n = 16384 values per channel, σ = 3: Σd² ≈ 147000 > 65504, Σ|d| ≈ 39000 < 65504.
     x = 3 * torch.randn(64, 4, 16, 16)
     with NonfiniteRecorder() as rec:
         with rec.scope("l2"):
-            y2 = emulated_batch_norm(x, None, None, training=True, p=2, compute_dtype=torch.float16)
+            y2 = emulated_batch_norm(x, None, None, training=True, p=2, compute_dtype=torch.float16,
+                                     accumulate_dtype=torch.float16)
         with rec.scope("l1"):
-            y1 = emulated_batch_norm(x, None, None, training=True, p=1, compute_dtype=torch.float16)
+            y1 = emulated_batch_norm(x, None, None, training=True, p=1, compute_dtype=torch.float16,
+                                     accumulate_dtype=torch.float16)
     t = rec.totals()
     assert t["l2/square"]["nonfinite"] == 0          # each square fits (|d| < 256) …
     assert t["l2/sum"]["nonfinite"] == 4              # … their sum overflows in every channel

@@ -1,4 +1,4 @@
-"""8-bit training after Banner et al. 2018 (SPEC §5): quantized Conv/Linear equal the float
+"""8-bit training after Banner et al. 2018: quantized Conv/Linear equal the float
 modules when the quantizer represents the values exactly, gradient bifurcation, stochastic
 rounding, Range BN and the model converter."""
 

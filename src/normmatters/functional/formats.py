@@ -1,4 +1,4 @@
-r"""Number formats and rounding into them, on any device (SPEC §5).
+r"""Number formats and rounding into them, on any device.
 
 A tensor is *emulated* in a format by keeping it in float32 (or float64) storage while rounding
 every value to the nearest number the format represents, with the format's own subnormals and

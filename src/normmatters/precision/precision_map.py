@@ -1,10 +1,11 @@
-r"""A measured precision map of the Lp dispersions (SPEC §5, "go beyond the paper").
+r"""A measured precision map of the Lp dispersions (beyond Hoffer et al. 2018, Sec. 5).
 
-For each norm (L1, L2, L∞, Top(10)), each format configuration (the elementwise format and the
-accumulation format of :func:`~normmatters.precision.emulated_dispersion`), each number of
-values n per statistic and each input scale s, draw x = s·z with z ~ N(0, 1) (``channels``
-independent statistics of n values), and compare the dispersion computed in the format with the
-float64 dispersion of the *same* input:
+For each norm (L1, L2, L∞, Top(10)), each format configuration (the elementwise format, the
+accumulation format and the reduction order of
+:func:`~normmatters.functional.emulated.emulated_dispersion`), each number of values n per
+statistic and each input scale s, draw x = s·z with z ~ N(0, 1) (``channels`` independent
+statistics of n values), and compare the dispersion computed in the format with the float64
+dispersion of the *same* input:
 
 .. math::
     \mathrm{err}(s, n) = \max_{\text{channels}}
@@ -14,6 +15,11 @@ where x_F is x as the format holds it. The reference uses x_F, not x, so the map
 *arithmetic* (centring, squares or absolute values, sums, the constant) and not the input's own
 rounding, which every p shares; an input that underflows to all-zero or overflows counts as a
 failure (error = inf). A cell passes when err ≤ ``tol`` (1%).
+
+The default rows: each format with float32 sums (what the layers do by default, and where L2
+fails only by its squares overflowing or underflowing), the same formats with sums in the
+format (where the plain sums overflow as well, for every p), and fp16 with the averaging
+reduction ``"pairwise_mean"`` (fp16 sums that cannot overflow).
 
 Everything is vectorised over the scales (they are stacked as extra statistics), so the whole
 default map takes a few seconds on one CPU core.
@@ -43,15 +49,18 @@ from ..functional.formats import get_format
 
 __all__ = ["PrecisionMap", "precision_map", "DEFAULT_FORMATS", "DEFAULT_NORMS"]
 
-#: (label, compute format, accumulate format or None = the compute format)
-DEFAULT_FORMATS: tuple[tuple[str, str, str | None], ...] = (
+#: (label, compute format, accumulate format or None = float32[, summation]); the summation,
+#: when given, overrides :func:`precision_map`'s ``summation`` for that row
+DEFAULT_FORMATS: tuple[tuple, ...] = (
     ("fp16", "fp16", None),
     ("bf16", "bf16", None),
     ("fp8_e5m2", "fp8_e5m2", None),
     ("fp8_e4m3", "fp8_e4m3", None),
-    ("fp16 + fp32 acc", "fp16", "fp32"),
-    ("fp8_e5m2 + fp32 acc", "fp8_e5m2", "fp32"),
-    ("fp8_e4m3 + fp32 acc", "fp8_e4m3", "fp32"),
+    ("fp16, fp16 sums", "fp16", "fp16"),
+    ("bf16, bf16 sums", "bf16", "bf16"),
+    ("fp8_e5m2, e5m2 sums", "fp8_e5m2", "fp8_e5m2"),
+    ("fp8_e4m3, e4m3 sums", "fp8_e4m3", "fp8_e4m3"),
+    ("fp16, fp16 pairwise mean", "fp16", "fp16", "pairwise_mean"),
 )
 #: (label, p, k)
 DEFAULT_NORMS: tuple[tuple[str, float, int | None], ...] = (
@@ -178,7 +187,7 @@ def _widest_run(ok: np.ndarray) -> tuple[int | None, int | None]:
 
 def precision_map(
     *,
-    formats: Sequence[tuple[str, str, str | None]] = DEFAULT_FORMATS,
+    formats: Sequence[tuple] = DEFAULT_FORMATS,
     norms: Sequence[tuple[str, float, int | None]] = DEFAULT_NORMS,
     sizes: Sequence[int] = (16, 64, 256, 1024, 4096, 16384),
     scales: Sequence[float] | np.ndarray = np.logspace(-6, 6, 25),
@@ -191,21 +200,30 @@ def precision_map(
     """Measure the map (see the module doc); returns a :class:`PrecisionMap`.
 
     Args:
-        formats: ``(label, compute, accumulate)`` triples; accumulate ``None`` = compute.
+        formats: ``(label, compute, accumulate)`` triples, accumulate ``None`` = float32 (the
+            layers' default); a fourth item chooses that row's summation.
         norms: ``(label, p, k)`` triples.
         sizes: values per statistic (batch × spatial size for a batch norm).
         scales: standard deviations of the input.
         channels: independent statistics per cell; the cell's error is their worst.
         tol: pass threshold on the relative error.
+        summation: the reduction order of rows that accumulate in a low format (see
+            :mod:`normmatters.functional.emulate`).
     """
     scales = [float(s) for s in scales]
     sizes = [int(n) for n in sizes]
     if not scales or not sizes or any(s <= 0 for s in scales) or any(n < 2 for n in sizes):
         raise ValueError("precision_map: need positive scales and sizes n >= 2")
-    for _, c, a in formats:
-        get_format(c)
-        if a is not None:
-            get_format(a)
+    rows = []
+    for row in formats:
+        if len(row) not in (3, 4):
+            raise ValueError(f"precision_map: a format row is (label, compute, accumulate[, summation]), got {row!r}")
+        label, comp, acc = row[:3]
+        order = row[3] if len(row) == 4 else summation
+        get_format(comp)
+        if acc is not None:
+            get_format(acc)
+        rows.append((label, comp, acc, order))
     gen = torch.Generator().manual_seed(seed)
     s_t = torch.tensor(scales, dtype=torch.float64).repeat_interleave(channels).unsqueeze(1)
     errors = np.full((len(formats), len(norms), len(sizes), len(scales)), np.inf)
@@ -214,8 +232,8 @@ def precision_map(
         for ni, n in enumerate(sizes):
             z = torch.randn(channels, n, dtype=torch.float64, generator=gen)
             x = z.repeat(len(scales), 1) * s_t  # (scales·channels, n), exact scaling in float64
-            for fi, (_, comp, acc) in enumerate(formats):
-                ar = Arithmetic(comp, acc, summation=summation)
+            for fi, (_, comp, acc, order) in enumerate(rows):
+                ar = Arithmetic(comp, acc, summation=order)
                 xf = ar.comp(x)  # float32 storage of the format's values
                 x64 = xf.double()
                 for pi, (plabel, p, k) in enumerate(norms):
@@ -231,6 +249,6 @@ def precision_map(
     if any(k is not None and k > min(sizes) for _, _, k in norms):
         notes.append("Top(k) cells with n < k are undefined (NaN).")
     return PrecisionMap(
-        formats=[f[0] for f in formats], norms=[p[0] for p in norms], sizes=sizes, scales=scales,
+        formats=[r[0] for r in rows], norms=[p[0] for p in norms], sizes=sizes, scales=scales,
         errors=errors, tol=tol, summation=summation, notes=notes,
     )

@@ -1,4 +1,4 @@
-r"""8-bit training after Banner, Hubara, Hoffer & Soudry (2018) (SPEC §5, claim C4).
+r"""8-bit training after Banner, Hubara, Hoffer & Soudry (2018) (claim C4; Hoffer et al. 2018, Sec. 5).
 
 "Scalable methods for 8-bit training of neural networks" quantizes the *bottleneck* operations —
 the convolutions and matrix products — and keeps everything else in higher precision:
@@ -14,7 +14,7 @@ the convolutions and matrix products — and keeps everything else in higher pre
 * Range BN (:mod:`normmatters.precision.range_bn`) replaces batch norm's variance by a range.
 
 Formats are names: ``"int<b>"`` (a uniform grid of 2^b levels over [min, max] of the tensor,
-per tensor), a float format of :mod:`normmatters.precision.formats` (``"fp16"``, ``"bf16"``,
+per tensor), a float format of :mod:`normmatters.functional.formats` (``"fp16"``, ``"bf16"``,
 ``"fp8_e4m3"``, ``"fp8_e5m2"``, ``"fp32"``: rounding to the format, no scaling) or ``None`` (no
 quantization).
 
@@ -36,6 +36,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..functional.formats import FloatFormat, IntFormat, get_format, round_to_format
+from ..nn import LpBatchNorm1d, LpBatchNorm2d
+from ..nn.batchnorm import BatchNormBase
+from .range_bn import RangeBatchNorm1d, RangeBatchNorm2d
 
 __all__ = [
     "QuantConfig",
@@ -342,15 +345,11 @@ class QuantizedNorm(nn.Module):
 
 
 def _is_batch_norm(m: nn.Module) -> bool:
-    from ..nn.batchnorm import _LpNormBase
-
-    return isinstance(m, (nn.modules.batchnorm._BatchNorm, _LpNormBase))
+    # torch's batch norms, and ours: the Lp batch norms and Range BN (BatchNormBase)
+    return isinstance(m, (nn.modules.batchnorm._BatchNorm, BatchNormBase))
 
 
 def _convert_norm(m: nn.Module, norm: str, norm_kwargs: dict[str, Any]) -> nn.Module:
-    from ..nn import LpBatchNorm1d, LpBatchNorm2d
-    from .range_bn import RangeBatchNorm1d, RangeBatchNorm2d
-
     two_d = isinstance(m, (nn.BatchNorm2d,)) or type(m).__name__.endswith("2d")
     args = (m.num_features, m.eps, m.momentum, m.affine, m.track_running_stats)
     factory = {"device": m.running_mean.device if m.running_mean is not None else None}

@@ -1,5 +1,5 @@
 r"""Range batch normalization (Banner, Hubara, Hoffer & Soudry 2018, "Scalable methods for 8-bit
-training of neural networks", §5; SPEC §5).
+training of neural networks", Sec. 5; Hoffer et al. 2018, Sec. 5).
 
 Range BN replaces the standard deviation by the range of the centred values, which needs only
 a max and a min — no squares — and so survives low precision. The n values of a channel are
@@ -19,10 +19,14 @@ Constants (``constant=``):
   for large m (output standard deviation ≈ 0.5) — harmless under a learned γ.
 * ``"none"``: C = 1.
 
-Running statistics and evaluation are those of the Lp batch norms
-(:func:`normmatters.functional.lp_batch_norm`): ``running_var ← (1−m)·running_var + m·σ̂²·n/(n−1)``
-and x̂ = (x − running_mean) / (√running_var + eps). Like the L∞ batch norm (which reads max|d|),
-Range BN reads only the extremes of each chunk, exact in any format.
+Range BN is a kind of its own, not an Lp batch norm: its modules derive from
+:class:`normmatters.nn.BatchNormBase` (torch's parameters, buffers, momentum and state dicts), so
+the Lp converters (``convert_sync_lp_batchnorm``, ``convert_norms``) leave it alone. Everything
+but the dispersion is the shared batch norm computed in a format
+(:func:`normmatters.functional.emulated.batch_norm_in_format`): running statistics
+``running_var ← (1−m)·running_var + m·σ̂²·n/(n−1)``, evaluation
+x̂ = (x − running_mean) / (√running_var + eps), the affine. Like the L∞ batch norm (which reads
+max|d|), Range BN reads only the extremes of each chunk, exact in any format.
 """
 
 from __future__ import annotations
@@ -34,9 +38,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..functional.norm import _check_batch_norm_input, _update_running
-from ..nn.batchnorm import _LpNormBase
-from ..functional.emulate import Arithmetic, _record
+from ..functional.emulate import Arithmetic, record
+from ..functional.emulated import batch_norm_in_format
+from ..functional.norm import check_batch_norm_input
+from ..nn.batchnorm import BatchNormBase
 
 __all__ = ["expected_range", "range_constant", "range_batch_norm", "RangeBatchNorm1d", "RangeBatchNorm2d"]
 
@@ -72,6 +77,11 @@ def range_constant(m: int, constant: str = "calibrated") -> float:
     return 1.0 / expected_range(int(m))
 
 
+def _check_num_chunks(num_chunks: Any, where: str) -> None:
+    if isinstance(num_chunks, bool) or not isinstance(num_chunks, int) or num_chunks < 1:
+        raise ValueError(f"{where}: num_chunks must be a positive integer, got {num_chunks!r}")
+
+
 def range_batch_norm(
     input: Tensor,
     running_mean: Tensor | None,
@@ -86,11 +96,15 @@ def range_batch_norm(
     constant: str = "calibrated",
     compute_dtype: Any = None,
     accumulate_dtype: Any = None,
+    summation: str = "pairwise",
+    block_size: int = 32,
+    round_grad: bool = False,
 ) -> Tensor:
     """Range batch norm with the arguments of :func:`torch.nn.functional.batch_norm`.
 
-    ``compute_dtype`` / ``accumulate_dtype`` run it emulated in a format, as
-    :func:`normmatters.precision.emulated_batch_norm` does (``None``: float32).
+    ``compute_dtype`` / ``accumulate_dtype`` / ``summation`` run it emulated in a format, as
+    :func:`normmatters.precision.emulated_batch_norm` does (``compute_dtype=None``: float32;
+    ``accumulate_dtype=None``: float32 sums).
 
     Example::
 
@@ -98,55 +112,41 @@ def range_batch_norm(
         >>> y = range_batch_norm(x, None, None, training=True, num_chunks=4)
     """
     where = "range_batch_norm"
-    _check_batch_norm_input(input, training, eps, where)
-    if isinstance(num_chunks, bool) or not isinstance(num_chunks, int) or num_chunks < 1:
-        raise ValueError(f"{where}: num_chunks must be a positive integer, got {num_chunks!r}")
-    if not training and (running_mean is None or running_var is None):
-        raise ValueError(f"{where}: evaluation (training=False) needs running_mean and running_var")
-    if input.numel() == 0:
-        return input.clone()
-    ar = Arithmetic(torch.float32 if compute_dtype is None else compute_dtype, accumulate_dtype)
-    c = input.shape[1]
-    x = ar.comp(input.transpose(0, 1).reshape(c, -1))
-    _record("input", x)
-    n = x.shape[-1]
-    eps_a = ar.constant(eps, x)
-    if training:
+    check_batch_norm_input(input, training, eps, where)
+    _check_num_chunks(num_chunks, where)
+    if constant not in _CONSTANTS:
+        raise ValueError(f"{where}: constant must be one of {_CONSTANTS}, got {constant!r}")
+    ar = Arithmetic(torch.float32 if compute_dtype is None else compute_dtype, accumulate_dtype,
+                    summation=summation, block_size=block_size, round_grad=round_grad)
+
+    def statistics(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        c, n = x.shape
         if n % num_chunks != 0 or n // num_chunks < 2:
             raise ValueError(
                 f"{where}: the {n} values per channel must split into num_chunks={num_chunks} "
                 f"equal chunks of at least 2 values"
             )
         m = n // num_chunks
-        mean = ar.acc(ar.sum(x) / n)
+        mean = ar.mean(x)
         d = ar.comp(x - ar.comp(mean))
         chunks = d.reshape(c, num_chunks, m)
         ranges = ar.acc(chunks.amax(-1) - chunks.amin(-1))  # (C, chunks): a per-statistic op
-        r = ar.acc(ar.sum(ranges) / num_chunks)
+        r = ar.mean(ranges)
         cst = range_constant(m, constant)
         sigma = r if cst == 1.0 else ar.acc(r * cst)
-        _record("dispersion", sigma)
-        if running_mean is not None or running_var is not None:
-            _update_running(running_mean, running_var, mean.float(), sigma.float(), n, momentum)
-        xhat = ar.comp(d / ar.comp(ar.acc(sigma + eps_a)))
-    else:
-        rm = running_mean.reshape(c, 1).to(torch.float32)
-        rv = running_var.reshape(c, 1).to(torch.float32)
-        d = ar.comp(x - ar.comp(rm))
-        xhat = ar.comp(d / ar.comp(ar.acc(ar.acc(torch.sqrt(ar.acc(rv))) + eps_a)))
-    y = xhat
-    if weight is not None:
-        y = ar.comp(y * ar.comp(weight.reshape(c, 1)))
-    if bias is not None:
-        y = ar.comp(y + ar.comp(bias.reshape(c, 1)))
-    _record("output", y)
-    return y.reshape(c, input.shape[0], *input.shape[2:]).transpose(0, 1).to(input.dtype).contiguous()
+        record("dispersion", sigma)
+        xhat = ar.comp(d / ar.comp(ar.acc(sigma + ar.constant(eps, x))))
+        return mean, sigma, xhat
+
+    return batch_norm_in_format(input, running_mean, running_var, weight, bias, training, momentum,
+                                eps, statistics=statistics, arithmetic=ar, where=where)
 
 
-class _RangeBatchNorm(_LpNormBase):
-    """Shared module code: parameters, buffers and state dicts as ``nn.BatchNorm2d``."""
+class _RangeBatchNorm(BatchNormBase):
+    """Range BN modules: :class:`~normmatters.nn.BatchNormBase` (parameters, buffers, momentum and
+    state dicts as ``nn.BatchNorm2d``) with the Range dispersion; not an Lp batch norm."""
 
-    _expected_dims: tuple[int, ...] = ()
+    __constants__ = BatchNormBase.__constants__ + ["num_chunks", "constant"]
 
     def __init__(
         self,
@@ -163,13 +163,19 @@ class _RangeBatchNorm(_LpNormBase):
         constant: str = "calibrated",
         compute_dtype: Any = None,
         accumulate_dtype: Any = None,
+        precision_kwargs: dict[str, Any] | None = None,
     ) -> None:
+        name = type(self).__name__
+        _check_num_chunks(num_chunks, name)
+        if constant not in _CONSTANTS:
+            raise ValueError(f"{name}: constant must be one of {_CONSTANTS}, got {constant!r}")
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype,
-                         bias=bias, p="inf", constant=constant, compute_dtype=compute_dtype,
-                         accumulate_dtype=accumulate_dtype)
-        if isinstance(num_chunks, bool) or not isinstance(num_chunks, int) or num_chunks < 1:
-            raise ValueError(f"{type(self).__name__}: num_chunks must be a positive integer, got {num_chunks!r}")
+                         bias=bias)
         self.num_chunks = num_chunks
+        self.constant = constant
+        self.compute_dtype = compute_dtype
+        self.accumulate_dtype = accumulate_dtype
+        self.precision_kwargs = dict(precision_kwargs or {})
 
     def extra_repr(self) -> str:
         s = (f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}, "
@@ -182,15 +188,13 @@ class _RangeBatchNorm(_LpNormBase):
         return s
 
     def forward(self, input: Tensor) -> Tensor:
-        name = type(self).__name__
-        if input.dim() not in self._expected_dims:
-            raise ValueError(f"{name}: expected a {' or '.join(f'{d}D' for d in self._expected_dims)} "
-                             f"input, got {input.dim()}D input of shape {list(input.shape)}")
-        self._check_channels(input)
-        bn_training, factor, running_mean, running_var = self._batch_norm_state()
+        self._check_input_dim(input)
+        self.check_channels(input)
+        bn_training, factor, running_mean, running_var = self.batch_norm_state()
         return range_batch_norm(
             input, running_mean, running_var, self.weight, self.bias, bn_training, factor, self.eps,
-            num_chunks=self.num_chunks, constant=self.constant, compute_dtype=self.compute_dtype, accumulate_dtype=self.accumulate_dtype,
+            num_chunks=self.num_chunks, constant=self.constant, compute_dtype=self.compute_dtype,
+            accumulate_dtype=self.accumulate_dtype, **self.precision_kwargs,
         )
 
 
@@ -203,7 +207,10 @@ class RangeBatchNorm1d(_RangeBatchNorm):
         >>> y = m(torch.randn(32, 16, 10))
     """
 
-    _expected_dims = (2, 3)
+    def _check_input_dim(self, input: Tensor) -> None:
+        if input.dim() not in (2, 3):
+            raise ValueError(f"{type(self).__name__}: expected a 2D or 3D input, got {input.dim()}D "
+                             f"input of shape {list(input.shape)}")
 
 
 class RangeBatchNorm2d(_RangeBatchNorm):
@@ -215,4 +222,7 @@ class RangeBatchNorm2d(_RangeBatchNorm):
         >>> y = m(torch.randn(8, 16, 5, 5))
     """
 
-    _expected_dims = (4,)
+    def _check_input_dim(self, input: Tensor) -> None:
+        if input.dim() != 4:
+            raise ValueError(f"{type(self).__name__}: expected a 4D input, got {input.dim()}D "
+                             f"input of shape {list(input.shape)}")
