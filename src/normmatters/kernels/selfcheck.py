@@ -31,6 +31,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import sys
 import threading
 import warnings
 from collections.abc import Callable
@@ -61,7 +62,7 @@ _Key = tuple  # (torch.device, torch.dtype, int)
 _verdicts: dict[_Key, bool] = {}
 _check_lock = threading.RLock()   # one check at a time; other threads wait for its verdict
 _state_lock = threading.Lock()    # the verdicts and the one warning per key
-_local = threading.local()        # .checking: this thread runs a check (its fused calls pass)
+_local = threading.local()        # .checking: the key this thread checks (its fused calls pass)
 _enabled = True
 
 
@@ -90,8 +91,15 @@ trusted._dynamo_marked_constant = True  # type: ignore[attr-defined]
 
 
 def distrust(device: torch.device, dtype: torch.dtype, layout: int, reason: str) -> None:
-    """Mark the fused kernels untrusted for this key (a fused call raised): warn once, use the reference."""
-    _set_false((device, dtype, layout), reason)
+    """Mark the fused kernels untrusted for this key (a fused call raised): warn once, use the reference.
+
+    Called by the check's own fused calls, the reason becomes part of the check's verdict.
+    """
+    key = (device, dtype, layout)
+    if getattr(_local, "checking", None) == key:
+        _local.failures.append(reason)
+        return
+    _set_false(key, reason)
 
 
 def reset() -> None:
@@ -115,11 +123,23 @@ def _set_false(key: _Key, reason: str) -> None:
     message = (f"normmatters: the fused normalization kernels failed on {_describe(key)}: {reason}. "
                f"Using the reference path for the rest of the process.")
     logger.warning("%s", message)
-    warnings.warn(message, FusedKernelWarning, stacklevel=3)
+    warnings.warn(message, FusedKernelWarning, stacklevel=_caller_level())
+
+
+_LIBRARY_DIRS = (os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                 os.path.dirname(os.path.abspath(torch.__file__)))
+
+
+def _caller_level() -> int:
+    # The warning points at the first frame outside normmatters and torch: the user's call.
+    frame, level = sys._getframe(2), 2
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(_LIBRARY_DIRS):
+        frame, level = frame.f_back, level + 1
+    return level if frame is not None else 2
 
 
 def _first_use(device: torch.device, dtype: torch.dtype, layout: int) -> bool:
-    if not _enabled or getattr(_local, "checking", False):
+    if not _enabled or getattr(_local, "checking", None) is not None:
         return True  # skipped, or the check's own fused calls
     is_exporting = getattr(torch.compiler, "is_exporting", None)
     if is_exporting is not None and is_exporting():
@@ -144,7 +164,6 @@ def _run_outside_tracing(device: torch.device, dtype: torch.dtype, layout: int) 
     result: list[str | None] = ["the self-check did not finish"]
 
     def work() -> None:
-        _local.checking = True
         try:
             result[0] = check(device, dtype, layout)
         except BaseException as exc:  # noqa: BLE001 - any failure of the check means "untrusted"
@@ -216,23 +235,27 @@ class _Case:
     """One kind of normalization: its input shape, reduced axes, parameter shape and call."""
 
     def __init__(self, name: str, shape: tuple[int, ...], dims: tuple[int, ...], center: bool,
-                 param: tuple[int, ...], bias: bool, call: Callable[..., Tensor], running: bool = False):
+                 param: tuple[int, ...], bias: bool, call: Callable[..., Tensor],
+                 running: bool = False, grad: bool = True):
         self.name, self.shape, self.dims, self.center = name, shape, dims, center
-        self.param, self.bias, self.call, self.running = param, bias, call, running
+        self.param, self.bias, self.call, self.running, self.grad = param, bias, call, running, grad
 
 
 def _cases(layout: int) -> list[_Case]:
-    bn = _Case("batch norm", (3, 4, 5, 6), (0, 2, 3), True, (4,), True,
-               lambda x, w, b, rm, rv, p, k: nmf.lp_batch_norm(x, rm, rv, w, b, True, 0.1, 1e-5, p=p, k=k),
-               running=True)
+    bn = [_Case("batch norm", (3, 4, 5, 6), (0, 2, 3), True, (4,), True,
+                lambda x, w, b, rm, rv, p, k: nmf.lp_batch_norm(x, rm, rv, w, b, True, 0.1, 1e-5, p=p, k=k),
+                running=True),
+          # Evaluation without gradients: the running statistics as one per-channel affine.
+          _Case("batch norm (evaluation)", (3, 4, 5, 6), (0, 2, 3), True, (4,), True,
+                lambda x, w, b, rm, rv, p, k: nmf.lp_batch_norm(x, rm, rv, w, b, False, 0.1, 1e-5, p=p, k=k),
+                running=True, grad=False)]
     if layout != NCS:
-        return [bn]
-    return [
-        bn,
+        return bn
+    return bn + [
         _Case("layer norm", (4, 3, 16), (2,), True, (16,), True,
               lambda x, w, b, rm, rv, p, k: nmf.lp_layer_norm(x, (16,), w, b, 1e-5, p=p, k=k)),
         _Case("group norm", (3, 4, 5, 6), (2, 3), True, (4,), True,
-              lambda x, w, b, rm, rv, p, k: nmf.lp_group_norm(x, 4, w, b, 1e-5, p=p, k=k)),
+              lambda x, w, b, rm, rv, p, k: nmf.lp_group_norm(x, 2, w, b, 1e-5, p=p, k=k)),
         _Case("RMS norm", (4, 3, 16), (2,), False, (16,), False,
               lambda x, w, b, rm, rv, p, k: nmf.lp_rms_norm(x, (16,), w, 1e-5, p=p, k=k)),
     ]
@@ -240,12 +263,21 @@ def _cases(layout: int) -> list[_Case]:
 
 def _run(case: _Case, x0: Tensor, w0: Tensor, b0: Tensor | None, g: Tensor, p: float,
          k: int | None, device: torch.device) -> dict[str, Tensor | None]:
+    c = case.param[0]
+    gen = torch.Generator().manual_seed(c)
+    rm = rv = None
+    if case.running:  # the same starting statistics for both paths
+        rm = torch.randn(c, generator=gen, dtype=torch.float64).to(device, w0.dtype)
+        rv = (torch.rand(c, generator=gen, dtype=torch.float64) + 0.5).to(device, w0.dtype)
+    if not case.grad:
+        with torch.no_grad():
+            y = case.call(x0, w0, b0, rm, rv, p, k)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return {"output": y}
     x = x0.detach().clone(memory_format=torch.preserve_format).requires_grad_(True)
     w = w0.detach().clone().requires_grad_(True)
     b = b0.detach().clone().requires_grad_(True) if b0 is not None else None
-    c = case.param[0]
-    rm = torch.zeros(c, device=device, dtype=w0.dtype) if case.running else None
-    rv = torch.ones(c, device=device, dtype=w0.dtype) if case.running else None
     y = case.call(x, w, b, rm, rv, p, k)
     y.backward(g)
     if device.type == "cuda":
@@ -258,10 +290,22 @@ def _run(case: _Case, x0: Tensor, w0: Tensor, b0: Tensor | None, g: Tensor, p: f
 def check(device: torch.device, dtype: torch.dtype, layout: int) -> str | None:
     """Compare the fused and the reference path once; ``None`` if they agree, else what failed.
 
-    Raises what the fused path raises. :func:`trusted` calls this (and caches the answer); call it
-    directly to test a device.
+    An exception of the fused path (or a fused call that the dispatcher reports as failed) is a
+    failure too. :func:`trusted` calls this and caches the answer; called directly (to test a
+    device) it caches nothing.
     """
     device = torch.device(device)
+    previous = getattr(_local, "checking", None), getattr(_local, "failures", None)
+    # The dispatcher's trusted() passes this thread's fused calls; the fused calls that raise
+    # (the dispatcher catches them and calls distrust) are collected in .failures.
+    _local.checking, _local.failures = (device, dtype, layout), []
+    try:
+        return _compare(device, dtype, layout)
+    finally:
+        _local.checking, _local.failures = previous
+
+
+def _compare(device: torch.device, dtype: torch.dtype, layout: int) -> str | None:
     tol = TOLERANCES.get(dtype, 1e-4)
     gen = torch.Generator().manual_seed(1803_01814)  # its own stream: the user's RNG is untouched
     memory_format = torch.channels_last if layout == NSC else torch.contiguous_format
@@ -276,11 +320,16 @@ def check(device: torch.device, dtype: torch.dtype, layout: int) -> str | None:
             b = torch.randn(case.param, generator=gen, dtype=torch.float64).to(device, dtype) if case.bias else None
             with _dispatch.use_backend("reference"):
                 want = _run(case, x, w, b, g, p, k, device)
-            with _dispatch.use_backend("auto"):
-                got = _run(case, x, w, b, g, p, k, device)
+            where = f"{case.name} {_pk_name(p, k)}"
+            try:
+                with _dispatch.use_backend("auto"):
+                    got = _run(case, x, w, b, g, p, k, device)
+            except Exception as exc:  # noqa: BLE001 - e.g. a backward, compile or launch error
+                return f"{where}: {type(exc).__name__}: {exc}"
+            if _local.failures:
+                return f"{where}: {_local.failures[0]}"
             for what, ref in want.items():
                 err = _error(got[what], ref)
                 if not err <= tol:  # also catches NaN
-                    return (f"{case.name} {_pk_name(p, k)}: max relative error {err:.3g} in the "
-                            f"{what} (tolerance {tol:g})")
+                    return f"{where}: max relative error {err:.3g} in the {what} (tolerance {tol:g})"
     return None
