@@ -59,7 +59,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from .claims import CLAIMS, SCALES, load_claim, missing_paper_data, paper_data, parse_claims, verdict_for
+from .claims import CLAIMS, SCALES, load_claim, missing_paper_data, paper_data, parse_claims, speed, verdict_for
 from .claims.report import write_report
 from .errors import ConfigError, InputError
 from .io import atomic_write_text
@@ -483,11 +483,14 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         _teardown_logging(handler)
     results = out_info["results"]
-    width = max(len(c) for c in results) if results else 2
+    width = max([len(c) for c in results] + [len("Speed")])
     for cid, rec in results.items():
         v = verdict_for(cid, rec).verdict
         t = rec.get("wall_time")
         print(f"{cid:<{width}}  {v}" + (f"  ({t:.0f} s{', reused' if rec.get('reused') else ''})" if t else ""))
+    sv = speed.verdict(results)
+    if sv is not None:
+        print(f"{'Speed':<{width}}  {sv.verdict}")
     for d in (out_info.get("paper_data") or {}).values():
         if not d["present"]:
             print(f"missing paper-scale data: {d['name']} ({d['path']}: {d['detail']}); to provide it: {d['how']}")

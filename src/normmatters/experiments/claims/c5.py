@@ -376,7 +376,7 @@ def _notes(rows: list[dict[str, Any]], settings: dict[str, _Setting], scale: str
             "matrix, nothing after the gates to rescale them); lstm-bounded-bwn keeps the official code's learned "
             "gain of bounded norm.")
     parts.append("Reported: final-epoch test accuracy (CNN) and test bits per character (LM), one number per "
-                 "seed.")
+                 "seed. The official code's BWN runs (*-bounded-bwn), which do not vote, use the first seed only.")
     if scale == "embedded":
         parts.append("The digits test split has 360 images (one image = 0.28 points). These are embedded-scale "
                      "numbers, not the paper's (ResNet-56 CIFAR-10: BN 93.03, WN 92.5, BWN 92.88).")
