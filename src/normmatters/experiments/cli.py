@@ -12,17 +12,30 @@
 Under ``torchrun`` every process runs the command; they train one model together (see
 :mod:`normmatters.experiments.trainer`), rank 0 writes the run folder and prints the summary.
 
+The run folder. ``--out`` must be absent or empty, unless ``--resume`` continues the run it holds
+(its ``checkpoint.pt`` must be there) or ``--force`` starts that run over. ``--force`` removes
+only the files a run writes (``config.toml``, ``checkpoint.pt``, ``metrics.jsonl``, the plots, …);
+a folder that also holds anything else is refused, so no file of the user's is ever deleted or
+overwritten.
+
 Bad input (unknown model, dataset, norm or config key, a missing data folder, a damaged
-checkpoint) ends with one line on stderr and exit status 2. ``reproduce`` and ``bench`` are
-dispatched to :mod:`normmatters.experiments.reproduce` and :mod:`normmatters.kernels.bench`.
+checkpoint, a run folder that is taken or cannot be written) ends with one line on stderr and exit
+status 2, before anything is written. ``reproduce`` and ``bench`` are dispatched to
+:mod:`normmatters.experiments.reproduce` and :mod:`normmatters.kernels.bench`. ``train`` and
+``reproduce`` need the ``experiments`` extra (``pip install 'normmatters[experiments]'``);
+``bench`` does not.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
+import json
 import logging
+import os
 import sys
+import tempfile
 import time
 import tomllib
 from collections.abc import Sequence
@@ -41,11 +54,164 @@ _SUBCOMMANDS = {
     "bench": "time the normalization layers against PyTorch's",
 }
 _DISPATCH = {"reproduce": "normmatters.experiments.reproduce", "bench": "normmatters.kernels.bench"}
+# The import names of the ``experiments`` extra (pyproject.toml), needed by these commands.
+_EXTRA_MODULES = {"matplotlib": "matplotlib", "sklearn": "scikit-learn", "mnist1d": "mnist1d", "tqdm": "tqdm"}
+_NEEDS_EXTRA = ("train", "reproduce")
 
 
 def _error(cmd: str, msg: str) -> int:
     print(f"{PROG}{' ' + cmd if cmd else ''}: error: {msg}", file=sys.stderr)
     return 2
+
+
+# ---------------------------------------------------------------------------------------------
+# Installation and run folders: checked before anything is written.
+# ---------------------------------------------------------------------------------------------
+def missing_extra() -> list[str]:
+    """The distributions of the ``experiments`` extra that are not installed."""
+    return [dist for mod, dist in _EXTRA_MODULES.items() if importlib.util.find_spec(mod) is None]
+
+
+def _extra_error(cmd: str) -> int | None:
+    missing = missing_extra()
+    if not missing:
+        return None
+    return _error(cmd, f"{PROG} {cmd} needs the experiments extra ({', '.join(missing)} missing): "
+                       f"pip install 'normmatters[experiments]'")
+
+
+def writable_folder_problem(path: str | os.PathLike) -> str | None:
+    """Why ``path`` cannot be (or become) a folder this process writes in, or ``None``.
+
+    Nothing is left changed: the test creates and removes a temporary entry in ``path`` (or in
+    its nearest existing parent, for a folder still to be created).
+    """
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        return f"{path} exists and is not a folder"
+    parent = path
+    while not parent.exists():
+        if parent.parent == parent:
+            break
+        parent = parent.parent
+    if not parent.is_dir():
+        return f"{path} cannot be created: {parent} is not a folder"
+    try:
+        if parent == path:
+            fd, tmp = tempfile.mkstemp(dir=path, prefix=".normmatters-write-test.")
+            os.close(fd)
+            os.unlink(tmp)
+        else:
+            os.rmdir(tempfile.mkdtemp(dir=parent, prefix=".normmatters-write-test."))
+    except OSError as exc:
+        what = f"{path} is not writable" if parent == path else f"{path} cannot be created in {parent}"
+        return f"{what} ({exc.strerror or exc})"
+    return None
+
+
+def _is_run_folder(out: Path) -> bool:
+    """Whether ``out`` was written by ``normmatters train``: its ``environment.json`` (the first
+    file a run writes after its ``config.toml``) names the package. A user's own ``config.toml``
+    or ``metrics.jsonl`` does not make a folder a run."""
+    try:
+        env = json.loads((out / "environment.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(env, dict) and "normmatters" in env and "torch" in env
+
+
+def _run_folder_entries(out: Path) -> tuple[list[str], list[str]]:
+    """The entries of ``out`` an earlier run wrote (regular files of a run folder) and the others."""
+    from .io import stray_temporaries
+    from .trainer import RUN_FILES
+
+    entries = sorted(out.iterdir())
+    if not _is_run_folder(out):
+        return [], [p.name for p in entries]
+    own_names = set(RUN_FILES) | {p.name for p in stray_temporaries(out, RUN_FILES)}
+    own, foreign = [], []
+    for p in entries:
+        (own if p.name in own_names and p.is_file() and not p.is_symlink() else foreign).append(p.name)
+    return own, foreign
+
+
+def _shown(names: list[str]) -> str:
+    return ", ".join(names[:4]) + (f", … ({len(names)} in all)" if len(names) > 4 else "")
+
+
+def check_train_out(out: str | os.PathLike, *, resume: bool, force: bool) -> list[str]:
+    """Check that ``normmatters train`` may use ``out`` as its run folder; nothing is changed.
+
+    :returns: the earlier run's files that ``--force`` is to remove (empty otherwise).
+    :raises ConfigError: in one line, what is wrong and what to pass instead.
+    """
+    out = Path(out)
+    if resume and force:
+        raise ConfigError("--resume continues the run in --out and --force starts it over; pass one")
+    if resume:
+        if not out.exists():
+            raise ConfigError(f"--resume: {out} does not exist (a mistyped run folder?)")
+        if not out.is_dir():
+            raise ConfigError(f"--resume: {out} is not a folder")
+        from .trainer import CHECKPOINT_NAME
+
+        ckpt = out / CHECKPOINT_NAME
+        if ckpt.exists() and not ckpt.is_file():
+            raise ConfigError(f"--resume: {ckpt} is not a file")
+        if not ckpt.is_file():
+            hint = ("pass --force instead to start the run over" if _is_run_folder(out)
+                    else "leave out --resume to start a run")
+            raise ConfigError(f"--resume: no {CHECKPOINT_NAME} in {out}, so nothing to resume; {hint}")
+    problem = writable_folder_problem(out)
+    if problem:
+        raise ConfigError(f"--out: {problem}")
+    if resume or not out.is_dir():
+        return []
+    try:
+        own, foreign = _run_folder_entries(out)
+    except OSError as exc:
+        raise ConfigError(f"--out: cannot read {out} ({exc.strerror or exc})") from None
+    if foreign:
+        if own:
+            raise ConfigError(f"--out: {out} holds an earlier run and files that are not a run's ({_shown(foreign)}); "
+                              "--force removes only a run's own files, so choose a new or empty folder")
+        raise ConfigError(f"--out: {out} is not empty ({_shown(foreign)}); choose a new or empty folder")
+    if own and not force:
+        raise ConfigError(f"--out: {out} holds an earlier run ({_shown(own)}); pass --resume to continue it "
+                          "or --force to start it over")
+    return own
+
+
+def _remove_run_files(out: Path, names: list[str]) -> None:
+    for name in names:
+        try:
+            (out / name).unlink()
+        except FileNotFoundError:
+            pass
+
+
+def _inside(exc: OSError, folder: str | os.PathLike) -> bool:
+    """Whether the file an OSError is about lies in ``folder``."""
+    root = os.path.abspath(folder)
+    for name in (exc.filename, exc.filename2):
+        if isinstance(name, (str, os.PathLike)):
+            path = os.path.abspath(name)
+            if path == root or path.startswith(root + os.sep):
+                return True
+    return False
+
+
+def _out_argument(argv: Sequence[str]) -> str | None:
+    """The value of ``--out`` in ``argv`` (``--out X`` or ``--out=X``; the last one wins)."""
+    value = None
+    for i, a in enumerate(argv):
+        if a == "--":
+            break
+        if a == "--out" and i + 1 < len(argv):
+            value = argv[i + 1]
+        elif a.startswith("--out="):
+            value = a[len("--out="):]
+    return value
 
 
 def _bool_flag(parser: argparse.ArgumentParser, name: str, dest: str, help: str) -> None:
@@ -71,6 +237,8 @@ def build_train_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", metavar="DIR", help="run folder (default: runs/<model>-<dataset>-<norm>-s<seed>-<time>)")
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --out from its checkpoint (its config.toml unless --config is given)")
+    p.add_argument("--force", action="store_true",
+                   help="start the run in --out over: remove its files (never a file a run does not write)")
     p.add_argument("--model", default=S, help=f"one of: {', '.join(list_models())}")
     p.add_argument("--dataset", default=S, help=f"one of: {', '.join(list_datasets())}")
     p.add_argument("--norm", default=S, help=f"one of: {', '.join(list_norms())}")
@@ -122,7 +290,7 @@ def _parse_set(item: str) -> tuple[str, Any]:
 
 def _apply_overrides(config, args: argparse.Namespace):
     """``config`` with the flags and ``--set`` items applied (``KEY.SUB`` merges into a table)."""
-    skip = {"config", "preset", "out", "resume", "sets", "progress", "verbose"}
+    skip = {"config", "preset", "out", "resume", "force", "sets", "progress", "verbose"}
     over = {k: v for k, v in vars(args).items() if k not in skip}
     for item in args.sets:
         key, value = _parse_set(item)
@@ -153,15 +321,25 @@ def train_main(argv: Sequence[str] | None = None) -> int:
     """``normmatters train``: returns the exit status."""
     from .config import TrainConfig, load_config, preset
     from .distributed import broadcast_object, cleanup_distributed, is_main_process
-    from .trainer import CHECKPOINT_NAME, init_process_group_for, train
+    from .trainer import init_process_group_for, train
 
     args = build_train_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
+    problem = _extra_error("train")
+    if problem is not None:
+        return problem
     created_group = False
+    is_main = True
+    out: str | None = args.out
     try:
         if args.resume and not args.out:
             raise ConfigError("--resume needs --out RUN_FOLDER (the folder holding checkpoint.pt)")
+        if args.force and not args.out:
+            raise ConfigError("--force needs --out RUN_FOLDER (the run to start over)")
+        if args.out:
+            # Every process checks before joining the others: no process has written yet.
+            check_train_out(args.out, resume=args.resume, force=args.force)
         if args.config and args.preset:
             raise ConfigError("--config and --preset are exclusive; pass one")
         if args.config:
@@ -181,11 +359,23 @@ def train_main(argv: Sequence[str] | None = None) -> int:
         out = args.out or str(Path("runs") / f"{config.model}-{config.dataset}-{config.norm}-s{config.seed}-"
                                                 f"{time.strftime('%Y%m%d-%H%M%S')}")
         out = broadcast_object(out)
-        if is_main and args.resume and not (Path(out) / CHECKPOINT_NAME).is_file():
-            logging.getLogger(__name__).warning("no checkpoint in %s: starting from scratch", out)
+        problem = None
+        if is_main:
+            try:  # checked again: the first check did not see a default folder or the config
+                remove = check_train_out(out, resume=args.resume, force=args.force)
+                _remove_run_files(Path(out), remove)  # --force: the earlier run's files only
+            except (ConfigError, OSError) as exc:
+                problem = str(exc) if isinstance(exc, ConfigError) else f"--out: cannot clear {out} ({exc})"
+        problem = broadcast_object(problem)
+        if problem:
+            raise ConfigError(problem)
         summary = train(config, out, progress=args.progress, resume=args.resume)
     except InputError as exc:
         return _error("train", str(exc))
+    except OSError as exc:  # the folder became unwritable (or full) while the run went on
+        if out is None or not _inside(exc, out):
+            raise
+        return _error("train", f"cannot write the run folder {out} ({exc.strerror or exc})")
     except KeyboardInterrupt:
         print(f"{PROG} train: interrupted; continue with: {PROG} train --out {args.out or '<run folder>'} --resume",
               file=sys.stderr)
@@ -200,6 +390,16 @@ def train_main(argv: Sequence[str] | None = None) -> int:
 
 def _dispatch(cmd: str, argv: list[str]) -> int:
     module = _DISPATCH[cmd]
+    if cmd in _NEEDS_EXTRA:
+        problem = _extra_error(cmd)
+        if problem is not None:
+            return problem
+    out = _out_argument(argv) if cmd == "reproduce" else None
+    if out is not None:
+        # A report folder that cannot be written fails now, in one line, not after the first claim.
+        problem = writable_folder_problem(out)
+        if problem:
+            return _error(cmd, f"--out: {problem}")
     try:
         mod = importlib.import_module(module)
     except ModuleNotFoundError as exc:
@@ -213,6 +413,10 @@ def _dispatch(cmd: str, argv: list[str]) -> int:
         rc = entry(argv)
     except InputError as exc:
         return _error(cmd, str(exc))
+    except OSError as exc:  # the report folder became unwritable (or full) on the way
+        if out is None or not _inside(exc, out):
+            raise
+        return _error(cmd, f"cannot write the report folder {out} ({exc.strerror or exc})")
     return int(rc or 0)
 
 
