@@ -143,8 +143,9 @@ def export_onnx(
     # plain ATen ops computing the same function.
     with use_backend("reference"):
         warm_constants(target, args)
+        # The wrapper takes ``*args``: one (variadic) parameter, so the shapes nest once more.
         program = torch.onnx.export(_FlatOutputs(target).eval(), args, dynamo=True,
-                                    dynamic_shapes=dynamic_shapes, opset_version=opset_version,
+                                    dynamic_shapes=None if dynamic_shapes is None else (dynamic_shapes,), opset_version=opset_version,
                                     verbose=False)
     tmp = _save_tmp(program, path)
     try:
