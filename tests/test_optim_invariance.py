@@ -1,4 +1,4 @@
-"""Detection of scale-invariant weights (SPEC §4, claim C1).
+"""Detection of scale-invariant weights (claim C1).
 
 Every detection is checked against the definition: scaling each reported block of a weight by a
 random positive factor leaves the float64 training-mode output unchanged, and the numerical

@@ -1,4 +1,4 @@
-"""Per-channel LR correction that mimics weight decay (SPEC §4, claim C1)."""
+"""Per-channel LR correction that mimics weight decay (claim C1)."""
 
 from __future__ import annotations
 

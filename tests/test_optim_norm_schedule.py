@@ -1,4 +1,4 @@
-"""Norm scheduling as an identity (SPEC §4, claim C1).
+"""Norm scheduling as an identity (claim C1).
 
 Where the LR schedule divides the learning rate by ``a``, the norm-scheduled run multiplies the
 scale-invariant weights by ``√a`` (momentum buffers by ``1/√a``) and keeps their rate: the

@@ -1,4 +1,4 @@
-"""Norm tracker: ‖w‖, effective learning rate and angular update (SPEC §4, claim C1)."""
+"""Norm tracker: ‖w‖, effective learning rate and angular update (claim C1)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The experiment harness: models, data, the trainer and the ``normmatters`` command (SPEC §6).
+"""The experiment harness: models, data, the trainer and the ``normmatters`` command.
 
 Python API used by the claims and by people::
 

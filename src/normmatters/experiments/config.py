@@ -48,7 +48,7 @@ class TrainConfig:
       ``lr`` (per batch of ``batch_size``, not rescaled); ``weight_decay`` (coupled L2 for SGD,
       decoupled for AdamW); ``wd_exclude_norm_bias`` (no decay on norm parameters and biases);
       ``wd_last_layer_only`` (decay only on the classifier: with every other weight scale
-      invariant, SPEC §4); ``label_smoothing``; ``grad_clip`` (max global norm, 0 = off).
+      invariant, Hoffer et al. 2018, Sec. 2); ``label_smoothing``; ``grad_clip`` (max global norm, 0 = off).
     Schedule (per optimizer step)
       ``lr_schedule`` ``"cosine"`` | ``"step"`` | ``"constant"``; ``lr_milestones`` (epochs; for
       ``"step"``, default 50 % and 75 % of the run) and ``lr_gamma``; ``warmup_epochs`` (linear
@@ -307,7 +307,7 @@ def config_to_toml(d: dict[str, Any]) -> str:
 
 
 #: Named starting points (``normmatters train --preset NAME``): the embedded scale, sized for a
-#: 2-core CPU, and the paper's scale (SPEC §6), with the paper's schedules.
+#: 2-core CPU, and the paper's scale, with the paper's schedules.
 PRESETS: dict[str, dict[str, Any]] = {
     # ResNet-20 (1-D) on MNIST-1D: the defaults of TrainConfig.
     "mnist1d": {},

@@ -4,7 +4,7 @@ Every model in :mod:`normmatters.experiments.models` takes ``norm=`` and builds 
 and its normalized weights through :class:`NormFactory`; nothing else in the models imports
 :mod:`normmatters.nn` or :mod:`normmatters.parametrizations`.
 
-Norm names (SPEC §2, §3):
+Norm names (Hoffer et al. 2018, Sec. 4 and 6; the formulas in ``docs/math.md``):
 
 =================  ==========================================================================
 ``"l2"`` / ``"bn"``  :class:`normmatters.nn.LpBatchNorm2d` with ``p=2`` (torch's batch norm)
@@ -14,7 +14,7 @@ Norm names (SPEC §2, §3):
 ``"wn"``             weight norm (Salimans & Kingma 2016) on each normalized weight, then a
                      mean-only batch norm without scale (the gain g is in the parametrization)
 ``"bwn"``            bounded weight norm (ρ fixed at initialization), then a mean-only batch norm
-                     *with* a learned per-channel scale and bias (SPEC §3)
+                     *with* a learned per-channel scale and bias (Sec. 6)
 ``"bwn_bounded"``    the official code's BWN variant (``gain="bounded"``), mean-only BN, no scale
 ``"wn_l1"`` …        Lp weight norm: suffix ``_l1`` / ``_linf`` on ``wn`` / ``bwn``
 ``"none"``           no normalization (:class:`torch.nn.Identity`); convolutions get a bias
@@ -57,7 +57,7 @@ class NormSpec:
     :ivar p: the norm's p (1, 2 or ``inf``): the dispersion's for ``"lp"``, the weight norm's for
         ``"wn"``/``"bwn"``.
     :ivar k: ``k`` of Top(k), else ``None``.
-    :ivar gain: for ``"bwn"``: ``"fixed"`` (SPEC §3 formula) or ``"bounded"`` (official code).
+    :ivar gain: for ``"bwn"``: ``"fixed"`` (the paper's formula, Sec. 6) or ``"bounded"`` (official code).
     """
 
     name: str
@@ -178,7 +178,7 @@ class NormFactory:
             cls = getattr(nmnn, f"LpBatchNorm{dims}d")
             return cls(num_features, **kwargs, p=s.p, k=s.k)
         # WN keeps its learned gain in the parametrization; BWN (gain="fixed") moves the gain into
-        # the mean-only BN; the official BWN ("bounded") keeps g and has a bias only (SPEC §3).
+        # the mean-only BN; the official BWN ("bounded") keeps g and has a bias only.
         scale = s.kind == "bwn" and s.gain == "fixed"
         cls = getattr(nmnn, f"MeanOnlyBatchNorm{dims}d")
         return cls(num_features, **kwargs, scale=scale)
@@ -188,7 +188,7 @@ class NormFactory:
         """The normalization of a Transformer block: Lp layer norm with this norm's p and k.
 
         For ``"wn"``/``"bwn"`` the Transformer's weights are normalized instead, and the layer
-        norm becomes a learned per-feature affine map (gain and bias, SPEC §3); for ``"none"`` it
+        norm becomes a learned per-feature affine map (gain and bias); for ``"none"`` it
         is the identity.
         """
         s = self.spec

@@ -3,7 +3,7 @@
 Depth 6n+2: a 3×3 stem with 16 channels, three stages of n basic blocks with 16, 32 and 64
 channels (strides 1, 2, 2), global average pooling and a linear classifier. ResNet-20/32/44/56/110
 are n = 3, 5, 7, 9, 18. A shortcut that changes shape is a 1×1 convolution followed by the norm
-("option B"), so every convolution feeds a normalization and is scale invariant (SPEC §4).
+("option B"), so every convolution feeds a normalization and is scale invariant (Hoffer et al. 2018, Sec. 2).
 
 The same code builds the 1-D network for MNIST-1D (``dims=1``: Conv1d, length 40 → 10) and the
 small 2-D network for 8×8 digits (:func:`resnet_digits`).

@@ -1,4 +1,4 @@
-"""A decoder-only Transformer language model with Lp layer norm (SPEC §6, claims C2 and C5).
+"""A decoder-only Transformer language model with Lp layer norm (claims C2 and C5).
 
 Pre-norm blocks as in GPT-2 / nanoGPT: x + Attn(LN(x)), x + MLP(LN(x)), a final LN and a head
 tied to the token embedding. Every LN is built by the norm factory: ``"l1"`` gives an L1 layer
