@@ -3,6 +3,9 @@
 :func:`train` takes a :class:`~normmatters.experiments.config.TrainConfig` and runs: setup (threads,
 device, seeds) → data → model → optimizer and schedule → (resume) → epochs of training, each
 followed by evaluation, callbacks, an atomic checkpoint and a JSONL log line → plots and summary.
+Each step is one function, in this order in the file: ``_setup`` (``_build_data``,
+``_build_model``, the optimizer), ``_resume_and_open_run_folder``, ``_epoch_loop``
+(``_train_one_epoch``, ``_evaluate_epoch``, ``_save_epoch``) and ``_finish``.
 
 Classification reports loss and accuracy; language models (``task == "lm"``) report loss in nats
 per token, perplexity exp(loss) and bits per character loss / ln 2.
