@@ -47,6 +47,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
+from .verdicts import Verdict
 
 __all__ = [
     "ClaimInfo",
@@ -199,8 +200,6 @@ def claim_module(claim_id: str) -> Any:
 
 def verdict_for(claim_id: str, result: dict[str, Any]) -> Any:
     """The :class:`~.verdicts.Verdict` of one claim's result (``status`` ``"ok"`` and ``rows``), by its module's rule."""
-    from .verdicts import Verdict
-
     if result.get("status") != "ok":
         return Verdict(f"not run: {result.get('error', 'unknown error')}", "the claim did not run")
     return claim_module(claim_id).verdict(list(result.get("rows", [])))

@@ -63,6 +63,7 @@ from ...precision.precision_map import precision_map
 from ...precision.quant import QuantConfig, quantize_model
 from ..config import TrainConfig
 from ..io import atomic_write_text
+from ..models import create_model
 from .verdicts import ACC_MARGIN, Verdict, decide, fails, non_inferior
 
 __all__ = ["run", "verdict", "PAPER", "RUNS", "SETTINGS", "REGIMES", "STD", "RAW", "run_name",
@@ -350,8 +351,6 @@ def first_norm_deviation(regime: str, seed: int = 0, batch: int = BATCH_SIZE) ->
     import numpy as np
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
-
-    from ..models import create_model
 
     d = load_digits()
     x = d.images.astype(np.float32) / 16.0

@@ -46,7 +46,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from ...convert.weight_norm import to_weight_normalized
-from ...parametrizations import _BoundedWeightNorm, is_weight_normalized
+from ...parametrizations import is_weight_normalized
 from ..config import TrainConfig
 from ..io import atomic_write_text
 from .verdicts import ACC_MARGIN, BPC_MARGIN, Verdict, decide, non_inferior
@@ -205,7 +205,8 @@ class _NormLog:
                 w = getattr(m, pname)
                 ratios.append(float(w.norm()) / max(self.initial[key], 1e-30))
                 par = m.parametrizations[pname][0]
-                if isinstance(par, _BoundedWeightNorm):
+                # the fixed-ρ BWN parametrization holds ρ as a buffer (the bounded-gain one does not)
+                if isinstance(getattr(par, "rho", None), torch.Tensor) and hasattr(par, "channel_norms"):
                     norms = par.channel_norms(w).flatten()
                     devs.append(float(((norms - par.rho) / par.rho).abs().max()))
         state.metrics["w_norm_ratio"] = sum(ratios) / len(ratios)
