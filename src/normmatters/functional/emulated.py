@@ -112,7 +112,12 @@ def emulated_statistics(
             check_k(k, n, "emulated_statistics")
             # the positions every path selects (ties: the lowest index), so the gradient of σ̂
             # goes where the reference sends it
-            top = a.gather(-1, _selected(a, (a.dim() - 1,), 1 if k is None else k))
+            kk = 1 if k is None else k
+            mask = _selected(a.detach(), kk)
+            if bool((mask.sum(-1) == kk).all()):
+                top = a[mask].reshape(*a.shape[:-1], kk)  # in index order
+            else:  # a NaN (an overflow in e4m3) defeats the comparisons; it propagates here
+                top = a.topk(kk, dim=-1, sorted=False).values
             m = top if k is None or k == 1 else ar.mean(top, stage="sum")  # a max is exact
         sigma = m if c == 1.0 else ar.acc(m * c)
         denom = ar.acc(sigma + eps_a)

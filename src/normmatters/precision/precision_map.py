@@ -17,9 +17,11 @@ rounding, which every p shares; an input that underflows to all-zero or overflow
 failure (error = inf). A cell passes when err ≤ ``tol`` (1%).
 
 The default rows: each format with float32 sums (what the layers do by default, and where L2
-fails only by its squares overflowing or underflowing), the same formats with sums in the
-format (where the plain sums overflow as well, for every p), and fp16 with the averaging
-reduction ``"pairwise_mean"`` (fp16 sums that cannot overflow).
+fails only by its squares overflowing or underflowing), fp16 and bf16 with sums in the format
+(where the plain sums overflow as well, for every p), and fp16 with the averaging reduction
+``"pairwise_mean"`` (fp16 sums that cannot overflow). fp8 sums are not among them: with 2 or 3
+fraction bits they miss 1% at every scale and size of the default grid, as pairwise sums and as
+pairwise means (measured).
 
 Everything is vectorised over the scales (they are stacked as extra statistics), so the whole
 default map takes a few seconds on one CPU core.
@@ -58,8 +60,6 @@ DEFAULT_FORMATS: tuple[tuple, ...] = (
     ("fp8_e4m3", "fp8_e4m3", None),
     ("fp16, fp16 sums", "fp16", "fp16"),
     ("bf16, bf16 sums", "bf16", "bf16"),
-    ("fp8_e5m2, e5m2 sums", "fp8_e5m2", "fp8_e5m2"),
-    ("fp8_e4m3, e4m3 sums", "fp8_e4m3", "fp8_e4m3"),
     ("fp16, fp16 pairwise mean", "fp16", "fp16", "pairwise_mean"),
 )
 #: (label, p, k)
@@ -232,9 +232,13 @@ def precision_map(
         for ni, n in enumerate(sizes):
             z = torch.randn(channels, n, dtype=torch.float64, generator=gen)
             x = z.repeat(len(scales), 1) * s_t  # (scales·channels, n), exact scaling in float64
+            x32 = x.float()
             for fi, (_, comp, acc, order) in enumerate(rows):
                 ar = Arithmetic(comp, acc, summation=order)
-                xf = ar.comp(x)  # float32 storage of the format's values
+                # float32 storage of the format's values. Rounding through float32 first may differ
+                # from a direct rounding in a rare tie, which does not matter here: the reference
+                # is computed from these same values x_F.
+                xf = ar.comp(x32)
                 x64 = xf.double()
                 for pi, (plabel, p, k) in enumerate(norms):
                     if k is not None and k > n:
