@@ -198,3 +198,16 @@ def test_refusals():
     with pytest.raises(ValueError, match="more than 1 value"):
         emulated_batch_norm(torch.randn(1, 3), None, None, training=True, compute_dtype="fp16")
     assert emulated_batch_norm(torch.randn(0, 3, 2), None, None, training=True, compute_dtype="fp16").shape == (0, 3, 2)
+
+
+@pytest.mark.parametrize("k", [None, 2])
+def test_emulated_ties_follow_the_shared_tie_rule(k):
+    # Tied largest |d| (L∞) and a tie at the k-th largest (Top(2)): the emulation selects the
+    # positions the reference selects (lowest index first), so the gradients agree exactly.
+    base = torch.tensor([3.0, -3.0, 3.0, 1.0, -1.0, 0.5, -0.5, -3.0])  # mean 0, |d| = 3 four times
+    x = torch.stack([base, base.flip(0)], dim=1).reshape(8, 2, 1).requires_grad_()
+    g = torch.randn(8, 2, 1)
+    a = torch.autograd.grad((emulated_batch_norm(x, None, None, None, None, True, p="inf", k=k,
+                                                 compute_dtype=torch.float32) * g).sum(), x)[0]
+    r = torch.autograd.grad((lp_batch_norm(x, None, None, None, None, True, p="inf", k=k) * g).sum(), x)[0]
+    torch.testing.assert_close(a, r, rtol=1e-5, atol=1e-6)

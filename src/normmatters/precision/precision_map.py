@@ -18,7 +18,7 @@ failure (error = inf). A cell passes when err ≤ ``tol`` (1%).
 
 The default rows: each format with float32 sums (what the layers do by default, and where L2
 fails only by its squares overflowing or underflowing), fp16 and bf16 with sums in the format
-(where the plain sums overflow as well, for every p), and fp16 with the averaging reduction
+(where plain sums overflow in fp16, and lose precision in bf16, for every p), and fp16 with the averaging reduction
 ``"pairwise_mean"`` (fp16 sums that cannot overflow). fp8 sums are not among them: with 2 or 3
 fraction bits they miss 1% at every scale and size of the default grid, as pairwise sums and as
 pairwise means (measured).
