@@ -129,6 +129,8 @@ def test_no_slower_is_non_inferiority_of_the_time_ratio():
     assert vd.no_slower(rows, "l1", "l2", "x").outcome == vd.NOT_SUPPORTED
     missing = _rows({"l1": [0.1]}, key="step_cpu_time")
     assert vd.no_slower(missing, "l1", "l2", "x").outcome == vd.NOT_MEASURED
+    untimed = _rows({"l1": [None, None], "l2": [0.1, 0.1]}, key="step_cpu_time")  # runs from before the timer
+    assert vd.no_slower(untimed, "l1", "l2", "x").outcome == vd.NOT_MEASURED
 
 
 def test_decide_combines_core_checks_only():

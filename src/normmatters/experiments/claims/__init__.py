@@ -103,14 +103,14 @@ CLAIMS: dict[str, ClaimInfo] = {
         "C1", f"{_PKG}.c1",
         "Weight decay acts only through the effective learning rate η/‖w‖²: WD off with a per-channel LR "
         "correction, or norm scheduling, matches WD on.",
-        "ResNet on MNIST-1D: WD on, WD off, WD off + LR correction, norm scheduling instead of LR scheduling",
+        "1-D ResNet-8 on MNIST-1D: WD on, WD off, WD off + LR correction, norm scheduling instead of LR scheduling",
         "ResNet-56 / VGG11 on CIFAR-10: the same four runs",
         ("cifar10",),
         cost=0.9,
     ),
     "C2": ClaimInfo(
         "C2", f"{_PKG}.c2",
-        "L1 batch norm with C_L1 = √(π/2) matches L2 batch norm (and L1 layer norm matches L2 layer norm).",
+        "L1 batch norm with C_L1 = √(π/2) is as good as L2 batch norm (and L1 layer norm as good as L2 layer norm).",
         "1-D ResNet-20 on MNIST-1D: L2 vs L1 vs L1 without C_L1; Transformer LM on the embedded text: L2 vs L1 LN",
         "ResNet-56 on CIFAR-10, ResNet-18/50 on ImageNet, Transformer LM on a text corpus",
         ("cifar10", "imagenet", "text"),
@@ -119,7 +119,7 @@ CLAIMS: dict[str, ClaimInfo] = {
     "C3": ClaimInfo(
         "C3", f"{_PKG}.c3",
         "L∞ and Top(10) batch norm are cheaper and nearly as accurate as L2.",
-        "1-D ResNet-20 on MNIST-1D: L∞ and Top(10), calibrated vs the paper's constant, beside L2",
+        "1-D ResNet-20 on MNIST-1D: L∞ and Top(10), calibrated vs the paper's constant, beside C2's L2 runs",
         "ResNet-56 on CIFAR-10, ResNet-18 on ImageNet",
         ("cifar10", "imagenet"),
         cost=1.5,
@@ -135,8 +135,9 @@ CLAIMS: dict[str, ClaimInfo] = {
     ),
     "C5": ClaimInfo(
         "C5", f"{_PKG}.c5",
-        "Bounded weight normalization (norm fixed at its initial value) matches batch norm where WN falls short.",
-        "CNN on embedded images: BN vs WN vs BWN; 2-layer LSTM LM on the embedded text: WN vs BWN",
+        "Bounded weight normalization (norm fixed at its initial value) is as good as batch norm where WN falls "
+        "short.",
+        "ResNet-8 on scikit-learn's digits: BN vs WN vs BWN; 2-layer LSTM LM on the embedded text: plain vs WN vs BWN",
         "ResNet-56 on CIFAR-10, ResNet-50 on ImageNet, 2-layer LSTM LM on a text corpus",
         ("cifar10", "imagenet", "text"),
         cost=0.9,

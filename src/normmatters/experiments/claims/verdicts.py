@@ -53,12 +53,16 @@ __all__ = [
     "fails",
     "no_slower",
     "decide",
+    "fmt_interval",
+    "fmt_margin",
     "SUPPORTED",
     "NOT_SUPPORTED",
     "ONE_SEED",
     "AT_THIS_SCALE",
     "INCONCLUSIVE",
     "NOT_MEASURED",
+    "FAILS",
+    "DOES_NOT_FAIL",
 ]
 
 #: Margin of an accuracy comparison: 1 percentage point (accuracies are fractions).
@@ -325,8 +329,12 @@ def fails(rows: Sequence[dict[str, Any]], a: str, b: str, name: str, *, metric: 
 
 def no_slower(rows: Sequence[dict[str, Any]], a: str, b: str, name: str, *, metric: str = "step_cpu_time",
               margin: float = SPEED_MARGIN, core: bool = True) -> Check:
-    """``a``'s step time is at most (1 + margin) × ``b``'s: non-inferiority on the per-seed ratio."""
-    return non_inferior(rows, a, b, name, metric=metric, margin=margin, higher_is_better=False, kind="ratio",
+    """``a``'s step time is at most (1 + margin) × ``b``'s: non-inferiority on the per-seed ratio.
+
+    A run that recorded no step time is left out (not measured), never counted as diverged.
+    """
+    timed = [r for r in rows if math.isfinite(_number(r.get(metric))) and _number(r.get(metric)) > 0]
+    return non_inferior(timed, a, b, name, metric=metric, margin=margin, higher_is_better=False, kind="ratio",
                         core=core)
 
 
