@@ -347,6 +347,9 @@ def _candidates(module: nn.Module) -> list[NormSpec] | str:
         return "normmatters has no Lp instance norm"
     if isinstance(module, (nn.LocalResponseNorm, nn.CrossMapLRN2d)):
         return "normmatters has no Lp local response norm"
+    frozen = [n for n in _WEIGHT_NAMES + _BIAS_NAMES if module._buffers.get(n) is not None]
+    if frozen:
+        return f"its {'/'.join(frozen)} are buffers, not parameters (a frozen norm: unfreeze it first)"
     params = {n: t for n, t in module._parameters.items() if t is not None}
     weight = next((n for n in _WEIGHT_NAMES if n in params), None)
     bias = next((n for n in _BIAS_NAMES if n in params), None)
