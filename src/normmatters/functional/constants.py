@@ -1,6 +1,6 @@
 """Scale constants that make an Lp dispersion an estimate of the standard deviation.
 
-For Gaussian data every dispersion of SPEC §2 is proportional to σ; the constant C makes the
+For Gaussian data every dispersion of ``docs/math.md`` (Hoffer et al. 2018, Sec. 4) is proportional to σ; the constant C makes the
 proportionality factor one, so that a Gaussian input gives a unit-variance output:
 
 * L1:  C_L1 = √(π/2), because E|Z| = √(2/π).
@@ -30,12 +30,15 @@ from statistics import NormalDist
 
 import numpy as np
 
-__all__ = ["C_L1", "topk_constant", "paper_constant", "lp_constant", "normalize_p"]
+__all__ = ["C_L1", "CONSTANTS", "topk_constant", "paper_constant", "lp_constant", "normalize_p",
+           "parse_norm_options"]
 
 #: √(π/2): 1 / E|Z| for Z ~ N(0, 1).
 C_L1: float = math.sqrt(math.pi / 2.0)
 
-_CONSTANTS = ("calibrated", "paper", "none")
+#: The accepted values of ``constant``.
+CONSTANTS = ("calibrated", "paper", "none")
+_CONSTANTS = CONSTANTS
 
 
 def normalize_p(p: float | int | str) -> float:
@@ -53,6 +56,28 @@ def normalize_p(p: float | int | str) -> float:
     if value not in (1.0, 2.0, math.inf):
         raise ValueError(f"p must be 1, 2 or inf, got {p!r}")
     return value
+
+
+def parse_norm_options(p: float | int | str, k: int | None = None, constant: str = "calibrated",
+                       where: str = "") -> tuple[float, int | None]:
+    """The one parser of a normalization's ``p``, ``k`` and ``constant``: ``(p, k)`` normalized.
+
+    ``p`` becomes 1.0, 2.0 or ``inf``; ``k`` must be ``None`` or a positive integer, and only with
+    ``p=inf`` (Top(k)); ``constant`` one of :data:`CONSTANTS`. Errors name ``where``.
+    """
+    prefix = f"{where}: " if where else ""
+    try:
+        p = normalize_p(p)
+    except ValueError:
+        raise ValueError(f"{prefix}p must be 1, 2 or inf, got p={p!r}") from None
+    if k is not None:
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ValueError(f"{prefix}k must be a positive integer or None, got k={k!r}")
+        if p != math.inf:
+            raise ValueError(f"{prefix}k={k} selects Top(k), which needs p=inf, got p={p}")
+    if not isinstance(constant, str) or constant not in CONSTANTS:
+        raise ValueError(f"{prefix}constant must be one of {CONSTANTS}, got {constant!r}")
+    return p, k
 
 
 _NORMAL = NormalDist()
@@ -93,7 +118,7 @@ def _trapezoid(y: np.ndarray, x: np.ndarray) -> float:
 
 
 def topk_constant(n: int, k: int) -> float:
-    """C_k(n) = 1 / E[mean of the k largest of n i.i.d. |Z|], Z ~ N(0, 1) (SPEC §2).
+    """C_k(n) = 1 / E[mean of the k largest of n i.i.d. |Z|], Z ~ N(0, 1) (Hoffer et al. 2018, Sec. 4; docs/math.md).
 
     ``topk_constant(n, 1)`` is the calibrated L∞ constant and ``topk_constant(n, n)`` equals
     :data:`C_L1`. Exact to about 1e-10 relative for every ``1 <= k <= n``; cached.
@@ -110,7 +135,7 @@ def topk_constant(n: int, k: int) -> float:
 def paper_constant(n: int) -> float:
     """The official code's L∞ / Top(k) constant (1 + √(π·ln 4)) / (2·√(2·ln n)).
 
-    It ignores k, and for ResNet-sized n it overestimates σ by 10–45% (SPEC §2); offered for
+    It ignores k, and for ResNet-sized n it overestimates σ by 10–45%; offered for
     reproduction only. Undefined for n = 1 (ln 1 = 0).
     """
     n = int(n)

@@ -1,57 +1,80 @@
-r"""Fused Lp normalizations as torch custom ops with the closed-form backward of SPEC §2.
+r"""Fused Lp normalizations as torch custom ops with the closed-form backward.
 
 Two operators, registered with :mod:`torch.library` so that autograd and ``torch.compile`` see
 them as single opaque nodes (with fake implementations for tracing):
 
 * ``normmatters::lp_norm_fwd(x, weight, bias, layout, mode, k, constant, eps, center, affine)``
   → ``(y, mean, inv, sigma)`` on a dense ``[N, C, S]`` view: statistics per channel c over the
-  N·S values, y = (x − μ)·inv·γ + β with inv = 1/(σ̂ + eps), γ and β per channel (``affine=1``,
-  batch norm) or per position s (``affine=2``: layer and RMS norm as N=1, C=rows; CPU only);
+  N·S values, y = (x − μ)·inv·γ + β with inv = 1/(σ̂ + eps), γ and β per channel
+  (:attr:`Affine.CHANNEL`, batch norm) or per position s (:attr:`Affine.POSITION`: layer and RMS
+  norm as N=1, C=rows, where the backend supports it);
 * ``normmatters::lp_norm_bwd(grad, x, weight, mean, inv, ...)`` → ``(dx, dweight, dbias)``.
 
-The backward saves only x, γ, μ and inv (what torch's batch norm saves). With g' = γ·∂L/∂y,
-x̂ = (x − μ)·inv, M = mean(g'·x̂) and s = sign(x − μ) (SPEC §2, derived with eps):
+The integer arguments are the enums of :mod:`.enums`. The backward saves only x, γ, μ and inv
+(what torch's batch norm saves). With g' = γ·∂L/∂y, x̂ = (x − μ)·inv, M = mean(g'·x̂) and
+s = sign(x − μ) (Hoffer et al. 2018, Sec. 4; derived with eps in ``docs/math.md``):
 
 * L1:      ∂L/∂x = inv·(g' − mean(g') − C·(s − mean(s))·M);
 * Top(k):  ∂L/∂x = inv·(g' − mean(g') − C_k·(n/k)·(s·[x in T] − (1/n)·Σ_T s)·M), T the positions
   of the k largest |x − μ| (L∞: k = 1); only they carry the gradient of σ̂;
 * without centring (RMS norm) the mean(·) terms vanish.
 
-Ties: the reference's ``amax`` shares the gradient of a tied maximum among the tied positions;
-the kernels give it to one of them: among equal |x − μ| the lowest within-channel index
-(n·S + s), on the CPU and for L∞ in Triton (Triton's Top(k > 1) takes ``torch.topk``'s choice).
-The two agree whenever the k-th and (k+1)-th largest |x − μ| differ, which holds with
-probability one for continuous data.
+Ties follow the one rule of :mod:`normmatters.functional.norm`: among equal |x − μ| the lowest
+within-channel index (n·S + s) is selected first, here as in the reference.
 
-The functions ``batch_norm``, ``layer_norm``, ``group_norm`` and ``rms_norm`` below are reached
-through :mod:`normmatters.kernels`'s ``try_*`` functions, which :mod:`normmatters.functional.norm`
-calls first and which return ``None`` (run the reference path) when the fused path does not apply.
+Second-order gradients: when the backward itself runs with grad mode on (``create_graph=True``,
+e.g. a gradient penalty) it computes the same closed form with differentiable torch ops
+(:func:`normmatters.functional.norm.closed_form_grad` on statistics recomputed from x), so the
+double backward is exact; otherwise the compiled backward runs.
+
+The functions ``batch_norm``, ``batch_norm_eval``, ``layer_norm``, ``group_norm`` and ``rms_norm``
+are called by the dispatcher (:mod:`.dispatch`) on arguments it has already checked.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from types import ModuleType
 
 import torch
 from torch import Tensor
 
-from ..functional.norm import _constant, _update_running
+from ..functional.norm import (
+    closed_form_grad,
+    closed_form_sums,
+    dispersion_constant,
+    selection_pattern,
+    update_running,
+)
+from . import cpu
+from .enums import Affine, Layout, Mode
 
-__all__ = ["batch_norm", "layer_norm", "group_norm", "rms_norm", "MAX_K", "prepare_input"]
+__all__ = ["batch_norm", "batch_norm_eval", "layer_norm", "group_norm", "rms_norm", "MAX_K",
+           "prepare_input", "backend_for", "register_backend", "lp_norm_fwd", "lp_norm_bwd"]
 
-#: Largest k the fused Top(k) kernels take; larger k (rare) runs the reference's ``topk``.
+#: Largest k the fused Top(k) kernels take; larger k (rare) runs the reference.
 MAX_K = 64
 
-NCS, NSC = 0, 1
+NCS, NSC = Layout.NCS, Layout.NSC
+
+# The name the tests and older callers use for the constant of a dispersion.
+_constant = dispersion_constant
+
+# Backends by device type: modules with ``supports(dtype, layout, affine)``, ``forward`` and
+# ``backward`` (and, for the CPU, ``evaluate``); ``FUSED_RUNNING`` says whether ``forward`` updates
+# the running statistics itself.
+_BACKENDS: dict[str, ModuleType] = {"cpu": cpu}
 
 
-def _device_impl(device: torch.device):
-    if device.type == "cpu":
-        from . import cpu
-        return cpu
-    from . import triton_kernels
-    return triton_kernels
+def register_backend(device_type: str, module: ModuleType) -> None:
+    """Serve ``device_type`` tensors with ``module`` (the Triton kernels register for ``cuda``)."""
+    _BACKENDS[device_type] = module
+
+
+def backend_for(device: torch.device) -> ModuleType | None:
+    """The backend module for tensors on ``device``, or ``None``."""
+    return _BACKENDS.get(device.type)
 
 
 def _fix_layout(t: Tensor, layout: int) -> Tensor:
@@ -62,7 +85,7 @@ def _fix_layout(t: Tensor, layout: int) -> Tensor:
     return t.transpose(1, 2).contiguous().transpose(1, 2)
 
 
-def prepare_input(x3: Tensor) -> tuple[Tensor, int]:
+def prepare_input(x3: Tensor) -> tuple[Tensor, Layout]:
     """Choose the layout of a ``[N, C, S]`` tensor: NCS if contiguous, NSC if channels-last, else copy."""
     if x3.shape[2] == 1 and x3.transpose(1, 2).is_contiguous():
         return x3, NSC  # (N, C) inputs: rows of C values
@@ -74,13 +97,17 @@ def prepare_input(x3: Tensor) -> tuple[Tensor, int]:
 
 
 def _fwd_impl(x: Tensor, weight: Tensor | None, bias: Tensor | None, layout: int, mode: int,
-              k: int, constant: float, eps: float, center: bool, affine: int = 1
-              ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+              k: int, constant: float, eps: float, center: bool, affine: int = Affine.CHANNEL,
+              running_mean: Tensor | None = None, running_var: Tensor | None = None,
+              momentum: float = 0.0) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     x = _fix_layout(x, layout)
-    impl = _device_impl(x.device)
-    if affine == 1:
+    impl = _BACKENDS[x.device.type]
+    if running_mean is None and running_var is None:
+        if affine == Affine.POSITION:
+            return impl.forward(x, layout, weight, bias, mode, k, constant, eps, center, affine)
         return impl.forward(x, layout, weight, bias, mode, k, constant, eps, center)
-    return impl.forward(x, layout, weight, bias, mode, k, constant, eps, center, affine)
+    return impl.forward(x, layout, weight, bias, mode, k, constant, eps, center, affine,
+                        running_mean, running_var, momentum)
 
 
 @torch.library.custom_op("normmatters::lp_norm_fwd", mutates_args=())
@@ -100,13 +127,13 @@ def _(x, weight, bias, layout, mode, k, constant, eps, center, affine=1):
 
 def _bwd_impl(grad: Tensor, x: Tensor, weight: Tensor | None, mean: Tensor, inv: Tensor,
               layout: int, mode: int, k: int, constant: float, center: bool,
-              need_input: bool, need_affine: bool, affine: int = 1
+              need_input: bool, need_affine: bool, affine: int = Affine.CHANNEL
               ) -> tuple[Tensor, Tensor, Tensor]:
     x = _fix_layout(x, layout)
     grad = _fix_layout(grad, layout)
-    impl = _device_impl(x.device)
+    impl = _BACKENDS[x.device.type]
     args = (grad, x, layout, weight, mean, inv, mode, k, constant, center, need_input, need_affine)
-    dx, dw, db = impl.backward(*args) if affine == 1 else impl.backward(*args, affine)
+    dx, dw, db = impl.backward(*args) if affine != Affine.POSITION else impl.backward(*args, affine)
     empty = x.new_empty(0)
     # Outputs of a custom op may not alias each other: distinct empty tensors for absent grads.
     return (dx if dx is not None else empty, dw if dw is not None else mean.new_empty(0),
@@ -125,7 +152,7 @@ def lp_norm_bwd(grad: Tensor, x: Tensor, weight: Tensor | None, mean: Tensor, in
 @lp_norm_bwd.register_fake
 def _(grad, x, weight, mean, inv, layout, mode, k, constant, center, need_input, need_affine,
       affine=1):
-    c = x.shape[1] if affine == 1 else x.shape[2]
+    c = x.shape[1] if affine != Affine.POSITION else x.shape[2]
     dx = (torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device=x.device)
           if need_input else x.new_empty(0))
     dw = mean.new_empty(c) if need_affine else mean.new_empty(0)
@@ -134,30 +161,70 @@ def _(grad, x, weight, mean, inv, layout, mode, k, constant, center, need_input,
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    x, weight, bias, layout, mode, k, constant, eps, center, affine = inputs
+    x, weight, bias, layout, mode, k, constant, eps, center, affine = inputs[:10]
     _, mean, inv, _ = output
     ctx.save_for_backward(x, weight, mean, inv)
-    ctx.args = (layout, mode, k, constant, center, affine)
+    ctx.args = (layout, mode, k, constant, center, affine, eps)
     ctx.has_weight = weight is not None
     ctx.has_bias = bias is not None
+
+
+def _double_backward_grads(x: Tensor, weight: Tensor | None, grad_y: Tensor, layout: int,
+                           mode: int, k: int, constant: float, eps: float, center: bool,
+                           affine: int) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """The closed-form gradients as differentiable torch ops of x, γ and ∂L/∂y (create_graph)."""
+    stat = torch.float64 if x.dtype == torch.float64 else torch.float32
+    xs = x.to(stat)
+    g = grad_y.to(stat)
+    dims = (0, 2)
+    n = xs.shape[0] * xs.shape[2]
+    mean = xs.mean(dims, keepdim=True) if center else torch.zeros_like(xs[:1, :, :1])
+    d = xs - mean
+    if mode == Mode.L1:
+        pattern = d.detach().sign()
+        sigma = constant * (pattern * d).sum(dims, keepdim=True) / n
+        p, kk = 1.0, None
+    else:
+        pattern = selection_pattern(d, dims, k)
+        sigma = constant * (pattern * d).sum(dims, keepdim=True) / k
+        p, kk = math.inf, k
+    inv = 1.0 / (sigma + eps)
+    if weight is None:
+        gp = g
+    elif affine == Affine.POSITION:
+        gp = g * weight.to(stat).view(1, 1, -1)
+    else:
+        gp = g * weight.to(stat).view(1, -1, 1)
+    sums = closed_form_sums(gp, d, pattern, dims)
+    dx = closed_form_grad(gp, d, inv, pattern, sums, n, p, kk, constant, dims, center).to(x.dtype)
+    xhat = d * inv
+    if affine == Affine.POSITION:
+        dw, db = (g * xhat).sum((0, 1)), g.sum((0, 1))
+    else:
+        dw, db = (g * xhat).sum(dims), g.sum(dims)
+    return dx, dw, db
 
 
 def _backward(ctx, grad_y, grad_mean, grad_inv, grad_sigma, bwd=None):
     # The statistics are outputs only for the running averages (updated under no_grad): their
     # incoming gradients are None or zeros and are not propagated.
     x, weight, mean, inv = ctx.saved_tensors
-    layout, mode, k, constant, center, affine = ctx.args
+    layout, mode, k, constant, center, affine, eps = ctx.args
     need_input = ctx.needs_input_grad[0]
     need_affine = bool(ctx.needs_input_grad[1] or ctx.needs_input_grad[2])
+    none_rest = (None,) * (len(ctx.needs_input_grad) - 3)
     if grad_y is None or not (need_input or need_affine):
-        return (None,) * 10
-    grad_y = _fix_layout(grad_y, layout)
-    dx, dw, db = (bwd or lp_norm_bwd)(grad_y, x, weight, mean, inv, layout, mode, k, constant,
-                                      center, need_input, need_affine, affine)
+        return (None,) * len(ctx.needs_input_grad)
+    if torch.is_grad_enabled():
+        dx, dw, db = _double_backward_grads(x, weight, grad_y, layout, mode, k, constant, eps,
+                                            center, affine)
+    else:
+        grad_y = _fix_layout(grad_y, layout)
+        dx, dw, db = (bwd or lp_norm_bwd)(grad_y, x, weight, mean, inv, layout, mode, k, constant,
+                                          center, need_input, need_affine, affine)
     return (dx if need_input else None,
             dw if (need_affine and ctx.has_weight) else None,
-            db if (need_affine and ctx.has_bias) else None,
-            None, None, None, None, None, None, None)
+            db if (need_affine and ctx.has_bias) else None) + none_rest
 
 
 torch.library.register_autograd("normmatters::lp_norm_fwd", _backward, setup_context=_setup_context)
@@ -167,13 +234,16 @@ class _EagerLpNorm(torch.autograd.Function):
     """The same forward and backward as the custom op, without the custom-op dispatch.
 
     ``torch.library`` custom ops cost a few hundred microseconds of Python per call, which
-    dominates for the small tensors of small networks; eager calls take this direct path and
-    ``torch.compile`` / ``torch.export`` see the registered op.
+    dominates for the small tensors of small networks; eager calls take this direct path (which
+    also updates the running statistics inside the kernel) and ``torch.compile`` /
+    ``torch.export`` see the registered op.
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, layout, mode, k, constant, eps, center, affine):
-        out = _fwd_impl(x, weight, bias, layout, mode, k, constant, eps, center, affine)
+    def forward(ctx, x, weight, bias, layout, mode, k, constant, eps, center, affine,
+                running_mean, running_var, momentum):
+        out = _fwd_impl(x, weight, bias, layout, mode, k, constant, eps, center, affine,
+                        running_mean, running_var, momentum)
         _setup_context(ctx, (x, weight, bias, layout, mode, k, constant, eps, center, affine), out)
         ctx.mark_non_differentiable(*out[1:])
         return out
@@ -183,18 +253,44 @@ class _EagerLpNorm(torch.autograd.Function):
         return _backward(ctx, grad_y, grad_mean, grad_inv, grad_sigma, bwd=_bwd_impl)
 
 
+def _needs_grad(*ts: Tensor | None) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in ts)
+
+
 def _lp_norm(x: Tensor, weight: Tensor | None, bias: Tensor | None, layout: int, mode: int,
-             k: int, constant: float, eps: float, center: bool, affine: int = 1
-             ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+             k: int, constant: float, eps: float, center: bool, affine: int = Affine.CHANNEL,
+             running_mean: Tensor | None = None, running_var: Tensor | None = None,
+             momentum: float = 0.0) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Run the fused op; ``running_mean`` / ``running_var`` are updated in the kernel where the
+    backend can (contiguous buffers in the statistics dtype) and afterwards otherwise."""
     if torch.compiler.is_compiling():
-        return lp_norm_fwd(x, weight, bias, layout, mode, k, constant, eps, center, affine)
-    return _EagerLpNorm.apply(x, weight, bias, layout, mode, k, constant, eps, center, affine)
+        out = lp_norm_fwd(x, weight, bias, layout, mode, k, constant, eps, center, affine)
+        if running_mean is not None or running_var is not None:
+            update_running(running_mean, running_var, out[1], out[3], x.shape[0] * x.shape[2], momentum)
+        return out
+    impl = _BACKENDS[x.device.type]
+    fused_running = False
+    if (running_mean is not None or running_var is not None) and getattr(impl, "FUSED_RUNNING", True):
+        stat = torch.float64 if x.dtype == torch.float64 else torch.float32
+        fused_running = all(t is None or (t.dtype == stat and t.is_contiguous() and not t.requires_grad)
+                            for t in (running_mean, running_var))
+    rm, rv = (running_mean, running_var) if fused_running else (None, None)
+    if _needs_grad(x, weight, bias):
+        out = _EagerLpNorm.apply(x, weight, bias, layout, mode, k, constant, eps, center, affine,
+                                 rm, rv, momentum)
+    else:
+        with torch.no_grad():
+            out = _fwd_impl(x, weight, bias, layout, mode, k, constant, eps, center, affine,
+                            rm, rv, momentum)
+    if not fused_running and (running_mean is not None or running_var is not None):
+        update_running(running_mean, running_var, out[1], out[3], x.shape[0] * x.shape[2], momentum)
+    return out
 
 
-def _mode(p: float, k: int | None) -> tuple[int, int]:
+def _mode(p: float, k: int | None) -> tuple[Mode, int]:
     if p == 1.0:
-        return 1, 1
-    return 2, (1 if k is None else k)
+        return Mode.L1, 1
+    return Mode.TOPK, (1 if k is None else k)
 
 
 def _stat_dtype(x: Tensor) -> torch.dtype:
@@ -207,17 +303,33 @@ def _affine_param(t: Tensor | None, x: Tensor) -> Tensor | None:
 
 def batch_norm(input: Tensor, running_mean: Tensor | None, running_var: Tensor | None,
                weight: Tensor | None, bias: Tensor | None, momentum: float, eps: float,
-               p: float, k: int | None, constant: str) -> Tensor:
-    """Fused training-mode Lp batch norm (statistics per channel, axis 1); updates running stats."""
+               p: float, k: int | None, constant: float) -> Tensor:
+    """Fused training-mode Lp batch norm (statistics per channel, axis 1); updates running stats.
+
+    ``constant`` is the dispersion's constant C for this input's n, as a float.
+    """
     n_, c_ = input.shape[0], input.shape[1]
     x3, layout = prepare_input(input.reshape(n_, c_, -1))
-    n = x3.shape[0] * x3.shape[2]
     mode, kk = _mode(p, k)
-    cst = _constant(p, k, n, constant)
-    y, mean, _, sigma = _lp_norm(x3, _affine_param(weight, input), _affine_param(bias, input),
-                                    layout, mode, kk, cst, float(eps), True)
-    if running_mean is not None or running_var is not None:
-        _update_running(running_mean, running_var, mean, sigma, n, momentum)
+    y, _, _, _ = _lp_norm(x3, _affine_param(weight, input), _affine_param(bias, input), layout,
+                          mode, kk, constant, float(eps), True, Affine.CHANNEL, running_mean,
+                          running_var, momentum)
+    return y.reshape(input.shape)
+
+
+def batch_norm_eval(input: Tensor, running_mean: Tensor, running_var: Tensor,
+                    weight: Tensor | None, bias: Tensor | None, eps: float) -> Tensor | None:
+    """Evaluation batch norm as one fused per-channel affine, where a backend has the kernel and
+    no gradient is needed; ``None`` otherwise (the caller uses torch ops)."""
+    impl = _BACKENDS.get(input.device.type)
+    if impl is None or not hasattr(impl, "evaluate") or _needs_grad(input, weight, bias):
+        return None
+    n_, c_ = input.shape[0], input.shape[1]
+    x3, layout = prepare_input(input.reshape(n_, c_, -1))
+    if not impl.supports(x3.dtype, layout, Affine.CHANNEL):
+        return None
+    y = impl.evaluate(x3, layout, _affine_param(running_mean, input), _affine_param(running_var, input),
+                      _affine_param(weight, input), _affine_param(bias, input), float(eps))
     return y.reshape(input.shape)
 
 
@@ -230,18 +342,21 @@ def _rows(input: Tensor, ndims: int) -> Tensor:
     return input.contiguous().view(1, -1, d)
 
 
+def _position_affine(impl: ModuleType, x3: Tensor) -> bool:
+    return impl.supports(x3.dtype, NCS, Affine.POSITION)
+
+
 def layer_norm(input: Tensor, normalized_shape: Sequence[int], weight: Tensor | None,
-               bias: Tensor | None, eps: float, p: float, k: int | None, constant: str) -> Tensor:
-    """Fused Lp layer norm over the trailing ``normalized_shape`` axes (affine fused on CPU)."""
+               bias: Tensor | None, eps: float, p: float, k: int | None, constant: float) -> Tensor:
+    """Fused Lp layer norm over the trailing ``normalized_shape`` axes (γ, β fused where the
+    backend supports per-position affine, by torch ops otherwise)."""
     x3 = _rows(input, len(normalized_shape))
     mode, kk = _mode(p, k)
-    cst = _constant(p, k, x3.shape[2], constant)
-    if input.device.type == "cpu":
-        # γ and β per position, fused into the kernels (affine=2).
+    if _position_affine(_BACKENDS[input.device.type], x3):
         y, _, _, _ = _lp_norm(x3, _flat_param(weight, input), _flat_param(bias, input), NCS,
-                                 mode, kk, cst, float(eps), True, 2)
+                              mode, kk, constant, float(eps), True, Affine.POSITION)
         return y.view(input.shape)
-    xhat, _, _, _ = _lp_norm(x3, None, None, NCS, mode, kk, cst, float(eps), True)
+    xhat, _, _, _ = _lp_norm(x3, None, None, NCS, mode, kk, constant, float(eps), True)
     y = xhat.view(input.shape)
     if weight is not None:
         y = y * weight.to(y.dtype)
@@ -251,12 +366,11 @@ def layer_norm(input: Tensor, normalized_shape: Sequence[int], weight: Tensor | 
 
 
 def group_norm(input: Tensor, num_groups: int, weight: Tensor | None, bias: Tensor | None,
-               eps: float, p: float, k: int | None, constant: str) -> Tensor:
+               eps: float, p: float, k: int | None, constant: float) -> Tensor:
     """Fused Lp group norm: statistics per sample and group; per-channel affine by torch ops."""
     x3 = input.contiguous().view(1, input.shape[0] * num_groups, -1)
     mode, kk = _mode(p, k)
-    cst = _constant(p, k, x3.shape[2], constant)
-    xhat, _, _, _ = _lp_norm(x3, None, None, NCS, mode, kk, cst, float(eps), True)
+    xhat, _, _, _ = _lp_norm(x3, None, None, NCS, mode, kk, constant, float(eps), True)
     y = xhat.view(input.shape)
     shape = [1, -1] + [1] * (input.dim() - 2)
     if weight is not None:
@@ -267,16 +381,15 @@ def group_norm(input: Tensor, num_groups: int, weight: Tensor | None, bias: Tens
 
 
 def rms_norm(input: Tensor, normalized_shape: Sequence[int], weight: Tensor | None, eps: float,
-             p: float, k: int | None, constant: str) -> Tensor:
+             p: float, k: int | None, constant: float) -> Tensor:
     """Fused Lp RMS norm (no centring: σ̂ of x itself)."""
     x3 = _rows(input, len(normalized_shape))
     mode, kk = _mode(p, k)
-    cst = _constant(p, k, x3.shape[2], constant)
-    if input.device.type == "cpu":
-        y, _, _, _ = _lp_norm(x3, _flat_param(weight, input), None, NCS, mode, kk, cst,
-                                 float(eps), False, 2)
+    if _position_affine(_BACKENDS[input.device.type], x3):
+        y, _, _, _ = _lp_norm(x3, _flat_param(weight, input), None, NCS, mode, kk, constant,
+                              float(eps), False, Affine.POSITION)
         return y.view(input.shape)
-    xhat, _, _, _ = _lp_norm(x3, None, None, NCS, mode, kk, cst, float(eps), False)
+    xhat, _, _, _ = _lp_norm(x3, None, None, NCS, mode, kk, constant, float(eps), False)
     y = xhat.view(input.shape)
     if weight is not None:
         y = y * weight.to(y.dtype)

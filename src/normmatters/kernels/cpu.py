@@ -21,13 +21,14 @@ import torch
 from torch import Tensor
 
 from . import build
+from .enums import DTYPE_CODES, Affine, Layout
 
-__all__ = ["library", "forward", "backward", "DTYPE_CODES"]
+__all__ = ["library", "supports", "forward", "backward", "evaluate", "DTYPE_CODES", "SMALL"]
 
 logger = logging.getLogger("normmatters.kernels")
 
-#: dtype → code understood by the C++ entry points.
-DTYPE_CODES = {torch.float32: 0, torch.float64: 1, torch.bfloat16: 2, torch.float16: 3}
+#: Tensors with fewer elements run on one thread: starting an OpenMP team costs more than it saves.
+SMALL = 1 << 14
 
 _lock = threading.Lock()
 _libs: dict[torch.dtype, ctypes.CDLL | None] = {}
@@ -55,13 +56,22 @@ def library(dtype: torch.dtype = torch.float32) -> ctypes.CDLL | None:
     return _libs[dtype]
 
 
+def supports(dtype: torch.dtype, layout: int, affine: int) -> bool:
+    """What this backend takes: every float dtype it can build, both layouts, per-position affine
+    only on NCS (layer and RMS norm rows)."""
+    return dtype in DTYPE_CODES and (affine != Affine.POSITION or layout == Layout.NCS)
+
+
 def _load(code: int, dtype: torch.dtype) -> ctypes.CDLL:
-    lib = build.load("lp_norm_cpu.cpp", str(dtype).split(".")[-1], {"NM_DTYPE": code})
+    lib = build.load("lp_norm_cpu.cpp", str(dtype).split(".")[-1], {"NM_DTYPE": int(code)})
     p, i64, i32, f64 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_double
-    lib.nm_forward.argtypes = [i32, i32, p, p, i64, i64, i64, p, p, i32, i32, i32, f64, f64, i32, p, p, p, i32]
+    lib.nm_forward.argtypes = [i32, i32, p, p, i64, i64, i64, p, p, i32, i32, i32, f64, f64, i32,
+                               p, p, p, p, p, f64, f64, i32]
     lib.nm_forward.restype = i32
     lib.nm_backward.argtypes = [i32, i32, p, p, p, i64, i64, i64, p, i32, p, p, i32, i32, f64, i32, p, p, i32]
     lib.nm_backward.restype = i32
+    lib.nm_eval.argtypes = [i32, i32, p, p, i64, i64, i64, p, p, p, p, f64, i32]
+    lib.nm_eval.restype = i32
     return lib
 
 
@@ -69,13 +79,20 @@ def _ptr(t: Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
 
+def _threads(x: Tensor) -> int:
+    return 1 if x.numel() < SMALL else torch.get_num_threads()
+
+
 def forward(x: Tensor, layout: int, weight: Tensor | None, bias: Tensor | None, mode: int, k: int,
-            constant: float, eps: float, center: bool, affine: int = 1
-            ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+            constant: float, eps: float, center: bool, affine: int = Affine.CHANNEL,
+            running_mean: Tensor | None = None, running_var: Tensor | None = None,
+            momentum: float = 0.0) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Run the fused forward on a dense ``[N, C, S]`` CPU tensor (see ``csrc/lp_norm_cpu.cpp``).
 
-    ``affine`` 1: weight and bias per channel (size C); 2: per position s (size S; NCS, N = 1).
-    Returns ``(y, mean, inv, sigma)``; the statistics have shape ``[C]`` in the accumulation dtype.
+    ``affine`` (:class:`~.enums.Affine`) CHANNEL: weight and bias per channel (size C); POSITION:
+    per position s (size S; NCS, N = 1). Returns ``(y, mean, inv, sigma)``; the statistics have
+    shape ``[C]`` in the accumulation dtype. ``running_mean`` / ``running_var`` (contiguous, of
+    that dtype) are updated in place with ``momentum`` and the Bessel factor n/(n−1).
     """
     lib = library(x.dtype)
     assert lib is not None
@@ -85,9 +102,11 @@ def forward(x: Tensor, layout: int, weight: Tensor | None, bias: Tensor | None, 
     mean = torch.empty(c_, dtype=stat)
     inv = torch.empty(c_, dtype=stat)
     sigma = torch.empty(c_, dtype=stat)
+    n = n_ * s_
     rc = lib.nm_forward(DTYPE_CODES[x.dtype], layout, x.data_ptr(), y.data_ptr(), n_, c_, s_,
                         _ptr(weight), _ptr(bias), affine, mode, k, constant, eps, int(center),
-                        mean.data_ptr(), inv.data_ptr(), sigma.data_ptr(), torch.get_num_threads())
+                        mean.data_ptr(), inv.data_ptr(), sigma.data_ptr(), _ptr(running_mean),
+                        _ptr(running_var), momentum, n / max(n - 1, 1), _threads(x))
     if rc != 0:
         raise RuntimeError(f"normmatters CPU forward kernel failed with code {rc}")
     return y, mean, inv, sigma
@@ -95,18 +114,34 @@ def forward(x: Tensor, layout: int, weight: Tensor | None, bias: Tensor | None, 
 
 def backward(grad: Tensor, x: Tensor, layout: int, weight: Tensor | None, mean: Tensor, inv: Tensor,
              mode: int, k: int, constant: float, center: bool, need_input: bool, need_affine: bool,
-             affine: int = 1) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
-    """Closed-form backward (SPEC §2) of :func:`forward`; ``grad`` has ``x``'s layout."""
+             affine: int = Affine.CHANNEL) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """Closed-form backward (``normmatters.functional.norm``) of :func:`forward`; ``grad`` has ``x``'s layout."""
     lib = library(x.dtype)
     assert lib is not None
     n_, c_, s_ = x.shape
     dx = torch.empty_strided(x.shape, x.stride(), dtype=x.dtype) if need_input else None
-    size = c_ if affine == 1 else s_
+    size = s_ if affine == Affine.POSITION else c_
     dw = torch.empty(size, dtype=mean.dtype) if need_affine else None
     db = torch.empty(size, dtype=mean.dtype) if need_affine else None
     rc = lib.nm_backward(DTYPE_CODES[x.dtype], layout, grad.data_ptr(), x.data_ptr(), _ptr(dx),
                          n_, c_, s_, _ptr(weight), affine, mean.data_ptr(), inv.data_ptr(), mode, k,
-                         constant, int(center), _ptr(dw), _ptr(db), torch.get_num_threads())
+                         constant, int(center), _ptr(dw), _ptr(db), _threads(x))
     if rc != 0:
         raise RuntimeError(f"normmatters CPU backward kernel failed with code {rc}")
     return dx, dw, db
+
+
+def evaluate(x: Tensor, layout: int, running_mean: Tensor, running_var: Tensor,
+             weight: Tensor | None, bias: Tensor | None, eps: float) -> Tensor:
+    """Evaluation batch norm y = a·x + b per channel (a = γ/(√running_var + eps), b = β − running_mean·a)
+    on a dense ``[N, C, S]`` CPU tensor; the vectors are contiguous, in the accumulation dtype."""
+    lib = library(x.dtype)
+    assert lib is not None
+    n_, c_, s_ = x.shape
+    y = torch.empty_strided(x.shape, x.stride(), dtype=x.dtype)
+    rc = lib.nm_eval(DTYPE_CODES[x.dtype], layout, x.data_ptr(), y.data_ptr(), n_, c_, s_,
+                     running_mean.data_ptr(), running_var.data_ptr(), _ptr(weight), _ptr(bias), eps,
+                     _threads(x))
+    if rc != 0:
+        raise RuntimeError(f"normmatters CPU evaluation kernel failed with code {rc}")
+    return y

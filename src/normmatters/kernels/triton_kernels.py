@@ -1,4 +1,4 @@
-r"""Triton kernels for the fused Lp normalizations on CUDA (SPEC §7).
+r"""Triton kernels for the fused Lp normalizations on CUDA.
 
 Same interface and layouts as :mod:`.cpu` (a dense ``[N, C, S]`` tensor stored NCS or NSC, i.e.
 NCHW or channels-last): ``forward`` → ``(y, mean, inv, sigma)``, ``backward`` → ``(dx, dw, db)``.
@@ -43,9 +43,14 @@ def available() -> bool:
     return torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def supports(dtype: torch.dtype) -> bool:
-    """float64 stays on the reference path (the kernels accumulate in float32)."""
-    return dtype in _SUPPORTED
+#: The running statistics are updated by the caller (the CPU kernels update them in place).
+FUSED_RUNNING = False
+
+
+def supports(dtype: torch.dtype, layout: int = 0, affine: int = 1) -> bool:
+    """float64 stays on the reference path (the kernels accumulate in float32); γ and β per
+    position (layer and RMS norm) are applied by the caller."""
+    return dtype in _SUPPORTED and affine != 2
 
 
 @triton.jit
@@ -249,10 +254,14 @@ def _choose_linf(mu: Tensor, xmax: Tensor, imax: Tensor, xmin: Tensor, imin: Ten
 
 
 def _topk(x: Tensor, mean: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
-    """The k largest |x − μ| per channel: values, within-channel positions, signs."""
+    """The k largest |x − μ| per channel: values, within-channel positions, signs.
+
+    Ties go to the lowest within-channel position (a stable sort), the rule of every path.
+    """
     c_ = x.shape[1]
     d = (x.float() - mean.view(1, c_, 1)).transpose(0, 1).reshape(c_, -1)
-    vals, pos = d.abs().topk(k, dim=1)
+    vals, pos = d.abs().sort(dim=1, descending=True, stable=True)
+    vals, pos = vals[:, :k], pos[:, :k]
     return vals, pos, torch.sign(d.gather(1, pos))
 
 
@@ -294,7 +303,7 @@ def forward(x: Tensor, layout: int, weight: Tensor | None, bias: Tensor | None, 
 def backward(grad: Tensor, x: Tensor, layout: int, weight: Tensor | None, mean: Tensor, inv: Tensor,
              mode: int, k: int, constant: float, center: bool, need_input: bool,
              need_affine: bool) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
-    """Closed-form backward (SPEC §2); see :func:`normmatters.kernels.cpu.backward`."""
+    """Closed-form backward (``normmatters.functional.norm``); see :func:`normmatters.kernels.cpu.backward`."""
     n_, c_, s_ = x.shape
     n = n_ * s_
     block_j, block_c, cblocks, splits, chunk = _grid(x, layout)

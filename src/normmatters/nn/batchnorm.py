@@ -15,37 +15,19 @@ import torch
 from torch import Tensor, nn
 from torch.nn import init
 
-from ..functional.constants import normalize_p
-from ..functional.norm import lp_batch_norm
+from ..functional.constants import parse_norm_options
+from ..functional.emulated import emulated_batch_norm
+from ..functional.norm import check_batch_norm_input, check_float, check_k
+from ..kernels.dispatch import batch_norm as dispatch_batch_norm
 
 __all__ = ["BatchNormBase", "LpBatchNormBase", "LpBatchNorm1d", "LpBatchNorm2d", "LpBatchNorm3d"]
 
-_CONSTANTS = ("calibrated", "paper", "none")
-
-
 def _check_options(cls_name: str, p: Any, k: Any, constant: Any) -> tuple[float, int | None]:
-    try:
-        p = normalize_p(p)
-    except ValueError:
-        raise ValueError(f"{cls_name}: p must be 1, 2 or inf, got p={p!r}") from None
-    if k is not None:
-        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-            raise ValueError(f"{cls_name}: k must be a positive integer or None, got k={k!r}")
-        if p != math.inf:
-            raise ValueError(f"{cls_name}: k={k} selects Top(k), which needs p=inf, got p={p}")
-    if constant not in _CONSTANTS:
-        raise ValueError(f"{cls_name}: constant must be one of {_CONSTANTS}, got {constant!r}")
-    return p, k
+    return parse_norm_options(p, k, constant, cls_name)
 
 
 def _check_dtype(cls_name: str, input: Tensor) -> None:
-    if not input.is_floating_point() or input.dtype not in (
-        torch.float16, torch.bfloat16, torch.float32, torch.float64
-    ):
-        raise TypeError(
-            f"{cls_name}: expected a floating-point input (float16, bfloat16, float32 or float64), "
-            f"got {input.dtype}"
-        )
+    check_float(input, cls_name)
 
 
 def _p_repr(p: float, k: int | None) -> str:
@@ -247,42 +229,33 @@ _LpNormBase = LpBatchNormBase
 class _LpBatchNorm(LpBatchNormBase):
     def forward(self, input: Tensor) -> Tensor:
         name = type(self).__name__
-        _check_dtype(name, input)
+        check_float(input, name)
         self._check_input_dim(input)
-        self._check_channels(input)
-        bn_training, exponential_average_factor, running_mean, running_var = self._batch_norm_state()
-        if bn_training and input.numel() == input.shape[1]:
-            raise ValueError(
-                f"{name}: expected more than 1 value per channel when training, got input of "
-                f"shape {list(input.shape)}"
-            )
+        if input.shape[1] != self.num_features:
+            self.check_channels(input)
+        bn_training, exponential_average_factor, running_mean, running_var = self.batch_norm_state()
+        check_batch_norm_input(input, bn_training, self.eps, name)
         if bn_training and self.k is not None and input.numel() > 0:
             batch = input.shape[0]
             if self.ghost_batch_size is not None:
                 batch = min(batch, self.ghost_batch_size)
-            n = batch * (input[0, 0].numel())
-            if self.k > n:
-                raise ValueError(
-                    f"{name}: Top(k) needs k <= n values per channel, got k={self.k} > n={n} "
-                    f"for input of shape {list(input.shape)}"
-                )
+            check_k(self.k, batch * (input.numel() // (input.shape[0] * input.shape[1])), name,
+                    "channel")
         if self.compute_dtype is not None:
-            from ..precision import emulated_batch_norm
-
             return emulated_batch_norm(
                 input, running_mean, running_var, self.weight, self.bias, bn_training,
                 exponential_average_factor, self.eps, p=self.p, k=self.k, constant=self.constant,
                 compute_dtype=self.compute_dtype, accumulate_dtype=self.accumulate_dtype,
                 ghost_batch_size=self.ghost_batch_size, **self.precision_kwargs,
             )
-        return lp_batch_norm(
+        return dispatch_batch_norm(
             input, running_mean, running_var, self.weight, self.bias, bn_training,
-            exponential_average_factor, self.eps, p=self.p, k=self.k, constant=self.constant,
-            ghost_batch_size=self.ghost_batch_size,
+            exponential_average_factor, self.eps, self.p, self.k, self.constant,
+            self.ghost_batch_size,
         )
 
 
-_DOC_TEMPLATE = r"""Lp batch normalization over a {dims} input (SPEC §2; Hoffer et al. 2018, §4).
+_DOC_TEMPLATE = r"""Lp batch normalization over a {dims} input (Hoffer et al. 2018, Sec. 4).
 
     .. math::
         y = \frac{{x - \mathrm{{E}}[x]}}{{\hat\sigma_p + \epsilon}} \gamma + \beta

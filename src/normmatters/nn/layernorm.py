@@ -1,9 +1,10 @@
 r"""Lp layer, group and RMS normalization: drop-in replacements for ``nn.LayerNorm``,
-``nn.GroupNorm`` and ``nn.RMSNorm`` (SPEC §2). At ``p=2`` each is exactly torch's layer.
+``nn.GroupNorm`` and ``nn.RMSNorm`` (Hoffer et al. 2018, Sec. 4). At ``p=2`` each is exactly torch's layer.
 """
 
 from __future__ import annotations
 
+import math
 import numbers
 from collections.abc import Sequence
 from typing import Any
@@ -12,8 +13,12 @@ import torch
 from torch import Tensor, nn
 from torch.nn import init
 
-from ..functional.norm import lp_group_norm, lp_layer_norm, lp_rms_norm
-from .batchnorm import _check_dtype, _check_options, _p_repr
+from ..functional.emulated import emulated_layer_norm
+from ..functional.norm import check_float, check_k
+from ..kernels.dispatch import group_norm as dispatch_group_norm
+from ..kernels.dispatch import layer_norm as dispatch_layer_norm
+from ..kernels.dispatch import rms_norm as dispatch_rms_norm
+from .batchnorm import _check_options, _p_repr
 
 __all__ = ["LpLayerNorm", "LpGroupNorm", "LpRMSNorm"]
 
@@ -33,12 +38,11 @@ def _check_trailing(name: str, input: Tensor, shape: tuple[int, ...]) -> None:
 
 
 def _check_k(name: str, k: int | None, n: int) -> None:
-    if k is not None and k > n:
-        raise ValueError(f"{name}: Top(k) needs k <= n values per statistic, got k={k} > n={n}")
+    check_k(k, n, name)
 
 
 class LpLayerNorm(nn.Module):
-    r"""Lp layer normalization over the trailing ``normalized_shape`` axes (SPEC §2).
+    r"""Lp layer normalization over the trailing ``normalized_shape`` axes.
 
     .. math::
         y = \frac{x - \mathrm{E}[x]}{\hat\sigma_p + \epsilon} \gamma + \beta
@@ -102,22 +106,18 @@ class LpLayerNorm(nn.Module):
 
     def forward(self, input: Tensor) -> Tensor:
         name = type(self).__name__
-        _check_dtype(name, input)
+        check_float(input, name)
         _check_trailing(name, input, self.normalized_shape)
-        n = 1
-        for s in self.normalized_shape:
-            n *= s
-        _check_k(name, self.k, n)
+        if self.k is not None:
+            _check_k(name, self.k, math.prod(self.normalized_shape))
         if self.compute_dtype is not None:
-            from ..precision import emulated_layer_norm
-
             return emulated_layer_norm(
                 input, self.normalized_shape, self.weight, self.bias, self.eps, p=self.p, k=self.k,
                 constant=self.constant, compute_dtype=self.compute_dtype,
                 accumulate_dtype=self.accumulate_dtype, **self.precision_kwargs,
             )
-        return lp_layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps,
-                             p=self.p, k=self.k, constant=self.constant)
+        return dispatch_layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps,
+                                   self.p, self.k, self.constant)
 
     def extra_repr(self) -> str:
         s = (f"{self.normalized_shape}, eps={self.eps}, elementwise_affine={self.elementwise_affine}, "
@@ -130,7 +130,7 @@ class LpLayerNorm(nn.Module):
 
 
 class LpGroupNorm(nn.Module):
-    r"""Lp group normalization: statistics per sample over groups of channels (SPEC §2).
+    r"""Lp group normalization: statistics per sample over groups of channels.
 
     Arguments, parameters and state dict as :class:`torch.nn.GroupNorm`; ``p``, ``k`` and
     ``constant`` keyword-only.
@@ -187,16 +187,17 @@ class LpGroupNorm(nn.Module):
 
     def forward(self, input: Tensor) -> Tensor:
         name = type(self).__name__
-        _check_dtype(name, input)
+        check_float(input, name)
         if input.dim() < 2 or input.shape[1] != self.num_channels:
             raise ValueError(
                 f"{name}: expected input (N, {self.num_channels}, *) with {self.num_channels} "
                 f"channels, got input of shape {list(input.shape)}"
             )
-        n = input[0].numel() // self.num_groups if input.shape[0] else 1
-        _check_k(name, self.k, n)
-        return lp_group_norm(input, self.num_groups, self.weight, self.bias, self.eps,
-                             p=self.p, k=self.k, constant=self.constant)
+        if self.k is not None:
+            n = input[0].numel() // self.num_groups if input.shape[0] else 1
+            _check_k(name, self.k, n)
+        return dispatch_group_norm(input, self.num_groups, self.weight, self.bias, self.eps,
+                                   self.p, self.k, self.constant)
 
     def extra_repr(self) -> str:
         s = f"{self.num_groups}, {self.num_channels}, eps={self.eps}, affine={self.affine}, {_p_repr(self.p, self.k)}"
@@ -206,7 +207,7 @@ class LpGroupNorm(nn.Module):
 
 
 class LpRMSNorm(nn.Module):
-    r"""Lp RMS normalization: y = x / (σ̂_p(x) + ε) · γ with no centring (SPEC §2).
+    r"""Lp RMS normalization: y = x / (σ̂_p(x) + ε) · γ with no centring.
 
     At ``p=2`` σ̂ = √mean(x²) and the layer is exactly :class:`torch.nn.RMSNorm` (eps inside the
     root). Arguments, parameters and state dict as :class:`torch.nn.RMSNorm`.
@@ -250,14 +251,12 @@ class LpRMSNorm(nn.Module):
 
     def forward(self, input: Tensor) -> Tensor:
         name = type(self).__name__
-        _check_dtype(name, input)
+        check_float(input, name)
         _check_trailing(name, input, self.normalized_shape)
-        n = 1
-        for s in self.normalized_shape:
-            n *= s
-        _check_k(name, self.k, n)
-        return lp_rms_norm(input, self.normalized_shape, self.weight, self.eps,
-                           p=self.p, k=self.k, constant=self.constant)
+        if self.k is not None:
+            _check_k(name, self.k, math.prod(self.normalized_shape))
+        return dispatch_rms_norm(input, self.normalized_shape, self.weight, self.eps, self.p,
+                                 self.k, self.constant)
 
     def extra_repr(self) -> str:
         s = (f"{self.normalized_shape}, eps={self.eps}, elementwise_affine={self.elementwise_affine}, "

@@ -1,4 +1,4 @@
-r"""Synchronized Lp batch normalization across processes (SPEC §2 "Variants"; issue 9).
+r"""Synchronized Lp batch normalization across processes (Hoffer et al. 2018, Sec. 4).
 
 Under data parallelism (``torch.distributed``, DDP) every process sees a shard of the batch.
 :class:`SyncLpBatchNorm` takes its statistics over the union of the shards, so that the
@@ -11,23 +11,23 @@ concatenated batch, for every p:
           gives the global mean absolute deviation — exact, not an approximation;
 * L∞:     an all-reduce (max) of each process's max|x − μ|;
 * Top(k): an all-gather of each process's k largest |x − μ|, of which the global k largest are
-          kept (a process with fewer than k values pads with −1, which is never selected).
+          kept (a process with fewer than k values pads with −1, which is never selected); L∞ is
+          Top(1).
+
+Ties follow the one rule of :mod:`normmatters.functional.norm`: the lowest index in the
+concatenated batch (lower rank first, then the lower index within the process), so the
+gradient goes where one process normalizing the whole batch would send it.
 
 The constants C_∞(n) and C_k(n) and the Bessel factor n/(n−1) of ``running_var`` use the global
 n = Σ over processes of the per-process counts, so uneven shards (an empty one included) give the
 statistics of the whole batch. Every process takes part in every collective, also with an empty
 shard, so none waits for another.
 
-The backward pass is synchronized too. With g = ∂L/∂x̂, d = x − μ, inv = 1/(σ̂ + eps) (L2:
-1/√(σ̂² + eps)) and w = ∂σ̂/∂d, the gradient of the whole batch's loss is
-
-.. math::
-    \frac{\partial L}{\partial x_j} = inv\,\Big(g_j - \frac{\sum g}{n}\Big)
-        - inv^2 \Big(\sum g\,d\Big) \Big(w_j - \frac{\sum w}{n}\Big)
-
-where the sums run over the global batch (one all-reduce of Σg, Σg·d and the terms of Σw), and
-w is d·inv/n (L2), C_L1·sign(d)/n (L1), C_∞·sign(d)·[|d| = max]/#ties (L∞) or
-C_k·sign(d)·[d among the top k]/k (Top(k)) — the closed forms of SPEC §2. Each process
+The backward pass is synchronized too: it is the closed form of
+:func:`normmatters.functional.norm.closed_form_grad`, whose three sums
+(:func:`~normmatters.functional.norm.closed_form_sums`: Σg, Σg·d and the sum of the sign pattern)
+are all-reduced over the global batch before the gradient is formed — the same sums the
+one-process backward computes. Each process
 differentiates the sum of all processes' losses, exactly as :class:`torch.nn.SyncBatchNorm`
 does, so DDP's gradient averaging gives the gradient of the mean loss over the whole batch.
 """
@@ -43,7 +43,18 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from ..functional.constants import lp_constant
-from ..functional.norm import _affine, _channel_view, _compute_dtype, _update_running, lp_batch_norm
+from ..functional.norm import (
+    channel_affine,
+    channel_view,
+    check_batch_norm_input,
+    check_k,
+    closed_form_grad,
+    closed_form_sums,
+    compute_dtype,
+    topk_mask,
+    update_running,
+)
+from ..kernels.dispatch import batch_norm as dispatch_batch_norm
 from .batchnorm import LpBatchNormBase, _check_dtype
 
 __all__ = ["SyncLpBatchNorm"]
@@ -104,7 +115,7 @@ class _SyncLpBatchNormFunction(torch.autograd.Function):
         if p == 2.0:
             if m > 0:
                 local_mean = x.mean(dims)
-                local_m2 = (x - _channel_view(local_mean, x.dim())).pow(2).sum(dims)
+                local_m2 = (x - channel_view(local_mean, x.dim())).pow(2).sum(dims)
             else:
                 local_mean = x.new_zeros(c)
                 local_m2 = x.new_zeros(c)
@@ -123,7 +134,7 @@ class _SyncLpBatchNormFunction(torch.autograd.Function):
             m2 = m2s.sum(0) + (counts * (means - mean64).pow(2)).sum(0)
             mean = mean64.to(dt)
             var = (m2 / n).to(dt)
-            d = x - _channel_view(mean, x.dim())
+            d = x - channel_view(mean, x.dim())
             inv = torch.rsqrt(var + eps)
             sigma = var.sqrt()
             pattern = None
@@ -136,28 +147,23 @@ class _SyncLpBatchNormFunction(torch.autograd.Function):
             if n == 0:
                 return _empty(ctx, x)
             mean = (packed[1:] / n).to(dt)
-            d = x - _channel_view(mean, x.dim())
+            d = x - channel_view(mean, x.dim())
             scale = lp_constant(p, k, n, constant)
             pattern = None
             if p == 1.0:
                 total = d.abs().sum(dims)
                 dist.all_reduce(total, group=group)
                 spread = total / n
-            elif k is None or k == 1:
-                spread = d.abs().amax(dims) if m > 0 else x.new_zeros(c)
-                dist.all_reduce(spread, op=dist.ReduceOp.MAX, group=group)
-                # Where the maximum sits (ties share the gradient, as autograd's amax does).
-                pattern = d.abs() == _channel_view(spread, x.dim())
             else:
-                spread, pattern = _global_topk(d, k, m, world, group)
+                spread, pattern = _global_topk(d, 1 if k is None else k, m, world, group)
             sigma = spread * scale
             inv = 1.0 / (sigma + eps)
         if running_mean is not None or running_var is not None:
-            _update_running(running_mean, running_var, mean, sigma, n, momentum)
+            update_running(running_mean, running_var, mean, sigma, n, momentum)
         ctx.empty = False
         ctx.save_for_backward(d, inv, pattern)
         ctx.p, ctx.k, ctx.n, ctx.scale, ctx.group = p, k, n, scale, group
-        return d * _channel_view(inv, x.dim())
+        return d * channel_view(inv, x.dim())
 
     @staticmethod
     @once_differentiable
@@ -166,40 +172,16 @@ class _SyncLpBatchNormFunction(torch.autograd.Function):
             return (grad, None, None, None, None, None, None, None, None)
         d, inv, pattern = ctx.saved_tensors
         p, k, n, scale = ctx.p, ctx.k, ctx.n, ctx.scale
-        nd = d.dim()
         dims = _reduce_dims(d)
         grad = grad.to(d.dtype)
-        sums = [grad.sum(dims), (grad * d).sum(dims)]
-        sign = d.sign() if p != 2.0 else None
         if p == 1.0:
-            sums.append(sign.sum(dims))
+            pattern = d.sign()
         elif p == math.inf:
-            signed = sign * pattern
-            sums.append(signed.sum(dims))
-            if k is None or k == 1:
-                sums.append(pattern.to(d.dtype).sum(dims))
-        packed = torch.cat(sums)
-        dist.all_reduce(packed, group=ctx.group)
-        parts = packed.view(len(sums), -1)
-        sum_g, sum_gd = parts[0], parts[1]
-        iv = _channel_view(inv, nd)
-        out = iv * (grad - _channel_view(sum_g / n, nd))
-        if p == 2.0:
-            # w = d·inv/n and Σw = 0: torch's closed form.
-            out = out - d * _channel_view(inv.pow(3) * sum_gd / n, nd)
-        else:
-            if p == 1.0:
-                w = sign * (scale / n)
-                sum_w = parts[2] * (scale / n)
-            elif k is None or k == 1:
-                ties = parts[3].clamp_min(1.0)
-                w = signed * _channel_view(scale / ties, nd)
-                sum_w = parts[2] * scale / ties
-            else:
-                w = signed * (scale / k)
-                sum_w = parts[2] * (scale / k)
-            coef = _channel_view(inv.pow(2) * sum_gd, nd)
-            out = out - coef * (w - _channel_view(sum_w / n, nd))
+            pattern = d.sign() * pattern
+        sums = closed_form_sums(grad, d, pattern, dims)
+        dist.all_reduce(sums, group=ctx.group)
+        out = closed_form_grad(grad, d, channel_view(inv, d.dim()), pattern, sums, n, p, k, scale,
+                               dims)
         return (out, None, None, None, None, None, None, None, None)
 
 
@@ -210,7 +192,12 @@ def _empty(ctx: Any, x: Tensor) -> Tensor:
 
 
 def _global_topk(d: Tensor, k: int, m: int, world: int, group: Any) -> tuple[Tensor, Tensor]:
-    """Mean of the k largest |d| per channel over all processes, and the local selection mask."""
+    """Mean of the k largest |d| per channel over all processes, and the local selection mask.
+
+    Ties go to the lowest index of the concatenated batch: each process offers its own k
+    largest (ties to its lowest indices) in index order, the offers are concatenated in rank
+    order, and :func:`~normmatters.functional.norm.topk_mask` keeps the first among equals.
+    """
     c = d.shape[1]
     rank = dist.get_rank(group)
     kk = min(k, m)
@@ -218,25 +205,27 @@ def _global_topk(d: Tensor, k: int, m: int, world: int, group: Any) -> tuple[Ten
     cand = d.new_full((c, k), -1.0)  # |d| >= 0, so the padding is never among the top k
     idx = torch.zeros(c, k, dtype=torch.long, device=d.device)
     if kk > 0:
-        vals, top_idx = local.topk(kk, dim=1, sorted=False)
-        cand[:, :kk] = vals
-        idx[:, :kk] = top_idx
+        mine = topk_mask(local, kk)
+        # The selected positions in index order: a stable sort puts the True entries first.
+        order = mine.to(torch.int8).sort(dim=1, descending=True, stable=True).indices[:, :kk]
+        cand[:, :kk] = local.gather(1, order)
+        idx[:, :kk] = order
     parts = [torch.empty_like(cand) for _ in range(world)]
     dist.all_gather(parts, cand, group=group)
-    best, where = torch.cat(parts, dim=1).topk(k, dim=1, sorted=False)
-    # The slots of the global top k that are this process's own candidates.
-    slot = where - rank * k
-    mine = (slot >= 0) & (slot < kk)
-    chosen = idx.gather(1, slot.clamp(0, k - 1))
-    mask = torch.zeros(c, max(m, 1), dtype=d.dtype, device=d.device)
-    mask.scatter_add_(1, chosen.clamp(0, max(m, 1) - 1), mine.to(d.dtype))
-    mask = mask[:, :m] > 0
-    return best.mean(1), _from_channel(mask, d)
+    table = torch.cat(parts, dim=1)  # (C, world·k), rank-major
+    chosen = topk_mask(table, k)
+    best = torch.where(chosen, table, torch.zeros_like(table)).sum(1) / k
+    slots = chosen[:, rank * k:rank * k + kk]
+    mask = torch.zeros(c, max(m, 1), dtype=torch.bool, device=d.device)
+    if kk > 0:
+        mask.scatter_(1, idx[:, :kk], slots)
+    mask = mask[:, :m]
+    return best, _from_channel(mask, d)
 
 
 class SyncLpBatchNorm(LpBatchNormBase):
-    r"""Lp batch normalization with statistics over every process of a group (SPEC §2; Hoffer
-    et al. 2018, §4).
+    r"""Lp batch normalization with statistics over every process of a group (Hoffer et al.
+    2018, Sec. 4).
 
     .. math::
         y = \frac{x - \mathrm{E}[x]}{\hat\sigma_p + \epsilon} \gamma + \beta
@@ -314,28 +303,24 @@ class SyncLpBatchNorm(LpBatchNormBase):
         name = type(self).__name__
         _check_dtype(name, input)
         self._check_input_dim(input)
-        self._check_channels(input)
-        bn_training, factor, running_mean, running_var = self._batch_norm_state()
+        self.check_channels(input)
+        bn_training, factor, running_mean, running_var = self.batch_norm_state()
 
         # As torch's SyncBatchNorm: synchronize only in training mode (never in evaluation, even
         # with track_running_stats=False, where each process uses its own batch).
         group = self._sync_group() if (bn_training and self.training) else None
         if group is None:
+            check_batch_norm_input(input, bn_training, self.eps, name)
             if bn_training and self.k is not None and input.numel() > 0:
-                n = input.numel() // input.shape[1]
-                if self.k > n:
-                    raise ValueError(
-                        f"{name}: Top(k) needs k <= n values per channel, got k={self.k} > n={n} "
-                        f"for input of shape {list(input.shape)}"
-                    )
-            return lp_batch_norm(
+                check_k(self.k, input.numel() // input.shape[1], name, "channel")
+            return dispatch_batch_norm(
                 input, running_mean, running_var, self.weight, self.bias, bn_training, factor,
-                self.eps, p=self.p, k=self.k, constant=self.constant,
+                self.eps, self.p, self.k, self.constant,
             )
         if self.eps <= 0.0:
             raise ValueError(f"{name}: eps must be positive during training, got {self.eps}")
-        x = input.to(_compute_dtype(input))
+        x = input.to(compute_dtype(input))
         xhat = _SyncLpBatchNormFunction.apply(
             x, running_mean, running_var, factor, self.eps, self.p, self.k, self.constant, group
         )
-        return _affine(xhat, self.weight, self.bias, input.dim()).to(input.dtype)
+        return channel_affine(xhat, self.weight, self.bias, input.dim()).to(input.dtype)

@@ -4,11 +4,11 @@
 // is called through ctypes (normmatters/kernels/cpu.py) on raw pointers of tensors that the
 // Python side allocates.
 //
-// Layouts: a tensor is viewed as ``[N, C, S]`` (statistics per channel c over N·S values), stored
+// Layouts (enum Layout): a tensor is viewed as ``[N, C, S]`` (statistics per channel c over N·S values), stored
 // either ``NCS`` (each (n, c) a contiguous run of S values: NCHW batch norm, and layer/group norm
 // as N=1, C=rows) or ``NSC`` (each of the N·S rows holds C contiguous values: channels-last).
 //
-// Modes: 1 = L1 (σ̂ = C·mean|d|), 2 = Top(k) (σ̂ = C·mean of the k largest |d|; L∞ is k=1).
+// Modes (enum Mode): 1 = L1 (σ̂ = C·mean|d|), 2 = Top(k) (σ̂ = C·mean of the k largest |d|; L∞ is k=1).
 // The Top(k) set is found in the same pass as the mean: the k largest |x − μ| lie among the k
 // largest and the k smallest x, kept in two small heaps that most chunks skip after one vectorised
 // min/max. The backward pass finds the set again from x and the saved μ (deterministically the same
@@ -32,7 +32,7 @@ namespace {
 typedef uint16_t bf16_t;
 typedef _Float16 f16_t;
 const int64_t CH = 2048;   // chunk of a run summed in the accumulation type before a double add
-const int64_t RB = 64;     // rows per block in the NSC layout
+const int64_t SHORT = 512; // statistics of at most this many values select Top(k) directly
 
 template <typename T> struct IO;
 template <> struct IO<float> {
@@ -192,6 +192,30 @@ double select_topk(Heap<A>* const* his, Heap<A>* const* los, int nsrc, int k, A 
   return s;
 }
 
+// Top(k) of a short statistic (n <= SHORT values, e.g. a layer-norm row): all |x − mu| with
+// their indices, then a selection (|d| descending, index ascending: the tie rule) — cheaper than
+// the heaps for short rows. NaN compares as the largest value, so the order stays strict.
+template <typename T, typename A>
+double short_topk(const T* x, int64_t N, int64_t C, int64_t S, int64_t c, A mu, int k,
+                  int64_t* out_id, int* out_s, std::vector<Cand>& buf) {
+  buf.clear();
+  for (int64_t q = 0; q < N; ++q) {
+    const T* xp = x + (q * C + c) * S;
+    for (int64_t i = 0; i < S; ++i) {
+      const A d = IO<T>::ld(xp, i) - mu;
+      buf.push_back({(double)std::fabs(d), q * S + i, (d > 0) - (d < 0)});
+    }
+  }
+  const int m = std::min<int>(k, (int)buf.size());
+  auto key = [](double a) { return a != a ? std::numeric_limits<double>::infinity() : a; };
+  auto better = [&](const Cand& p, const Cand& q) {
+    const double a = key(p.a), b = key(q.a); return a > b || (a == b && p.id < q.id); };
+  if (m < (int)buf.size()) std::nth_element(buf.begin(), buf.begin() + (m - 1), buf.end(), better);
+  double s = 0.0;
+  for (int j = 0; j < m; ++j) { s += buf[j].a; if (out_id) { out_id[j] = buf[j].id; out_s[j] = buf[j].s; } }
+  return s;
+}
+
 // ---------------------------------------------------------------- NCS layout: one channel per task
 template <typename T>
 void fwd_ncs(const T* x, T* y, int64_t N, int64_t C, int64_t S,
@@ -200,11 +224,13 @@ void fwd_ncs(const T* x, T* y, int64_t N, int64_t C, int64_t S,
              typename IO<T>::A* mean_o, typename IO<T>::A* inv_o, typename IO<T>::A* sig_o, int nt) {
   typedef typename IO<T>::A A;
   const int64_t n = N * S;
+  const bool short_rows = n <= SHORT;
+  const int64_t chunk = std::max<int64_t>(1, C / (8 * (int64_t)nt));
 #pragma omp parallel num_threads(nt)
   {
     HeapSet<A> hs; std::vector<Cand> buf; Pieces<T, A> pieces;
     if (mode == 2) hs.init(1, k);
-#pragma omp for schedule(dynamic, 1)
+#pragma omp for schedule(dynamic, chunk)
     for (int64_t c = 0; c < C; ++c) {
       double sum = 0.0;
       Heap<A>* hi = mode == 2 ? &hs.hi[0] : nullptr; Heap<A>* lo = mode == 2 ? &hs.lo[0] : nullptr;
@@ -215,12 +241,12 @@ void fwd_ncs(const T* x, T* y, int64_t N, int64_t C, int64_t S,
         for (int64_t s0 = 0; s0 < S; s0 += CH) {
           const int64_t len = std::min(CH, S - s0);
           const T* xc = xp + s0;
-          A ls = 0;
+          double ls = 0;
           if (mode == 2) {
             A mx = -std::numeric_limits<A>::infinity(), mn = std::numeric_limits<A>::infinity();
 #pragma omp simd reduction(+:ls) reduction(max:mx) reduction(min:mn)
             for (int64_t i = 0; i < len; ++i) { A v = IO<T>::ld(xc, i); ls += v; mx = v > mx ? v : mx; mn = v < mn ? v : mn; }
-            if (k > 1) pieces.add((q * C + c) * S + s0, q * S + s0, len, mx, mn);
+            if (k > 1 && !short_rows) pieces.add((q * C + c) * S + s0, q * S + s0, len, mx, mn);
             gmx = mx > gmx ? mx : gmx; gmn = mn < gmn ? mn : gmn;
           } else {
 #pragma omp simd reduction(+:ls)
@@ -238,7 +264,7 @@ void fwd_ncs(const T* x, T* y, int64_t N, int64_t C, int64_t S,
           for (int64_t s0 = 0; s0 < S; s0 += CH) {
             const int64_t len = std::min(CH, S - s0);
             const T* xc = xp + s0;
-            A la = 0;
+            double la = 0;
 #pragma omp simd reduction(+:la)
             for (int64_t i = 0; i < len; ++i) { A d = IO<T>::ld(xc, i) - mu; la += d < 0 ? -d : d; }
             sa += (double)la;
@@ -249,6 +275,8 @@ void fwd_ncs(const T* x, T* y, int64_t N, int64_t C, int64_t S,
         // L∞ needs no position in the forward: max|x − μ| = max(max x − μ, μ − min x).
         const A up = gmx - mu, dn = mu - gmn;
         sig = cst * (double)(up > dn ? up : dn);
+      } else if (short_rows) {
+        sig = cst * short_topk<T, A>(x, N, C, S, c, mu, k, nullptr, nullptr, buf) / (double)k;
       } else {
         pieces.finish(x, k, *hi, *lo);
         sig = cst * select_topk<A>(&hi, &lo, 1, k, mu, nullptr, nullptr, buf) / (double)k;
@@ -292,12 +320,14 @@ void bwd_ncs(const T* dy, const T* x, T* dx, int64_t N, int64_t C, int64_t S,
              typename IO<T>::A* dw, typename IO<T>::A* db, int nt) {
   typedef typename IO<T>::A A;
   const int64_t n = N * S;
+  const bool short_rows = n <= SHORT;
+  const int64_t chunk = std::max<int64_t>(1, C / (8 * (int64_t)nt));
 #pragma omp parallel num_threads(nt)
   {
     HeapSet<A> hs; std::vector<Cand> buf; Pieces<T, A> pieces;
     std::vector<int64_t> tid((size_t)std::max(k, 1)); std::vector<int> tsg((size_t)std::max(k, 1));
     if (mode == 2) hs.init(1, k);
-#pragma omp for schedule(dynamic, 1)
+#pragma omp for schedule(dynamic, chunk)
     for (int64_t c = 0; c < C; ++c) {
       const A mu = mean[c];
       const bool want_sign = (mode == 1 && center);
@@ -310,7 +340,7 @@ void bwd_ncs(const T* dy, const T* x, T* dx, int64_t N, int64_t C, int64_t S,
         for (int64_t s0 = 0; s0 < S; s0 += CH) {
           const int64_t len = std::min(CH, S - s0);
           const T* xc = xp + s0; const T* gc = gp + s0;
-          A l1 = 0, l2 = 0, l3 = 0;
+          double l1 = 0, l2 = 0, l3 = 0;
           if (want_top) {
             A mx = -std::numeric_limits<A>::infinity(), mn = std::numeric_limits<A>::infinity();
 #pragma omp simd reduction(+:l1, l2) reduction(max:mx) reduction(min:mn)
@@ -318,7 +348,7 @@ void bwd_ncs(const T* dy, const T* x, T* dx, int64_t N, int64_t C, int64_t S,
               A v = IO<T>::ld(xc, i), g = IO<T>::ld(gc, i);
               l1 += g; l2 += g * (v - mu); mx = v > mx ? v : mx; mn = v < mn ? v : mn;
             }
-            pieces.add((q * C + c) * S + s0, q * S + s0, len, mx, mn);
+            if (!short_rows) pieces.add((q * C + c) * S + s0, q * S + s0, len, mx, mn);
           } else if (want_sign) {
 #pragma omp simd reduction(+:l1, l2, l3)
             for (int64_t i = 0; i < len; ++i) {
@@ -353,8 +383,12 @@ void bwd_ncs(const T* dy, const T* x, T* dx, int64_t N, int64_t C, int64_t S,
           }
         }
       } else {
-        pieces.finish(x, k, *hi, *lo);
-        select_topk<A>(&hi, &lo, 1, k, mu, tid.data(), tsg.data(), buf);
+        if (short_rows) {
+          short_topk<T, A>(x, N, C, S, c, mu, k, tid.data(), tsg.data(), buf);
+        } else {
+          pieces.finish(x, k, *hi, *lo);
+          select_topk<A>(&hi, &lo, 1, k, mu, tid.data(), tsg.data(), buf);
+        }
         double st = 0.0;
         for (int j = 0; j < k; ++j) st += tsg[j];
         const double bcd = inv * (-mg + (center ? cst * M * st / (double)k : 0.0));
@@ -384,6 +418,8 @@ void bwd_rows(const T* dy, const T* x, T* dx, int64_t R, int64_t S,
               typename IO<T>::A* dw, typename IO<T>::A* db, int nt) {
   typedef typename IO<T>::A A;
   const int64_t n = S;
+  const bool short_rows = n <= SHORT;
+  const int64_t chunk = std::max<int64_t>(1, R / (8 * (int64_t)nt));
   std::vector<double> pw(dw ? (size_t)(nt * S) : 0, 0.0), pb(dw ? (size_t)(nt * S) : 0, 0.0);
   int used = 1;
 #pragma omp parallel num_threads(nt)
@@ -396,7 +432,7 @@ void bwd_rows(const T* dy, const T* x, T* dx, int64_t R, int64_t S,
     if (mode == 2) hs.init(1, k);
     double* tw = dw ? pw.data() + (size_t)t * S : nullptr;
     double* tb = dw ? pb.data() + (size_t)t * S : nullptr;
-#pragma omp for schedule(dynamic, 16)
+#pragma omp for schedule(dynamic, chunk)
     for (int64_t r = 0; r < R; ++r) {
       const T* xr = x + r * S; const T* gr = dy + r * S;
       const A mu = mean[r], inv = invs[r];
@@ -406,7 +442,7 @@ void bwd_rows(const T* dy, const T* x, T* dx, int64_t R, int64_t S,
       A gmx = -std::numeric_limits<A>::infinity(), gmn = std::numeric_limits<A>::infinity();
       for (int64_t s0 = 0; s0 < S; s0 += CH) {
         const int64_t len = std::min(CH, S - s0);
-        A l1 = 0, l2 = 0, l3 = 0;
+        double l1 = 0, l2 = 0, l3 = 0;
         A mx = -std::numeric_limits<A>::infinity(), mn = std::numeric_limits<A>::infinity();
 #pragma omp simd reduction(+:l1, l2, l3) reduction(max:mx) reduction(min:mn)
         for (int64_t i = s0; i < s0 + len; ++i) {
@@ -415,7 +451,7 @@ void bwd_rows(const T* dy, const T* x, T* dx, int64_t R, int64_t S,
           l1 += gp; l2 += gp * d; l3 += (A)((d > 0) - (d < 0));
           mx = v > mx ? v : mx; mn = v < mn ? v : mn;
         }
-        if (mode == 2 && dx && k > 1) pieces.add(s0, s0, len, mx, mn);
+        if (mode == 2 && dx && k > 1 && !short_rows) pieces.add(s0, s0, len, mx, mn);
         gmx = mx > gmx ? mx : gmx; gmn = mn < gmn ? mn : gmn;
         s1 += (double)l1; s2 += (double)l2; s3 += (double)l3;
       }
@@ -450,8 +486,12 @@ void bwd_rows(const T* dy, const T* x, T* dx, int64_t R, int64_t S,
           const A d = take_up ? up : -dn;
           tid[0] = take_up ? imx : imn; tsg[0] = (d > 0) - (d < 0);
         } else {
-          pieces.finish(xr, k, *hi, *lo);
-          select_topk<A>(&hi, &lo, 1, k, mu, tid.data(), tsg.data(), buf);
+          if (short_rows) {
+            short_topk<T, A>(xr, 1, 1, S, 0, mu, k, tid.data(), tsg.data(), buf);
+          } else {
+            pieces.finish(xr, k, *hi, *lo);
+            select_topk<A>(&hi, &lo, 1, k, mu, tid.data(), tsg.data(), buf);
+          }
         }
         double st = 0.0;
         for (int j = 0; j < k; ++j) st += tsg[j];
@@ -477,185 +517,194 @@ void bwd_rows(const T* dy, const T* x, T* dx, int64_t R, int64_t S,
   }
 }
 
-// ---------------------------------------------------------------- NSC layout: rows split across threads
+// ---------------------------------------------------------------- rows layout: rows split across threads
+// A tensor viewed as R rows of C·G contiguous values: column j = c·G + g belongs to channel c, and
+// channel c's statistic runs over its R·G values, value (r, g) having within-channel index r·G + g.
+// NSC (channels-last) is G = 1 with R = N·S rows; an NCS tensor of short runs (S small) is G = S
+// with R = N rows, so the inner loops run over C·S contiguous values instead of S.
 inline void row_range(int64_t R, int t, int nth, int64_t& r0, int64_t& r1) { r0 = R * t / nth; r1 = R * (t + 1) / nth; }
 
 template <typename T, typename A>
-void nsc_track_rows(const T* x, int64_t r0, int64_t r1, int64_t C, HeapSet<A>& hs, std::vector<A>& th, std::vector<A>& tl) {
-  for (int64_t c = 0; c < C; ++c) { th[c] = hs.hi[c].thr(); tl[c] = -hs.lo[c].thr(); }
+void grp_track_rows(const T* x, int64_t r0, int64_t r1, int64_t J, int64_t G, HeapSet<A>& hs,
+                    std::vector<A>& th, std::vector<A>& tl) {
+  for (int64_t j = 0; j < J; ++j) { th[j] = hs.hi[j].thr(); tl[j] = -hs.lo[j].thr(); }
   for (int64_t r = r0; r < r1; ++r) {
-    const T* xr = x + r * C;
+    const T* xr = x + r * J;
     int any = 0;
 #pragma omp simd reduction(|:any)
-    for (int64_t c = 0; c < C; ++c) { A v = IO<T>::ld(xr, c); any |= (v >= th[c]) | (v <= tl[c]); }
+    for (int64_t j = 0; j < J; ++j) { A v = IO<T>::ld(xr, j); any |= (v >= th[j]) | (v <= tl[j]); }
     if (!any) continue;
-    for (int64_t c = 0; c < C; ++c) {
-      A v = IO<T>::ld(xr, c);
-      if (v >= th[c]) { hs.hi[c].push(v, r); th[c] = hs.hi[c].thr(); }
-      if (v <= tl[c]) { hs.lo[c].push(-v, r); tl[c] = -hs.lo[c].thr(); }
+    for (int64_t j = 0; j < J; ++j) {
+      A v = IO<T>::ld(xr, j);
+      const int64_t id = r * G + j % G;
+      if (v >= th[j]) { hs.hi[j].push(v, id); th[j] = hs.hi[j].thr(); }
+      if (v <= tl[j]) { hs.lo[j].push(-v, id); tl[j] = -hs.lo[j].thr(); }
     }
   }
 }
 
 template <typename T>
-void fwd_nsc(const T* x, T* y, int64_t N, int64_t C, int64_t S,
+void fwd_grp(const T* x, T* y, int64_t R, int64_t C, int64_t G,
              const typename IO<T>::A* w, const typename IO<T>::A* b, int mode, int k,
              double cst, double eps, int center,
              typename IO<T>::A* mean_o, typename IO<T>::A* inv_o, typename IO<T>::A* sig_o, int nt) {
   typedef typename IO<T>::A A;
-  const int64_t R = N * S, n = R;
-  std::vector<double> part((size_t)(nt * C), 0.0);
+  const int64_t J = C * G, n = R * G;
+  std::vector<double> part((size_t)(nt * J), 0.0);
   std::vector<HeapSet<A>> heaps(mode == 2 ? nt : 0);
-  std::vector<A> mu((size_t)C), a((size_t)C), off((size_t)C);
+  std::vector<A> mu((size_t)J), a((size_t)J), off((size_t)J);
+  int used = 1;
 #pragma omp parallel num_threads(nt)
   {
     const int t = omp_get_thread_num(), nth = omp_get_num_threads();
+#pragma omp single
+    used = nth;
     int64_t r0, r1; row_range(R, t, nth, r0, r1);
-    double* ps = part.data() + t * C;
-    std::vector<A> acc((size_t)C);
-    for (int64_t rb = r0; rb < r1; rb += RB) {
-      const int64_t re = std::min(rb + RB, r1);
-      std::fill(acc.begin(), acc.end(), A(0));
-      for (int64_t r = rb; r < re; ++r) {
-        const T* xr = x + r * C;
+    double* ps = part.data() + t * J;
+    for (int64_t r = r0; r < r1; ++r) {
+      const T* xr = x + r * J;
 #pragma omp simd
-        for (int64_t c = 0; c < C; ++c) acc[c] += IO<T>::ld(xr, c);
-      }
-      for (int64_t c = 0; c < C; ++c) ps[c] += (double)acc[c];
+      for (int64_t j = 0; j < J; ++j) ps[j] += (double)IO<T>::ld(xr, j);
     }
     if (mode == 2) {
-      heaps[t].init(C, k);
-      std::vector<A> th((size_t)C), tl((size_t)C);
-      nsc_track_rows<T, A>(x, r0, r1, C, heaps[t], th, tl);
+      heaps[t].init(J, k);
+      std::vector<A> th((size_t)J), tl((size_t)J);
+      grp_track_rows<T, A>(x, r0, r1, J, G, heaps[t], th, tl);
     }
 #pragma omp barrier
 #pragma omp for
     for (int64_t c = 0; c < C; ++c) {
-      double s = 0.0; for (int u = 0; u < nth; ++u) s += part[(size_t)(u * C + c)];
-      mu[c] = center ? (A)(s / (double)n) : A(0);
+      double s = 0.0;
+      for (int u = 0; u < nth; ++u) for (int64_t g = 0; g < G; ++g) s += part[(size_t)(u * J + c * G + g)];
+      const A m = center ? (A)(s / (double)n) : A(0);
+      for (int64_t g = 0; g < G; ++g) mu[c * G + g] = m;
     }
     if (mode == 1) {
-      std::fill(ps, ps + C, 0.0);
-      for (int64_t rb = r0; rb < r1; rb += RB) {
-        const int64_t re = std::min(rb + RB, r1);
-        std::fill(acc.begin(), acc.end(), A(0));
-        for (int64_t r = rb; r < re; ++r) {
-          const T* xr = x + r * C;
+      std::fill(ps, ps + J, 0.0);
+      for (int64_t r = r0; r < r1; ++r) {
+        const T* xr = x + r * J;
 #pragma omp simd
-          for (int64_t c = 0; c < C; ++c) { A d = IO<T>::ld(xr, c) - mu[c]; acc[c] += d < 0 ? -d : d; }
-        }
-        for (int64_t c = 0; c < C; ++c) ps[c] += (double)acc[c];
+        for (int64_t j = 0; j < J; ++j) { A d = IO<T>::ld(xr, j) - mu[j]; ps[j] += (double)(d < 0 ? -d : d); }
       }
 #pragma omp barrier
     }
-    std::vector<Cand> buf; std::vector<Heap<A>*> hp((size_t)nth), lp((size_t)nth);
+    std::vector<Cand> buf; std::vector<Heap<A>*> hp((size_t)(nth * G)), lp((size_t)(nth * G));
 #pragma omp for
     for (int64_t c = 0; c < C; ++c) {
       double sig;
       if (mode == 1) {
-        double s = 0.0; for (int u = 0; u < nth; ++u) s += part[(size_t)(u * C + c)];
+        double s = 0.0;
+        for (int u = 0; u < nth; ++u) for (int64_t g = 0; g < G; ++g) s += part[(size_t)(u * J + c * G + g)];
         sig = cst * s / (double)n;
       } else {
-        for (int u = 0; u < nth; ++u) { hp[u] = &heaps[u].hi[c]; lp[u] = &heaps[u].lo[c]; }
-        sig = cst * select_topk<A>(hp.data(), lp.data(), nth, k, mu[c], nullptr, nullptr, buf) / (double)k;
+        for (int u = 0; u < nth; ++u) for (int64_t g = 0; g < G; ++g) {
+          hp[u * G + g] = &heaps[u].hi[c * G + g]; lp[u * G + g] = &heaps[u].lo[c * G + g]; }
+        sig = cst * select_topk<A>(hp.data(), lp.data(), (int)(nth * G), k, mu[c * G], nullptr, nullptr, buf) / (double)k;
       }
       const A sg = (A)sig;
       const A inv = A(1) / (sg + (A)eps);
-      a[c] = inv * (w ? w[c] : A(1)); off[c] = b ? b[c] : A(0);
-      mean_o[c] = mu[c]; inv_o[c] = inv; sig_o[c] = sg;
+      for (int64_t g = 0; g < G; ++g) { a[c * G + g] = inv * (w ? w[c] : A(1)); off[c * G + g] = b ? b[c] : A(0); }
+      mean_o[c] = mu[c * G]; inv_o[c] = inv; sig_o[c] = sg;
     }
     for (int64_t r = r0; r < r1; ++r) {
-      const T* xr = x + r * C; T* yr = y + r * C;
+      const T* xr = x + r * J; T* yr = y + r * J;
 #pragma omp simd
-      for (int64_t c = 0; c < C; ++c) IO<T>::st(yr, c, (IO<T>::ld(xr, c) - mu[c]) * a[c] + off[c]);
+      for (int64_t j = 0; j < J; ++j) IO<T>::st(yr, j, (IO<T>::ld(xr, j) - mu[j]) * a[j] + off[j]);
     }
   }
+  (void)used;
 }
 
 template <typename T>
-void bwd_nsc(const T* dy, const T* x, T* dx, int64_t N, int64_t C, int64_t S,
+void bwd_grp(const T* dy, const T* x, T* dx, int64_t R, int64_t C, int64_t G,
              const typename IO<T>::A* w, const typename IO<T>::A* mean, const typename IO<T>::A* invs,
              int mode, int k, double cst, int center,
              typename IO<T>::A* dw, typename IO<T>::A* db, int nt) {
   typedef typename IO<T>::A A;
-  const int64_t R = N * S, n = R;
+  const int64_t J = C * G, n = R * G;
   const bool want_sign = (mode == 1 && center && dx);
   const bool want_top = (mode == 2 && dx);
-  std::vector<double> part((size_t)(3 * nt * C), 0.0);
+  std::vector<double> part((size_t)(3 * nt * J), 0.0);
   std::vector<HeapSet<A>> heaps(want_top ? nt : 0);
-  std::vector<A> av((size_t)C), bv((size_t)C), ev((size_t)C);
-  std::vector<int64_t> tid((size_t)(C * std::max(k, 1))); std::vector<int> tsg((size_t)(C * std::max(k, 1)));
+  std::vector<A> muj((size_t)J), invj((size_t)J), av((size_t)J), bv((size_t)J), ev((size_t)J);
+  for (int64_t j = 0; j < J; ++j) { muj[j] = mean[j / G]; invj[j] = invs[j / G]; }
+  const int kk = std::max(k, 1);
+  std::vector<int64_t> tid((size_t)(C * kk)); std::vector<int> tsg((size_t)(C * kk));
   std::vector<double> bcd((size_t)C), ed((size_t)C);
 #pragma omp parallel num_threads(nt)
   {
     const int t = omp_get_thread_num(), nth = omp_get_num_threads();
     int64_t r0, r1; row_range(R, t, nth, r0, r1);
-    double* p1 = part.data() + (size_t)(3 * t * C); double* p2 = p1 + C; double* p3 = p2 + C;
-    std::vector<A> a1((size_t)C), a2((size_t)C), a3((size_t)C);
-    for (int64_t rb = r0; rb < r1; rb += RB) {
-      const int64_t re = std::min(rb + RB, r1);
-      std::fill(a1.begin(), a1.end(), A(0)); std::fill(a2.begin(), a2.end(), A(0)); std::fill(a3.begin(), a3.end(), A(0));
-      for (int64_t r = rb; r < re; ++r) {
-        const T* xr = x + r * C; const T* gr = dy + r * C;
-        if (want_sign) {
+    double* p1 = part.data() + (size_t)(3 * t * J); double* p2 = p1 + J; double* p3 = p2 + J;
+    for (int64_t r = r0; r < r1; ++r) {
+      const T* xr = x + r * J; const T* gr = dy + r * J;
+      if (want_sign) {
 #pragma omp simd
-          for (int64_t c = 0; c < C; ++c) {
-            A d = IO<T>::ld(xr, c) - mean[c], g = IO<T>::ld(gr, c);
-            a1[c] += g; a2[c] += g * d; a3[c] += (A)((d > 0) - (d < 0));
-          }
-        } else {
+        for (int64_t j = 0; j < J; ++j) {
+          A d = IO<T>::ld(xr, j) - muj[j], g = IO<T>::ld(gr, j);
+          p1[j] += (double)g; p2[j] += (double)g * (double)d; p3[j] += (double)((d > 0) - (d < 0));
+        }
+      } else {
 #pragma omp simd
-          for (int64_t c = 0; c < C; ++c) { A g = IO<T>::ld(gr, c); a1[c] += g; a2[c] += g * (IO<T>::ld(xr, c) - mean[c]); }
+        for (int64_t j = 0; j < J; ++j) {
+          A g = IO<T>::ld(gr, j);
+          p1[j] += (double)g; p2[j] += (double)g * (double)(IO<T>::ld(xr, j) - muj[j]);
         }
       }
-      for (int64_t c = 0; c < C; ++c) { p1[c] += (double)a1[c]; p2[c] += (double)a2[c]; p3[c] += (double)a3[c]; }
     }
     if (want_top) {
-      heaps[t].init(C, k);
-      std::vector<A> th((size_t)C), tl((size_t)C);
-      nsc_track_rows<T, A>(x, r0, r1, C, heaps[t], th, tl);
+      heaps[t].init(J, k);
+      std::vector<A> th((size_t)J), tl((size_t)J);
+      grp_track_rows<T, A>(x, r0, r1, J, G, heaps[t], th, tl);
     }
 #pragma omp barrier
-    std::vector<Cand> buf; std::vector<Heap<A>*> hp((size_t)nth), lp((size_t)nth);
+    std::vector<Cand> buf; std::vector<Heap<A>*> hp((size_t)(nth * G)), lp((size_t)(nth * G));
 #pragma omp for
     for (int64_t c = 0; c < C; ++c) {
       double sdy = 0.0, sdyd = 0.0, ssg = 0.0;
-      for (int u = 0; u < nth; ++u) { const double* q = part.data() + (size_t)(3 * u * C); sdy += q[c]; sdyd += q[C + c]; ssg += q[2 * C + c]; }
+      for (int u = 0; u < nth; ++u) {
+        const double* q = part.data() + (size_t)(3 * u * J);
+        for (int64_t g = 0; g < G; ++g) { const int64_t j = c * G + g; sdy += q[j]; sdyd += q[J + j]; ssg += q[2 * J + j]; }
+      }
       const double inv = (double)invs[c];
       const double gam = w ? (double)w[c] : 1.0;
       if (dw) dw[c] = (A)(inv * sdyd);
       if (db) db[c] = (A)sdy;
+      // g' = γ·dy; M = mean(g'·x̂); dx = inv·(g' − mean(g') − C·(s − mean(s))·M)
       const double M = gam * inv * sdyd / (double)n;
       const double mg = center ? gam * sdy / (double)n : 0.0;
-      av[c] = (A)(inv * gam);
+      A a_, b_, e_;
+      a_ = (A)(inv * gam);
       if (mode == 1) {
-        bv[c] = (A)(inv * (-mg + (center ? cst * M * ssg / (double)n : 0.0)));
-        ev[c] = (A)(-inv * cst * M);
+        b_ = (A)(inv * (-mg + (center ? cst * M * ssg / (double)n : 0.0)));
+        e_ = (A)(-inv * cst * M);
       } else {
         double st = 0.0;
         if (want_top) {
-          for (int u = 0; u < nth; ++u) { hp[u] = &heaps[u].hi[c]; lp[u] = &heaps[u].lo[c]; }
-          select_topk<A>(hp.data(), lp.data(), nth, k, mean[c], tid.data() + c * k, tsg.data() + c * k, buf);
+          for (int u = 0; u < nth; ++u) for (int64_t g = 0; g < G; ++g) {
+            hp[u * G + g] = &heaps[u].hi[c * G + g]; lp[u * G + g] = &heaps[u].lo[c * G + g]; }
+          select_topk<A>(hp.data(), lp.data(), (int)(nth * G), k, mean[c], tid.data() + c * k, tsg.data() + c * k, buf);
           for (int j = 0; j < k; ++j) st += tsg[(size_t)(c * k + j)];
         }
         bcd[c] = inv * (-mg + (center ? cst * M * st / (double)k : 0.0));
-        bv[c] = (A)bcd[c];
+        b_ = (A)bcd[c];
         ed[c] = -inv * cst * M * (double)n / (double)k;
-        ev[c] = A(0);
+        e_ = A(0);
       }
+      for (int64_t g = 0; g < G; ++g) { av[c * G + g] = a_; bv[c * G + g] = b_; ev[c * G + g] = e_; }
     }
     if (dx) {
       for (int64_t r = r0; r < r1; ++r) {
-        const T* xr = x + r * C; const T* gr = dy + r * C; T* orow = dx + r * C;
+        const T* xr = x + r * J; const T* gr = dy + r * J; T* orow = dx + r * J;
         if (mode == 1) {
 #pragma omp simd
-          for (int64_t c = 0; c < C; ++c) {
-            A d = IO<T>::ld(xr, c) - mean[c];
-            IO<T>::st(orow, c, av[c] * IO<T>::ld(gr, c) + bv[c] + ev[c] * (A)((d > 0) - (d < 0)));
+          for (int64_t j = 0; j < J; ++j) {
+            A d = IO<T>::ld(xr, j) - muj[j];
+            IO<T>::st(orow, j, av[j] * IO<T>::ld(gr, j) + bv[j] + ev[j] * (A)((d > 0) - (d < 0)));
           }
         } else {
 #pragma omp simd
-          for (int64_t c = 0; c < C; ++c) IO<T>::st(orow, c, av[c] * IO<T>::ld(gr, c) + bv[c]);
+          for (int64_t j = 0; j < J; ++j) IO<T>::st(orow, j, av[j] * IO<T>::ld(gr, j) + bv[j]);
         }
       }
 #pragma omp barrier
@@ -663,23 +712,73 @@ void bwd_nsc(const T* dy, const T* x, T* dx, int64_t N, int64_t C, int64_t S,
 #pragma omp for
         for (int64_t c = 0; c < C; ++c)
           for (int j = 0; j < k; ++j) {
-            const int64_t off = tid[(size_t)(c * k + j)] * C + c;
-            IO<T>::st(dx, off, (A)((double)av[c] * (double)IO<T>::ld(dy, off) + bcd[c] + ed[c] * tsg[(size_t)(c * k + j)]));
+            const int64_t id = tid[(size_t)(c * k + j)];
+            const int64_t o = (id / G) * J + c * G + id % G;
+            IO<T>::st(dx, o, (A)((double)av[c * G] * (double)IO<T>::ld(dy, o) + bcd[c] + ed[c] * tsg[(size_t)(c * k + j)]));
           }
       }
     }
   }
 }
 
+// Evaluation: y = a_c·x + b_c with a_c = γ_c / (√running_var_c + eps), b_c = β_c − running_mean_c·a_c.
+template <typename T>
+void eval_t(int layout, const T* x, T* y, int64_t N, int64_t C, int64_t S,
+            const typename IO<T>::A* rm, const typename IO<T>::A* rv,
+            const typename IO<T>::A* w, const typename IO<T>::A* b, double eps, int nt) {
+  typedef typename IO<T>::A A;
+  std::vector<A> a((size_t)C), o((size_t)C);
+  for (int64_t c = 0; c < C; ++c) {
+    A s = A(1) / (std::sqrt(rv[c]) + (A)eps);
+    if (w) s = s * w[c];
+    A t = -rm[c] * s;
+    if (b) t = t + b[c];
+    a[c] = s; o[c] = t;
+  }
+  if (layout == 0) {
+#pragma omp parallel for num_threads(nt) schedule(static)
+    for (int64_t q = 0; q < N * C; ++q) {
+      const int64_t c = q % C;
+      const T* xp = x + q * S; T* yp = y + q * S;
+      const A s = a[c], t = o[c];
+#pragma omp simd
+      for (int64_t i = 0; i < S; ++i) IO<T>::st(yp, i, t + IO<T>::ld(xp, i) * s);
+    }
+  } else {
+#pragma omp parallel for num_threads(nt) schedule(static)
+    for (int64_t r = 0; r < N * S; ++r) {
+      const T* xr = x + r * C; T* yr = y + r * C;
+#pragma omp simd
+      for (int64_t c = 0; c < C; ++c) IO<T>::st(yr, c, o[c] + IO<T>::ld(xr, c) * a[c]);
+    }
+  }
+}
+
+// NCS tensors whose runs are short go through the rows kernels (see fwd_grp); long runs through
+// one channel per task.
+inline bool use_rows(int64_t C, int64_t S, int mode, int k) {
+  return S < 32 && C * S <= 8192 && (mode == 1 || C * S * k <= (1 << 16));
+}
+
 template <typename T>
 int fwd_t(int layout, const void* x, void* y, int64_t N, int64_t C, int64_t S, const void* w, const void* b,
-          int aff, int mode, int k, double cst, double eps, int center, void* m, void* inv, void* sig, int nt) {
+          int aff, int mode, int k, double cst, double eps, int center, void* m, void* inv, void* sig,
+          void* rm, void* rv, double momentum, double bessel, int nt) {
   typedef typename IO<T>::A A;
   if (aff == 2 && layout != 0) return -3;
-  if (layout == 0)
+  if (layout == 0 && aff != 2 && use_rows(C, S, mode, k))
+    fwd_grp<T>((const T*)x, (T*)y, N, C, S, (const A*)w, (const A*)b, mode, k, cst, eps, center, (A*)m, (A*)inv, (A*)sig, nt);
+  else if (layout == 0)
     fwd_ncs<T>((const T*)x, (T*)y, N, C, S, (const A*)w, (const A*)b, aff, mode, k, cst, eps, center, (A*)m, (A*)inv, (A*)sig, nt);
   else
-    fwd_nsc<T>((const T*)x, (T*)y, N, C, S, (const A*)w, (const A*)b, mode, k, cst, eps, center, (A*)m, (A*)inv, (A*)sig, nt);
+    fwd_grp<T>((const T*)x, (T*)y, N * S, C, 1, (const A*)w, (const A*)b, mode, k, cst, eps, center, (A*)m, (A*)inv, (A*)sig, nt);
+  // Running statistics, as torch: r ← (1 − m)·r + m·(batch value); running_var takes σ̂²·n/(n−1).
+  A* pm = (A*)rm; A* pv = (A*)rv; const A* mean = (const A*)m; const A* sg = (const A*)sig;
+  const A keep = (A)(1.0 - momentum), take = (A)momentum, bes = (A)bessel;
+  for (int64_t c = 0; c < C; ++c) {
+    if (pm) pm[c] = pm[c] * keep + take * mean[c];
+    if (pv) { const A u = (sg[c] * sg[c]) * bes; pv[c] = pv[c] * keep + take * u; }
+  }
   return 0;
 }
 
@@ -692,61 +791,66 @@ int bwd_t(int layout, const void* dy, const void* x, void* dx, int64_t N, int64_
     bwd_rows<T>((const T*)dy, (const T*)x, (T*)dx, C, S, (const A*)w, (const A*)m, (const A*)inv, mode, k, cst, center, (A*)dw, (A*)db, nt);
     return 0;
   }
-  if (layout == 0)
+  if (layout == 0 && use_rows(C, S, mode, k))
+    bwd_grp<T>((const T*)dy, (const T*)x, (T*)dx, N, C, S, (const A*)w, (const A*)m, (const A*)inv, mode, k, cst, center, (A*)dw, (A*)db, nt);
+  else if (layout == 0)
     bwd_ncs<T>((const T*)dy, (const T*)x, (T*)dx, N, C, S, (const A*)w, (const A*)m, (const A*)inv, mode, k, cst, center, (A*)dw, (A*)db, nt);
   else
-    bwd_nsc<T>((const T*)dy, (const T*)x, (T*)dx, N, C, S, (const A*)w, (const A*)m, (const A*)inv, mode, k, cst, center, (A*)dw, (A*)db, nt);
+    bwd_grp<T>((const T*)dy, (const T*)x, (T*)dx, N * S, C, 1, (const A*)w, (const A*)m, (const A*)inv, mode, k, cst, center, (A*)dw, (A*)db, nt);
   return 0;
 }
 
 }  // namespace
 
+#if NM_DTYPE == 0
+typedef float nm_t;
+#elif NM_DTYPE == 1
+typedef double nm_t;
+#elif NM_DTYPE == 2
+typedef bf16_t nm_t;
+#else
+typedef f16_t nm_t;
+#endif
+
 extern "C" {
 
-int nm_abi_version() { return 2; }
+// Checked by kernels/build.py: the ABI of the entry points below, and the dtype of this build.
+int nm_abi_version() { return 3; }
 int nm_dtype() { return NM_DTYPE; }
 
-// dtype: 0 float32, 1 float64, 2 bfloat16, 3 float16; layout: 0 NCS, 1 NSC.
+// The integer arguments are the IntEnums of normmatters/kernels/enums.py:
+// dtype (DType): 0 float32, 1 float64, 2 bfloat16, 3 float16 — a build serves only its NM_DTYPE;
+// layout (Layout): 0 NCS, 1 NSC; aff (Affine): 0 none, 1 per channel, 2 per position (NCS, N = 1);
+// mode (Mode): 1 L1, 2 Top(k) (L∞ is k = 1).
+// Statistics, weight, bias and running buffers are float32 (float64 for float64 builds).
+
+// Training forward: y, per-channel mean, 1/(σ̂ + eps) and σ̂; updates rm / rv (may be null).
 int nm_forward(int dtype, int layout, const void* x, void* y, int64_t N, int64_t C, int64_t S,
                const void* w, const void* b, int aff, int mode, int k, double cst, double eps, int center,
-               void* mean, void* inv, void* sig, int nt) {
+               void* mean, void* inv, void* sig, void* rm, void* rv, double momentum, double bessel, int nt) {
   if (nt < 1) nt = 1;
-  switch (dtype) {
-#if NM_DTYPE == 0
-    case 0: return fwd_t<float>(layout, x, y, N, C, S, w, b, aff, mode, k, cst, eps, center, mean, inv, sig, nt);
-#endif
-#if NM_DTYPE == 1
-    case 1: return fwd_t<double>(layout, x, y, N, C, S, w, b, aff, mode, k, cst, eps, center, mean, inv, sig, nt);
-#endif
-#if NM_DTYPE == 2
-    case 2: return fwd_t<bf16_t>(layout, x, y, N, C, S, w, b, aff, mode, k, cst, eps, center, mean, inv, sig, nt);
-#endif
-#if NM_DTYPE == 3
-    case 3: return fwd_t<f16_t>(layout, x, y, N, C, S, w, b, aff, mode, k, cst, eps, center, mean, inv, sig, nt);
-#endif
-  }
-  return -2;  // a dtype this build does not instantiate
+  if (dtype != NM_DTYPE) return -2;  // a dtype this build does not instantiate
+  return fwd_t<nm_t>(layout, x, y, N, C, S, w, b, aff, mode, k, cst, eps, center, mean, inv, sig, rm, rv, momentum, bessel, nt);
 }
 
+// Closed-form backward: dx (may be null), dw and db (may be null).
 int nm_backward(int dtype, int layout, const void* dy, const void* x, void* dx, int64_t N, int64_t C, int64_t S,
                 const void* w, int aff, const void* mean, const void* inv, int mode, int k, double cst, int center,
                 void* dw, void* db, int nt) {
   if (nt < 1) nt = 1;
-  switch (dtype) {
-#if NM_DTYPE == 0
-    case 0: return bwd_t<float>(layout, dy, x, dx, N, C, S, w, aff, mean, inv, mode, k, cst, center, dw, db, nt);
-#endif
-#if NM_DTYPE == 1
-    case 1: return bwd_t<double>(layout, dy, x, dx, N, C, S, w, aff, mean, inv, mode, k, cst, center, dw, db, nt);
-#endif
-#if NM_DTYPE == 2
-    case 2: return bwd_t<bf16_t>(layout, dy, x, dx, N, C, S, w, aff, mean, inv, mode, k, cst, center, dw, db, nt);
-#endif
-#if NM_DTYPE == 3
-    case 3: return bwd_t<f16_t>(layout, dy, x, dx, N, C, S, w, aff, mean, inv, mode, k, cst, center, dw, db, nt);
-#endif
-  }
-  return -2;  // a dtype this build does not instantiate
+  if (dtype != NM_DTYPE) return -2;
+  return bwd_t<nm_t>(layout, dy, x, dx, N, C, S, w, aff, mean, inv, mode, k, cst, center, dw, db, nt);
+}
+
+// Evaluation forward of batch norm from the running statistics.
+int nm_eval(int dtype, int layout, const void* x, void* y, int64_t N, int64_t C, int64_t S,
+            const void* rm, const void* rv, const void* w, const void* b, double eps, int nt) {
+  typedef IO<nm_t>::A A;
+  if (nt < 1) nt = 1;
+  if (dtype != NM_DTYPE) return -2;
+  if (layout != 0 && layout != 1) return -3;
+  eval_t<nm_t>(layout, (const nm_t*)x, (nm_t*)y, N, C, S, (const A*)rm, (const A*)rv, (const A*)w, (const A*)b, eps, nt);
+  return 0;
 }
 
 }  // extern "C"

@@ -1,0 +1,237 @@
+"""The dispatcher: run a checked normalization call on a fused backend where one applies, else on
+the reference path of :mod:`normmatters.functional.norm`.
+
+Arguments reach these functions already checked (by the module's ``forward`` or the public
+function of :mod:`normmatters.functional`), with ``p`` and ``k`` parsed; nothing here re-checks
+them. A fused backend runs when
+
+* the backend switch is ``"auto"`` (:func:`set_backend`) and no exporter is tracing;
+* the call is one the fused kernels compute: p ≠ 2, a non-empty input, k ≤ ``MAX_K``, batch norm
+  in training without ghost batches (evaluation: one fused per-channel affine, see
+  :func:`batch_norm`);
+* the device has a backend (:func:`autograd.backend_for`: the CPU kernels, Triton on CUDA) whose
+  ``supports(dtype, layout, affine)`` accepts the call, built for this dtype;
+* :func:`selfcheck.trusted` trusts it for this device, dtype and layout. A fused call that raises
+  marks the combination untrusted (:func:`selfcheck.distrust`) and the reference runs instead.
+
+Every decision is a dictionary lookup after the first call of a combination.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+
+import torch
+from torch import Tensor
+
+from ..functional import norm as fn
+from ..functional.constants import lp_constant
+from . import autograd, cpu, selfcheck
+from .enums import Layout
+
+__all__ = ["set_backend", "get_backend", "use_backend", "fused_available", "batch_norm",
+           "layer_norm", "group_norm", "rms_norm"]
+
+logger = logging.getLogger("normmatters.kernels")
+
+BACKENDS = ("auto", "reference")
+_ALIASES = {"auto": "auto", "fused": "auto", "on": "auto", "1": "auto", "": "auto",
+            "reference": "reference", "ref": "reference", "off": "reference", "0": "reference",
+            "torch": "reference"}
+
+
+def parse_backend(name: str, where: str) -> str:
+    if not isinstance(name, str) or name.strip().lower() not in _ALIASES:
+        raise ValueError(f"{where}: backend must be one of {BACKENDS}, got {name!r}")
+    return _ALIASES[name.strip().lower()]
+
+
+_state = {"backend": parse_backend(os.environ.get("NORMMATTERS_KERNELS", "auto"), "NORMMATTERS_KERNELS")}
+
+
+def set_backend(name: str) -> None:
+    """Select ``"auto"`` (fused kernels where they apply, the default) or ``"reference"``."""
+    _state["backend"] = parse_backend(name, "set_backend")
+
+
+def get_backend() -> str:
+    """The current backend name, ``"auto"`` or ``"reference"``."""
+    return _state["backend"]
+
+
+@contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """Context manager that selects a backend for its body and restores the previous one."""
+    previous = _state["backend"]
+    _state["backend"] = parse_backend(name, "use_backend")
+    try:
+        yield
+    finally:
+        _state["backend"] = previous
+
+
+_available: dict[tuple[str, torch.dtype], bool] = {}
+
+
+def fused_available(device_type: str, dtype: torch.dtype) -> bool:
+    """Whether a fused backend exists for ``device_type`` and is built for ``dtype`` (cached)."""
+    if device_type == "cpu":
+        return cpu.library(dtype) is not None  # itself a dictionary lookup after the first call
+    key = (device_type, dtype)
+    ok = _available.get(key)
+    if ok is None:
+        ok = _probe(device_type, dtype)
+        _available[key] = ok
+    return ok
+
+
+# A constant of the process: torch.compile evaluates it once while tracing instead of tracing the
+# build inside (what torch.compiler.assume_constant_result marks, without importing torch._dynamo).
+fused_available._dynamo_marked_constant = True  # type: ignore[attr-defined]
+
+
+def _probe(device_type: str, dtype: torch.dtype) -> bool:
+    if device_type == "cuda":
+        try:
+            from . import triton_kernels  # optional dependency
+        except Exception as exc:  # any import failure means "no"
+            logger.info("normmatters: Triton kernels unavailable (%s)", exc)
+            return False
+        if not triton_kernels.available():
+            return False
+        autograd.register_backend("cuda", triton_kernels)
+        return triton_kernels.supports(dtype)
+    return False
+
+
+def _exporting() -> bool:
+    # torch.export / ONNX export get the reference path: plain ATen ops that every exporter knows,
+    # instead of the normmatters:: custom ops.
+    is_exporting = getattr(torch.compiler, "is_exporting", None)
+    return bool(is_exporting is not None and is_exporting())
+
+
+_constants: dict[tuple[float, int | None, int, str], float] = {}
+
+
+def _constant(p: float, k: int | None, n: int, constant: str) -> float:
+    if torch.compiler.is_compiling():
+        return fn.dispersion_constant(p, k, n, constant)
+    key = (p, k, n, constant)
+    c = _constants.get(key)
+    if c is None:
+        c = _constants[key] = lp_constant(p, k, n, constant)
+    return c
+
+
+def _fused(input: Tensor, layout: int, vectors: Sequence[Tensor | None]) -> bool:
+    """Whether a fused backend may take this call (see the module docstring)."""
+    if _state["backend"] != "auto" or _exporting():
+        return False
+    dev = input.device
+    if not fused_available(dev.type, input.dtype):
+        return False
+    for t in vectors:
+        if t is not None and t.device != dev:
+            return False
+    # A constant of the process for torch.compile too: evaluated (and checked) once, eagerly.
+    return selfcheck.trusted(dev, input.dtype, layout)
+
+
+def _layout_of(input: Tensor) -> int:
+    if input.dim() == 2 or input.is_contiguous():
+        return Layout.NSC if input.dim() == 2 else Layout.NCS
+    x3 = input.reshape(input.shape[0], input.shape[1], -1)
+    return Layout.NSC if x3.transpose(1, 2).is_contiguous() else Layout.NCS
+
+
+def _failed(input: Tensor, layout: int, exc: Exception) -> None:
+    # distrust() warns (once) and logs what failed.
+    selfcheck.distrust(input.device, input.dtype, layout, f"{type(exc).__name__}: {exc}")
+
+
+def batch_norm(input: Tensor, running_mean: Tensor | None, running_var: Tensor | None,
+               weight: Tensor | None, bias: Tensor | None, training: bool, momentum: float,
+               eps: float, p: float, k: int | None, constant: str,
+               ghost_batch_size: int | None = None) -> Tensor:
+    """Batch norm on checked arguments (those of :func:`normmatters.functional.lp_batch_norm`)."""
+    if p != 2.0 and input.numel() > 0:
+        if training:
+            if ((ghost_batch_size is None or input.shape[0] <= ghost_batch_size)
+                    and (k is None or k <= autograd.MAX_K)):
+                layout = _layout_of(input)
+                if _fused(input, layout, (weight, bias, running_mean, running_var)):
+                    n = input.numel() // input.shape[1]
+                    try:
+                        return autograd.batch_norm(input, running_mean, running_var, weight, bias,
+                                                   momentum, eps, p, k, _constant(p, k, n, constant))
+                    except Exception as exc:  # noqa: BLE001 - any failure: the reference path
+                        _failed(input, layout, exc)
+        elif running_mean is not None and running_var is not None:
+            layout = _layout_of(input)
+            if _fused(input, layout, (weight, bias, running_mean, running_var)) and \
+                    not torch.compiler.is_compiling():
+                try:
+                    y = autograd.batch_norm_eval(input, running_mean, running_var, weight, bias, eps)
+                except Exception as exc:  # noqa: BLE001
+                    _failed(input, layout, exc)
+                    y = None
+                if y is not None:
+                    return y
+    return fn.reference_batch_norm(input, running_mean, running_var, weight, bias, training,
+                                   momentum, eps, p, k, constant, ghost_batch_size)
+
+
+def _rows_ok(input: Tensor, p: float, k: int | None, vectors: Sequence[Tensor | None]) -> bool:
+    return (p != 2.0 and input.numel() > 0 and (k is None or k <= autograd.MAX_K)
+            and _fused(input, Layout.NCS, vectors))
+
+
+def layer_norm(input: Tensor, normalized_shape: tuple[int, ...], weight: Tensor | None,
+               bias: Tensor | None, eps: float, p: float, k: int | None, constant: str) -> Tensor:
+    """Layer norm on checked arguments (those of :func:`normmatters.functional.lp_layer_norm`)."""
+    if eps > 0 and _rows_ok(input, p, k, (weight, bias)):
+        n = 1
+        for s in normalized_shape:
+            n *= s
+        try:
+            return autograd.layer_norm(input, normalized_shape, weight, bias, eps, p, k,
+                                       _constant(p, k, n, constant))
+        except Exception as exc:  # noqa: BLE001
+            _failed(input, Layout.NCS, exc)
+    return fn.reference_layer_norm(input, normalized_shape, weight, bias, eps, p, k, constant)
+
+
+def group_norm(input: Tensor, num_groups: int, weight: Tensor | None, bias: Tensor | None,
+               eps: float, p: float, k: int | None, constant: str) -> Tensor:
+    """Group norm on checked arguments (those of :func:`normmatters.functional.lp_group_norm`)."""
+    if eps > 0 and input.dim() >= 2 and _rows_ok(input, p, k, (weight, bias)):
+        n = input[0].numel() // num_groups
+        try:
+            return autograd.group_norm(input, num_groups, weight, bias, eps, p, k,
+                                       _constant(p, k, n, constant))
+        except Exception as exc:  # noqa: BLE001
+            _failed(input, Layout.NCS, exc)
+    return fn.reference_group_norm(input, num_groups, weight, bias, eps, p, k, constant)
+
+
+def rms_norm(input: Tensor, normalized_shape: tuple[int, ...], weight: Tensor | None,
+             eps: float | None, p: float, k: int | None, constant: str) -> Tensor:
+    """RMS norm on checked arguments (those of :func:`normmatters.functional.lp_rms_norm`)."""
+    e = torch.finfo(input.dtype).eps if eps is None else eps
+    if e > 0 and _rows_ok(input, p, k, (weight,)):
+        n = 1
+        for s in normalized_shape:
+            n *= s
+        try:
+            return autograd.rms_norm(input, normalized_shape, weight, e, p, k,
+                                     _constant(p, k, n, constant))
+        except Exception as exc:  # noqa: BLE001
+            _failed(input, Layout.NCS, exc)
+    return fn.reference_rms_norm(input, normalized_shape, weight, eps, p, k, constant)
+
+
+fn.install_dispatcher(batch=batch_norm, layer=layer_norm, group=group_norm, rms=rms_norm)
