@@ -40,7 +40,7 @@ import torch
 from torch import Tensor
 
 from .. import functional as nmf
-from .. import kernels as _dispatch
+from .. import kernels
 
 __all__ = ["FusedKernelWarning", "trusted", "distrust", "reset", "check", "TOLERANCES"]
 
@@ -63,7 +63,6 @@ _verdicts: dict[_Key, bool] = {}
 _check_lock = threading.RLock()   # one check at a time; other threads wait for its verdict
 _state_lock = threading.Lock()    # the verdicts and the one warning per key
 _local = threading.local()        # .checking: the key this thread checks (its fused calls pass)
-_enabled = True
 
 
 def _read_env() -> bool:
@@ -139,8 +138,11 @@ def _caller_level() -> int:
 
 
 def _first_use(device: torch.device, dtype: torch.dtype, layout: int) -> bool:
-    if not _enabled or getattr(_local, "checking", None) is not None:
-        return True  # skipped, or the check's own fused calls
+    if getattr(_local, "checking", None) is not None:
+        return True  # the check's own fused calls
+    if not _enabled:
+        _verdicts[(device, dtype, layout)] = True
+        return True
     is_exporting = getattr(torch.compiler, "is_exporting", None)
     if is_exporting is not None and is_exporting():
         return True  # the dispatcher takes the reference path while exporting; decide later
@@ -203,15 +205,15 @@ def _sample(shape: tuple[int, ...], dims: tuple[int, ...], center: bool, dtype: 
     keep = [i for i in range(len(shape)) if i not in dims]
     groups = math.prod(shape[i] for i in keep)
     n = math.prod(shape[i] for i in dims)
-    outliers = torch.tensor([4.0, -3.4, -2.8, 2.2], dtype=torch.float64)
+    outliers = torch.tensor([4.0, -3.4, -2.8, 2.2], dtype=torch.float64, device="cpu")
     for _ in range(100):
-        v = torch.rand(groups, n, generator=gen, dtype=torch.float64) - 0.5
-        where = torch.rand(groups, n, generator=gen).argsort(dim=1)[:, :4]
-        sign = torch.where(torch.rand(groups, 1, generator=gen) < 0.5, -1.0, 1.0).double()
+        v = torch.rand(groups, n, generator=gen, dtype=torch.float64, device="cpu") - 0.5
+        where = torch.rand(groups, n, generator=gen, device="cpu").argsort(dim=1)[:, :4]
+        sign = torch.where(torch.rand(groups, 1, generator=gen, device="cpu") < 0.5, -1.0, 1.0).double()
         v.scatter_(1, where, outliers.expand(groups, 4) * sign)
-        v = v * (torch.rand(groups, 1, generator=gen, dtype=torch.float64) + 0.5)
+        v = v * (torch.rand(groups, 1, generator=gen, dtype=torch.float64, device="cpu") + 0.5)
         if center:
-            v = v + torch.randn(groups, 1, generator=gen, dtype=torch.float64)
+            v = v + torch.randn(groups, 1, generator=gen, dtype=torch.float64, device="cpu")
         x = v.reshape([shape[i] for i in keep] + [shape[i] for i in dims])
         x = x.permute(*[(keep + list(dims)).index(i) for i in range(len(shape))]).contiguous().to(dtype)
         if _separated(x, dims, 4, center):
@@ -264,11 +266,11 @@ def _cases(layout: int) -> list[_Case]:
 def _run(case: _Case, x0: Tensor, w0: Tensor, b0: Tensor | None, g: Tensor, p: float,
          k: int | None, device: torch.device) -> dict[str, Tensor | None]:
     c = case.param[0]
-    gen = torch.Generator().manual_seed(c)
+    gen = torch.Generator("cpu").manual_seed(c)
     rm = rv = None
     if case.running:  # the same starting statistics for both paths
-        rm = torch.randn(c, generator=gen, dtype=torch.float64).to(device, w0.dtype)
-        rv = (torch.rand(c, generator=gen, dtype=torch.float64) + 0.5).to(device, w0.dtype)
+        rm = torch.randn(c, generator=gen, dtype=torch.float64, device="cpu").to(device, w0.dtype)
+        rv = (torch.rand(c, generator=gen, dtype=torch.float64, device="cpu") + 0.5).to(device, w0.dtype)
     if not case.grad:
         with torch.no_grad():
             y = case.call(x0, w0, b0, rm, rv, p, k)
@@ -300,6 +302,9 @@ def check(device: torch.device, dtype: torch.dtype, layout: int) -> str | None:
     # (the dispatcher catches them and calls distrust) are collected in .failures.
     _local.checking, _local.failures = (device, dtype, layout), []
     try:
+        if device.type == "cuda":
+            with torch.cuda.device(device):  # Triton launches on the current device
+                return _compare(device, dtype, layout)
         return _compare(device, dtype, layout)
     finally:
         _local.checking, _local.failures = previous
@@ -307,22 +312,22 @@ def check(device: torch.device, dtype: torch.dtype, layout: int) -> str | None:
 
 def _compare(device: torch.device, dtype: torch.dtype, layout: int) -> str | None:
     tol = TOLERANCES.get(dtype, 1e-4)
-    gen = torch.Generator().manual_seed(1803_01814)  # its own stream: the user's RNG is untouched
+    gen = torch.Generator("cpu").manual_seed(1803_01814)  # its own stream: the user's RNG is untouched
     memory_format = torch.channels_last if layout == NSC else torch.contiguous_format
     for case in _cases(layout):
         for p, k in _PK:
             x = _sample(case.shape, case.dims, case.center, dtype, gen).to(device)
             if x.dim() == 4:
                 x = x.contiguous(memory_format=memory_format)
-            g = torch.randn(case.shape, generator=gen, dtype=torch.float64).to(device, dtype)
+            g = torch.randn(case.shape, generator=gen, dtype=torch.float64, device="cpu").to(device, dtype)
             g = g.contiguous(memory_format=memory_format) if g.dim() == 4 else g
-            w = (torch.rand(case.param, generator=gen, dtype=torch.float64) + 0.5).to(device, dtype)
-            b = torch.randn(case.param, generator=gen, dtype=torch.float64).to(device, dtype) if case.bias else None
-            with _dispatch.use_backend("reference"):
+            w = (torch.rand(case.param, generator=gen, dtype=torch.float64, device="cpu") + 0.5).to(device, dtype)
+            b = torch.randn(case.param, generator=gen, dtype=torch.float64, device="cpu").to(device, dtype) if case.bias else None
+            with kernels.use_backend("reference"):
                 want = _run(case, x, w, b, g, p, k, device)
             where = f"{case.name} {_pk_name(p, k)}"
             try:
-                with _dispatch.use_backend("auto"):
+                with kernels.use_backend("auto"):
                     got = _run(case, x, w, b, g, p, k, device)
             except Exception as exc:  # noqa: BLE001 - e.g. a backward, compile or launch error
                 return f"{where}: {type(exc).__name__}: {exc}"
