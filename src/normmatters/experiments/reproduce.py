@@ -99,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="one seed (same as --seeds 1): about a third of the time, every verdict inconclusive")
     p.add_argument("--data-root", dest="data_root", default=None, metavar="DIR",
                    help="paper scale: folder with cifar-10-batches-py/, imagenet/{train,val}/, lm_corpus.txt "
-                        "(default $NORMMATTERS_CACHE/data)")
+                        "(default $NORMMATTERS_CACHE_DIR/data)")
     p.add_argument("--jobs", default="auto", metavar="N",
                    help="claims run at the same time, each in its own process (default auto: one per usable CPU "
                         "core, at most 4; each process gets cores/N torch threads unless OMP_NUM_THREADS is set). "

@@ -365,7 +365,7 @@ def paper_data(data_root: str | os.PathLike | None = None) -> dict[str, DataStat
     Layout: ``<root>/cifar-10-batches-py/`` (the CIFAR-10 python archive, unpacked),
     ``<root>/imagenet/train/<class>/…`` and ``<root>/imagenet/val/<class>/…``, and
     ``<root>/lm_corpus.txt`` (any UTF-8 text, e.g. the English side of WMT14) for the language
-    models. ``data_root=None`` looks in ``$NORMMATTERS_CACHE/data`` (``~/.cache/normmatters/data``),
+    models. ``data_root=None`` looks in ``$NORMMATTERS_CACHE_DIR/data`` (``~/.cache/normmatters/data``),
     where ``normmatters train --download`` puts CIFAR.
     """
     from ..data import cache_dir

@@ -92,7 +92,7 @@ def load_cifar(name: str, root=None, *, train: bool = True, download: bool = Fal
     """CIFAR-10/100 as an :class:`ArrayDataset` of ((3, 32, 32) normalized tensors, labels).
 
     :param root: the folder that contains (or will contain) the archive's folder; default
-        ``$NORMMATTERS_CACHE/data`` (``~/.cache/normmatters/data``).
+        ``$NORMMATTERS_CACHE_DIR/data`` (``~/.cache/normmatters/data``).
     :param download: fetch and verify the archive if files are missing.
     :param augment: 4-pixel random crop and horizontal flip for training (He et al. 2016).
     """
