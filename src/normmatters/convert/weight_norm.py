@@ -57,13 +57,13 @@ from torch.overrides import TorchFunctionMode
 
 from ..nn.meanbn import MeanOnlyBatchNorm1d, MeanOnlyBatchNorm2d, MeanOnlyBatchNorm3d
 from ..parametrizations import (
-    _check_p,
     bounded_weight_norm,
     is_weight_normalized,
     lp_weight_norm,
     weight_norm,
 )
 
+from ..functional import normalize_p
 from ..nn import BatchNormBase, LpBatchNorm1d, LpBatchNorm2d, LpBatchNorm3d, SyncLpBatchNorm
 from .recognise import NormSpec, recognise, warn_left
 
@@ -438,7 +438,10 @@ def to_weight_normalized(
         raise TypeError(f"{func}: expected an nn.Module, got {type(model).__name__}")
     if kind not in _KINDS:
         raise ValueError(f"{func}: kind must be one of {_KINDS}, got {kind!r}")
-    pf = _check_p(p, func=func)
+    try:
+        pf = normalize_p(p)
+    except ValueError as exc:
+        raise ValueError(f"{func}: {exc}") from None
     if kind == "wn" and pf != 2.0:
         raise ValueError(f"{func}: kind='wn' is L2 weight normalization; got p={p!r} (use kind='lpwn')")
     if gain not in ("fixed", "bounded"):

@@ -43,7 +43,7 @@ from torch.nn.utils import parametrize
 from ..convert.layers import ForeignLpNorm
 from ..convert.recognise import MEAN_ONLY, NormSpec, recognise, warn_left
 from ..nn import LpBatchNorm1d, LpBatchNorm2d, LpBatchNorm3d, LpGroupNorm, LpLayerNorm, LpRMSNorm, SyncLpBatchNorm
-from ..parametrizations import _own_class
+from ..parametrizations import is_weight_normalized
 from .freeze import FrozenNorm
 
 __all__ = ["fold_norms", "FoldReport", "bake_weight_norms", "norm_eval_affine", "check_eval_mode", "flatten_outputs"]
@@ -191,15 +191,21 @@ def _fuse(conv: nn.Module, scale: Tensor, shift: Tensor) -> nn.Module:
     return new
 
 
-def _weight_norm_types() -> tuple[type, ...]:
-    types: list[type] = [torch.nn.utils.parametrizations._WeightNorm]
-    try:
-        from ..parametrizations import _WeightNormBase
+def _own_class(module: nn.Module) -> None:
+    """Give ``module`` a class of its own before its parametrizations are removed: a deep copy
+    shares torch's generated ``Parametrized<Cls>`` class with the original, and removing the
+    parametrization deletes the weight property from that class, which would break the original."""
+    cls = type(module)
+    body = {k: v for k, v in cls.__dict__.items() if k not in ("__dict__", "__weakref__")}
+    module.__class__ = type(cls.__name__, cls.__bases__, body)
 
-        types.append(_WeightNormBase)
-    except ImportError:  # pragma: no cover - parametrizations is optional at import time
-        pass
-    return tuple(types)
+
+def _bakeable(m: nn.Module, tname: str) -> bool:
+    """One of normmatters' weight norms, or torch's ``parametrizations.weight_norm`` (stacked alone)."""
+    plist = m.parametrizations[tname]  # type: ignore[index, union-attr]
+    if len(plist) == 1 and is_weight_normalized(m, tname):
+        return True
+    return all(isinstance(p, torch.nn.utils.parametrizations._WeightNorm) for p in plist)
 
 
 def bake_weight_norms(model: nn.Module, report: FoldReport | None = None) -> int:
@@ -210,14 +216,13 @@ def bake_weight_norms(model: nn.Module, report: FoldReport | None = None) -> int
     ``torch.nn.utils.weight_norm``. Other parametrizations are left and, with a ``report``,
     recorded as skipped. Returns the number of tensors baked.
     """
-    wn_types = _weight_norm_types()
     count = 0
     for name, m in model.named_modules():
         prefix = f"{name}." if name else ""
         if parametrize.is_parametrized(m):
             for tname in list(m.parametrizations.keys()):  # type: ignore[union-attr]
                 plist = m.parametrizations[tname]  # type: ignore[index]
-                if all(isinstance(p, wn_types) for p in plist):
+                if _bakeable(m, tname):
                     _own_class(m)
                     parametrize.remove_parametrizations(m, tname, leave_parametrized=True)
                     count += 1
