@@ -326,9 +326,9 @@ def train_main(argv: Sequence[str] | None = None) -> int:
     args = build_train_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
-    problem = _extra_error("train")
-    if problem is not None:
-        return problem
+    rc = _extra_error("train")
+    if rc is not None:
+        return rc
     created_group = False
     is_main = True
     out: str | None = args.out
@@ -361,7 +361,7 @@ def train_main(argv: Sequence[str] | None = None) -> int:
         out = broadcast_object(out)
         problem = None
         if is_main:
-            try:  # checked again: the first check did not see a default folder or the config
+            try:  # again on rank 0, for a default folder too, then --force clears the earlier run
                 remove = check_train_out(out, resume=args.resume, force=args.force)
                 _remove_run_files(Path(out), remove)  # --force: the earlier run's files only
             except (ConfigError, OSError) as exc:
@@ -377,7 +377,7 @@ def train_main(argv: Sequence[str] | None = None) -> int:
             raise
         return _error("train", f"cannot write the run folder {out} ({exc.strerror or exc})")
     except KeyboardInterrupt:
-        print(f"{PROG} train: interrupted; continue with: {PROG} train --out {args.out or '<run folder>'} --resume",
+        print(f"{PROG} train: interrupted; continue with: {PROG} train --out {out or '<run folder>'} --resume",
               file=sys.stderr)
         return 130
     finally:
@@ -391,9 +391,9 @@ def train_main(argv: Sequence[str] | None = None) -> int:
 def _dispatch(cmd: str, argv: list[str]) -> int:
     module = _DISPATCH[cmd]
     if cmd in _NEEDS_EXTRA:
-        problem = _extra_error(cmd)
-        if problem is not None:
-            return problem
+        rc = _extra_error(cmd)
+        if rc is not None:
+            return rc
     out = _out_argument(argv) if cmd == "reproduce" else None
     if out is not None:
         # A report folder that cannot be written fails now, in one line, not after the first claim.
