@@ -87,6 +87,8 @@ def _fix_layout(t: Tensor, layout: int) -> Tensor:
 
 def prepare_input(x3: Tensor) -> tuple[Tensor, Layout]:
     """Choose the layout of a ``[N, C, S]`` tensor: NCS if contiguous, NSC if channels-last, else copy."""
+    if x3.is_contiguous():
+        return x3, (NSC if x3.shape[2] == 1 else NCS)  # (N, C) inputs: rows of C values
     if x3.shape[2] == 1 and x3.transpose(1, 2).is_contiguous():
         return x3, NSC  # (N, C) inputs: rows of C values
     if x3.is_contiguous():
@@ -235,22 +237,44 @@ class _EagerLpNorm(torch.autograd.Function):
 
     ``torch.library`` custom ops cost a few hundred microseconds of Python per call, which
     dominates for the small tensors of small networks; eager calls take this direct path (which
-    also updates the running statistics inside the kernel) and ``torch.compile`` /
-    ``torch.export`` see the registered op.
+    also updates the running statistics inside the kernel, and keeps the statistics in one
+    tensor) and ``torch.compile`` / ``torch.export`` see the registered op. The non-tensor
+    arguments travel as one tuple ``cfg`` = (layout, mode, k, constant, eps, center, affine,
+    momentum): autograd inspects every argument of ``apply``.
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, layout, mode, k, constant, eps, center, affine,
-                running_mean, running_var, momentum):
-        out = _fwd_impl(x, weight, bias, layout, mode, k, constant, eps, center, affine,
-                        running_mean, running_var, momentum)
-        _setup_context(ctx, (x, weight, bias, layout, mode, k, constant, eps, center, affine), out)
-        ctx.mark_non_differentiable(*out[1:])
-        return out
+    def forward(ctx, x, weight, bias, running_mean, running_var, cfg):
+        layout, mode, k, constant, eps, center, affine, momentum = cfg
+        y, stats = _BACKENDS[x.device.type].forward(x, layout, weight, bias, mode, k, constant,
+                                                    eps, center, affine, running_mean,
+                                                    running_var, momentum, packed=True)
+        ctx.save_for_backward(x, weight, stats)
+        ctx.cfg = cfg
+        ctx.has_weight = weight is not None
+        ctx.has_bias = bias is not None
+        ctx.mark_non_differentiable(stats)
+        return y, stats
 
     @staticmethod
-    def backward(ctx, grad_y, grad_mean, grad_inv, grad_sigma):
-        return _backward(ctx, grad_y, grad_mean, grad_inv, grad_sigma, bwd=_bwd_impl)
+    def backward(ctx, grad_y, grad_stats):
+        x, weight, stats = ctx.saved_tensors
+        layout, mode, k, constant, eps, center, affine, _ = ctx.cfg
+        need_input = ctx.needs_input_grad[0]
+        need_affine = bool(ctx.needs_input_grad[1] or ctx.needs_input_grad[2])
+        if grad_y is None or not (need_input or need_affine):
+            return None, None, None, None, None, None
+        if torch.is_grad_enabled():
+            dx, dw, db = _double_backward_grads(x, weight, grad_y, layout, mode, k, constant, eps,
+                                                center, affine)
+        else:
+            grad_y = _fix_layout(grad_y, layout)
+            dx, dw, db = _BACKENDS[x.device.type].backward(
+                grad_y, x, layout, weight, None, None, mode, k, constant, center, need_input,
+                need_affine, affine, stats=stats)
+        return (dx if need_input else None,
+                dw if (need_affine and ctx.has_weight) else None,
+                db if (need_affine and ctx.has_bias) else None, None, None, None)
 
 
 def _needs_grad(*ts: Tensor | None) -> bool:
@@ -260,31 +284,34 @@ def _needs_grad(*ts: Tensor | None) -> bool:
 def _lp_norm(x: Tensor, weight: Tensor | None, bias: Tensor | None, layout: int, mode: int,
              k: int, constant: float, eps: float, center: bool, affine: int = Affine.CHANNEL,
              running_mean: Tensor | None = None, running_var: Tensor | None = None,
-             momentum: float = 0.0) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Run the fused op; ``running_mean`` / ``running_var`` are updated in the kernel where the
-    backend can (contiguous buffers in the statistics dtype) and afterwards otherwise."""
-    if torch.compiler.is_compiling():
-        out = lp_norm_fwd(x, weight, bias, layout, mode, k, constant, eps, center, affine)
-        if running_mean is not None or running_var is not None:
-            update_running(running_mean, running_var, out[1], out[3], x.shape[0] * x.shape[2], momentum)
-        return out
+             momentum: float = 0.0) -> Tensor:
+    """Run the fused op on ``x`` (already in ``layout``) and return y; ``running_mean`` /
+    ``running_var`` are updated in the kernel where the backend can (contiguous buffers in the
+    statistics dtype) and afterwards otherwise."""
+    tracked = running_mean is not None or running_var is not None
     impl = _BACKENDS[x.device.type]
+    if torch.compiler.is_compiling() or not getattr(impl, "PACKED", False):
+        out = (lp_norm_fwd(x, weight, bias, layout, mode, k, constant, eps, center, affine)
+               if torch.compiler.is_compiling() or _needs_grad(x, weight, bias)
+               else _fwd_impl(x, weight, bias, layout, mode, k, constant, eps, center, affine))
+        if tracked:
+            update_running(running_mean, running_var, out[1], out[3], x.shape[0] * x.shape[2], momentum)
+        return out[0]
     fused_running = False
-    if (running_mean is not None or running_var is not None) and getattr(impl, "FUSED_RUNNING", True):
+    if tracked:
         stat = torch.float64 if x.dtype == torch.float64 else torch.float32
         fused_running = all(t is None or (t.dtype == stat and t.is_contiguous() and not t.requires_grad)
                             for t in (running_mean, running_var))
     rm, rv = (running_mean, running_var) if fused_running else (None, None)
     if _needs_grad(x, weight, bias):
-        out = _EagerLpNorm.apply(x, weight, bias, layout, mode, k, constant, eps, center, affine,
-                                 rm, rv, momentum)
+        y, stats = _EagerLpNorm.apply(x, weight, bias, rm, rv,
+                                      (layout, mode, k, constant, eps, center, affine, momentum))
     else:
-        with torch.no_grad():
-            out = _fwd_impl(x, weight, bias, layout, mode, k, constant, eps, center, affine,
-                            rm, rv, momentum)
-    if not fused_running and (running_mean is not None or running_var is not None):
-        update_running(running_mean, running_var, out[1], out[3], x.shape[0] * x.shape[2], momentum)
-    return out
+        y, stats = impl.forward(x, layout, weight, bias, mode, k, constant, eps, center, affine,
+                                rm, rv, momentum, packed=True)
+    if tracked and not fused_running:
+        update_running(running_mean, running_var, stats[0], stats[2], x.shape[0] * x.shape[2], momentum)
+    return y
 
 
 def _mode(p: float, k: int | None) -> tuple[Mode, int]:
@@ -298,7 +325,11 @@ def _stat_dtype(x: Tensor) -> torch.dtype:
 
 
 def _affine_param(t: Tensor | None, x: Tensor) -> Tensor | None:
-    return None if t is None else t.to(_stat_dtype(x)).contiguous()
+    if t is None:
+        return None
+    if t.dtype == (torch.float64 if x.dtype == torch.float64 else torch.float32) and t.is_contiguous():
+        return t
+    return t.to(_stat_dtype(x)).contiguous()
 
 
 def batch_norm(input: Tensor, running_mean: Tensor | None, running_var: Tensor | None,
@@ -311,9 +342,9 @@ def batch_norm(input: Tensor, running_mean: Tensor | None, running_var: Tensor |
     n_, c_ = input.shape[0], input.shape[1]
     x3, layout = prepare_input(input.reshape(n_, c_, -1))
     mode, kk = _mode(p, k)
-    y, _, _, _ = _lp_norm(x3, _affine_param(weight, input), _affine_param(bias, input), layout,
-                          mode, kk, constant, float(eps), True, Affine.CHANNEL, running_mean,
-                          running_var, momentum)
+    y = _lp_norm(x3, _affine_param(weight, input), _affine_param(bias, input),
+                 layout, mode, kk, constant, float(eps), True, Affine.CHANNEL, running_mean,
+                 running_var, momentum)
     return y.reshape(input.shape)
 
 
@@ -334,7 +365,9 @@ def batch_norm_eval(input: Tensor, running_mean: Tensor, running_var: Tensor,
 
 
 def _flat_param(t: Tensor | None, x: Tensor) -> Tensor | None:
-    return None if t is None else t.to(_stat_dtype(x)).reshape(-1).contiguous()
+    # The kernels read γ and β through their pointers: any contiguous tensor of the statistics
+    # dtype serves as the flat vector.
+    return _affine_param(t, x)
 
 
 def _rows(input: Tensor, ndims: int) -> Tensor:
@@ -353,10 +386,10 @@ def layer_norm(input: Tensor, normalized_shape: Sequence[int], weight: Tensor | 
     x3 = _rows(input, len(normalized_shape))
     mode, kk = _mode(p, k)
     if _position_affine(_BACKENDS[input.device.type], x3):
-        y, _, _, _ = _lp_norm(x3, _flat_param(weight, input), _flat_param(bias, input), NCS,
+        y = _lp_norm(x3, _flat_param(weight, input), _flat_param(bias, input), NCS,
                               mode, kk, constant, float(eps), True, Affine.POSITION)
         return y.view(input.shape)
-    xhat, _, _, _ = _lp_norm(x3, None, None, NCS, mode, kk, constant, float(eps), True)
+    xhat = _lp_norm(x3, None, None, NCS, mode, kk, constant, float(eps), True)
     y = xhat.view(input.shape)
     if weight is not None:
         y = y * weight.to(y.dtype)
@@ -370,7 +403,7 @@ def group_norm(input: Tensor, num_groups: int, weight: Tensor | None, bias: Tens
     """Fused Lp group norm: statistics per sample and group; per-channel affine by torch ops."""
     x3 = input.contiguous().view(1, input.shape[0] * num_groups, -1)
     mode, kk = _mode(p, k)
-    xhat, _, _, _ = _lp_norm(x3, None, None, NCS, mode, kk, constant, float(eps), True)
+    xhat = _lp_norm(x3, None, None, NCS, mode, kk, constant, float(eps), True)
     y = xhat.view(input.shape)
     shape = [1, -1] + [1] * (input.dim() - 2)
     if weight is not None:
@@ -386,10 +419,10 @@ def rms_norm(input: Tensor, normalized_shape: Sequence[int], weight: Tensor | No
     x3 = _rows(input, len(normalized_shape))
     mode, kk = _mode(p, k)
     if _position_affine(_BACKENDS[input.device.type], x3):
-        y, _, _, _ = _lp_norm(x3, _flat_param(weight, input), None, NCS, mode, kk, constant,
+        y = _lp_norm(x3, _flat_param(weight, input), None, NCS, mode, kk, constant,
                               float(eps), False, Affine.POSITION)
         return y.view(input.shape)
-    xhat, _, _, _ = _lp_norm(x3, None, None, NCS, mode, kk, constant, float(eps), False)
+    xhat = _lp_norm(x3, None, None, NCS, mode, kk, constant, float(eps), False)
     y = xhat.view(input.shape)
     if weight is not None:
         y = y * weight.to(y.dtype)

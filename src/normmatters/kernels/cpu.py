@@ -27,6 +27,9 @@ __all__ = ["library", "supports", "forward", "backward", "evaluate", "DTYPE_CODE
 
 logger = logging.getLogger("normmatters.kernels")
 
+#: ``forward`` and ``backward`` take the packed statistics of the eager path.
+PACKED = True
+
 #: Tensors with fewer elements run on one thread: starting an OpenMP team costs more than it saves.
 SMALL = 1 << 14
 
@@ -86,14 +89,19 @@ def _threads(x: Tensor) -> int:
 def forward(x: Tensor, layout: int, weight: Tensor | None, bias: Tensor | None, mode: int, k: int,
             constant: float, eps: float, center: bool, affine: int = Affine.CHANNEL,
             running_mean: Tensor | None = None, running_var: Tensor | None = None,
-            momentum: float = 0.0) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+            momentum: float = 0.0, packed: bool = False) -> tuple[Tensor, ...]:
     """Run the fused forward on a dense ``[N, C, S]`` CPU tensor (see ``csrc/lp_norm_cpu.cpp``).
 
     ``affine`` (:class:`~.enums.Affine`) CHANNEL: weight and bias per channel (size C); POSITION:
     per position s (size S; NCS, N = 1). Returns ``(y, mean, inv, sigma)``; the statistics have
     shape ``[C]`` in the accumulation dtype. ``running_mean`` / ``running_var`` (contiguous, of
     that dtype) are updated in place with ``momentum`` and the Bessel factor n/(n−1).
+    ``packed=True`` (the eager path; ``x`` already in ``layout``) returns ``(y, stats)`` instead,
+    ``stats`` the ``[3, C]`` rows mean, inv, sigma in one allocation.
     """
+    if packed:
+        return _run_forward(x, layout, weight, bias, mode, k, constant, eps, center, affine,
+                            running_mean, running_var, momentum)
     lib = library(x.dtype)
     assert lib is not None
     n_, c_, s_ = x.shape
@@ -114,8 +122,15 @@ def forward(x: Tensor, layout: int, weight: Tensor | None, bias: Tensor | None, 
 
 def backward(grad: Tensor, x: Tensor, layout: int, weight: Tensor | None, mean: Tensor, inv: Tensor,
              mode: int, k: int, constant: float, center: bool, need_input: bool, need_affine: bool,
-             affine: int = Affine.CHANNEL) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
-    """Closed-form backward (``normmatters.functional.norm``) of :func:`forward`; ``grad`` has ``x``'s layout."""
+             affine: int = Affine.CHANNEL, stats: Tensor | None = None
+             ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """Closed-form backward (``normmatters.functional.norm``) of :func:`forward`; ``grad`` has ``x``'s layout.
+
+    ``stats`` (from ``forward(..., packed=True)``) replaces ``mean`` and ``inv``.
+    """
+    if stats is not None:
+        return _run_backward(grad, x, layout, weight, stats, mode, k, constant, center,
+                             need_input, need_affine, affine)
     lib = library(x.dtype)
     assert lib is not None
     n_, c_, s_ = x.shape
@@ -145,3 +160,52 @@ def evaluate(x: Tensor, layout: int, running_mean: Tensor, running_var: Tensor,
     if rc != 0:
         raise RuntimeError(f"normmatters CPU evaluation kernel failed with code {rc}")
     return y
+
+
+def _run_forward(x: Tensor, layout: int, weight: Tensor | None, bias: Tensor | None, mode: int,
+                k: int, constant: float, eps: float, center: bool, affine: int,
+                running_mean: Tensor | None, running_var: Tensor | None,
+                momentum: float) -> tuple[Tensor, Tensor]:
+    """``forward(..., packed=True)``: ``(y, stats)`` with ``stats`` the ``[3, C]`` rows mean,
+    1/(σ̂ + eps) and σ̂ in one allocation (``x`` already in ``layout``, vectors contiguous)."""
+    lib = _libs.get(x.dtype) or library(x.dtype)
+    n_, c_, s_ = x.shape
+    y = torch.empty_strided(x.shape, x.stride(), dtype=x.dtype)
+    stats = torch.empty(3, c_, dtype=torch.float64 if x.dtype == torch.float64 else torch.float32)
+    p = stats.data_ptr()
+    step = c_ * stats.element_size()
+    n = n_ * s_
+    rc = lib.nm_forward(_CODES[x.dtype], layout, x.data_ptr(), y.data_ptr(), n_, c_, s_,
+                        weight.data_ptr() if weight is not None else None,
+                        bias.data_ptr() if bias is not None else None, affine, mode, k, constant,
+                        eps, center, p, p + step, p + 2 * step,
+                        running_mean.data_ptr() if running_mean is not None else None,
+                        running_var.data_ptr() if running_var is not None else None, momentum,
+                        n / (n - 1) if n > 1 else 1.0, 1 if n_ * c_ * s_ < SMALL else torch.get_num_threads())
+    if rc != 0:
+        raise RuntimeError(f"normmatters CPU forward kernel failed with code {rc}")
+    return y, stats
+
+
+def _run_backward(grad: Tensor, x: Tensor, layout: int, weight: Tensor | None, stats: Tensor,
+                 mode: int, k: int, constant: float, center: bool, need_input: bool,
+                 need_affine: bool, affine: int) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """``backward(..., stats=stats)``."""
+    lib = _libs.get(x.dtype) or library(x.dtype)
+    n_, c_, s_ = x.shape
+    dx = torch.empty_strided(x.shape, x.stride(), dtype=x.dtype) if need_input else None
+    size = s_ if affine == Affine.POSITION else c_
+    dw = torch.empty(size, dtype=stats.dtype) if need_affine else None
+    db = torch.empty(size, dtype=stats.dtype) if need_affine else None
+    p = stats.data_ptr()
+    rc = lib.nm_backward(_CODES[x.dtype], layout, grad.data_ptr(), x.data_ptr(), _ptr(dx),
+                         n_, c_, s_, _ptr(weight), affine, p, p + c_ * stats.element_size(), mode, k,
+                         constant, center, _ptr(dw), _ptr(db),
+                         1 if n_ * c_ * s_ < SMALL else torch.get_num_threads())
+    if rc != 0:
+        raise RuntimeError(f"normmatters CPU backward kernel failed with code {rc}")
+    return dx, dw, db
+
+
+# Plain ints for ctypes (an IntEnum converts more slowly).
+_CODES = {dt: int(code) for dt, code in DTYPE_CODES.items()}

@@ -32,7 +32,7 @@ namespace {
 typedef uint16_t bf16_t;
 typedef _Float16 f16_t;
 const int64_t CH = 2048;   // chunk of a run summed in the accumulation type before a double add
-const int64_t SHORT = 512; // statistics of at most this many values select Top(k) directly
+const int64_t SHORT = 4096; // statistics of at most this many values select Top(k) in one scan
 
 template <typename T> struct IO;
 template <> struct IO<float> {
@@ -192,29 +192,63 @@ double select_topk(Heap<A>* const* his, Heap<A>* const* los, int nsrc, int k, A 
   return s;
 }
 
-// Top(k) of a short statistic (n <= SHORT values, e.g. a layer-norm row): all |x − mu| with
-// their indices, then a selection (|d| descending, index ascending: the tie rule) — cheaper than
-// the heaps for short rows. NaN compares as the largest value, so the order stays strict.
+// A chunk sum taken in the accumulation type (fast); one that overflowed (values near the top of
+// float's range) is taken again in double by `again`, so the statistics stay finite wherever the
+// exact sum is.
+template <typename A, typename F> inline double finite_or(A s, F again) {
+  const double d = (double)s;
+  return std::isfinite(d) ? d : again();
+}
+
+// Top(k) of a short statistic (n <= SHORT values, e.g. a layer-norm row) in one scan in index
+// order: a sorted list of the k best so far, which a value enters only when it beats the k-th
+// (rare after the first few). Equal values keep the earlier (lower) index ahead: the tie rule.
+// NaN ranks above everything, so it is selected and propagates. `kv`, `kd`, `ki`, `ks` hold k.
 template <typename T, typename A>
 double short_topk(const T* x, int64_t N, int64_t C, int64_t S, int64_t c, A mu, int k,
-                  int64_t* out_id, int* out_s, std::vector<Cand>& buf) {
-  buf.clear();
+                  int64_t* out_id, int* out_s, double* kv, double* kd, int64_t* ki, int* ks) {
+  const double inf = std::numeric_limits<double>::infinity();
+  int m = 0;
+  double worst = -inf;
+  const int64_t SB = 16;
   for (int64_t q = 0; q < N; ++q) {
     const T* xp = x + (q * C + c) * S;
-    for (int64_t i = 0; i < S; ++i) {
-      const A d = IO<T>::ld(xp, i) - mu;
-      buf.push_back({(double)std::fabs(d), q * S + i, (d > 0) - (d < 0)});
+    for (int64_t i0 = 0; i0 < S; i0 += SB) {
+      const int64_t len = std::min(SB, S - i0);
+      if (m == k) {
+        // A vectorised look at the block first: most blocks hold nothing that beats the k-th.
+        A bm = A(0); int nan = 0;
+#pragma omp simd reduction(max:bm) reduction(|:nan)
+        for (int64_t i = 0; i < len; ++i) {
+          const A d = IO<T>::ld(xp, i0 + i) - mu; const A a = d < 0 ? -d : d;
+          bm = a > bm ? a : bm; nan |= (a != a);
+        }
+        if (!nan && !((double)bm > worst)) continue;
+      }
+      for (int64_t i = i0; i < i0 + len; ++i) {
+        const A d = IO<T>::ld(xp, i) - mu;
+        const double a = (double)(d < 0 ? -d : d);
+        const double key = a != a ? inf : a;
+        if (m == k && !(key > worst)) continue;
+        int pos = m < k ? m++ : k - 1;
+        while (pos > 0 && key > kv[pos - 1]) {
+          kv[pos] = kv[pos - 1]; kd[pos] = kd[pos - 1]; ki[pos] = ki[pos - 1]; ks[pos] = ks[pos - 1]; --pos;
+        }
+        kv[pos] = key; kd[pos] = a; ki[pos] = q * S + i; ks[pos] = (d > 0) - (d < 0);
+        if (m == k) worst = kv[k - 1];
+      }
     }
   }
-  const int m = std::min<int>(k, (int)buf.size());
-  auto key = [](double a) { return a != a ? std::numeric_limits<double>::infinity() : a; };
-  auto better = [&](const Cand& p, const Cand& q) {
-    const double a = key(p.a), b = key(q.a); return a > b || (a == b && p.id < q.id); };
-  if (m < (int)buf.size()) std::nth_element(buf.begin(), buf.begin() + (m - 1), buf.end(), better);
   double s = 0.0;
-  for (int j = 0; j < m; ++j) { s += buf[j].a; if (out_id) { out_id[j] = buf[j].id; out_s[j] = buf[j].s; } }
+  for (int j = 0; j < m; ++j) { s += kd[j]; if (out_id) { out_id[j] = ki[j]; out_s[j] = ks[j]; } }
   return s;
 }
+
+// Per-thread scratch of short_topk.
+struct TopScratch {
+  std::vector<double> kv, kd; std::vector<int64_t> ki; std::vector<int> ks;
+  explicit TopScratch(int k) : kv((size_t)std::max(k, 1)), kd((size_t)std::max(k, 1)), ki((size_t)std::max(k, 1)), ks((size_t)std::max(k, 1)) {}
+};
 
 // ---------------------------------------------------------------- NCS layout: one channel per task
 template <typename T>
@@ -228,7 +262,7 @@ void fwd_ncs(const T* x, T* y, int64_t N, int64_t C, int64_t S,
   const int64_t chunk = std::max<int64_t>(1, C / (8 * (int64_t)nt));
 #pragma omp parallel num_threads(nt)
   {
-    HeapSet<A> hs; std::vector<Cand> buf; Pieces<T, A> pieces;
+    HeapSet<A> hs; std::vector<Cand> buf; Pieces<T, A> pieces; TopScratch ts(k);
     if (mode == 2) hs.init(1, k);
 #pragma omp for schedule(dynamic, chunk)
     for (int64_t c = 0; c < C; ++c) {
@@ -241,7 +275,7 @@ void fwd_ncs(const T* x, T* y, int64_t N, int64_t C, int64_t S,
         for (int64_t s0 = 0; s0 < S; s0 += CH) {
           const int64_t len = std::min(CH, S - s0);
           const T* xc = xp + s0;
-          double ls = 0;
+          A ls = 0;
           if (mode == 2) {
             A mx = -std::numeric_limits<A>::infinity(), mn = std::numeric_limits<A>::infinity();
 #pragma omp simd reduction(+:ls) reduction(max:mx) reduction(min:mn)
@@ -252,7 +286,7 @@ void fwd_ncs(const T* x, T* y, int64_t N, int64_t C, int64_t S,
 #pragma omp simd reduction(+:ls)
             for (int64_t i = 0; i < len; ++i) ls += IO<T>::ld(xc, i);
           }
-          sum += (double)ls;
+          sum += finite_or(ls, [&] { double t = 0; for (int64_t i = 0; i < len; ++i) t += (double)IO<T>::ld(xc, i); return t; });
         }
       }
       const A mu = center ? (A)(sum / (double)n) : A(0);
@@ -264,10 +298,10 @@ void fwd_ncs(const T* x, T* y, int64_t N, int64_t C, int64_t S,
           for (int64_t s0 = 0; s0 < S; s0 += CH) {
             const int64_t len = std::min(CH, S - s0);
             const T* xc = xp + s0;
-            double la = 0;
+            A la = 0;
 #pragma omp simd reduction(+:la)
             for (int64_t i = 0; i < len; ++i) { A d = IO<T>::ld(xc, i) - mu; la += d < 0 ? -d : d; }
-            sa += (double)la;
+            sa += finite_or(la, [&] { double t = 0; for (int64_t i = 0; i < len; ++i) t += std::fabs((double)IO<T>::ld(xc, i) - (double)mu); return t; });
           }
         }
         sig = cst * sa / (double)n;
@@ -276,7 +310,7 @@ void fwd_ncs(const T* x, T* y, int64_t N, int64_t C, int64_t S,
         const A up = gmx - mu, dn = mu - gmn;
         sig = cst * (double)(up > dn ? up : dn);
       } else if (short_rows) {
-        sig = cst * short_topk<T, A>(x, N, C, S, c, mu, k, nullptr, nullptr, buf) / (double)k;
+        sig = cst * short_topk<T, A>(x, N, C, S, c, mu, k, nullptr, nullptr, ts.kv.data(), ts.kd.data(), ts.ki.data(), ts.ks.data()) / (double)k;
       } else {
         pieces.finish(x, k, *hi, *lo);
         sig = cst * select_topk<A>(&hi, &lo, 1, k, mu, nullptr, nullptr, buf) / (double)k;
@@ -324,7 +358,7 @@ void bwd_ncs(const T* dy, const T* x, T* dx, int64_t N, int64_t C, int64_t S,
   const int64_t chunk = std::max<int64_t>(1, C / (8 * (int64_t)nt));
 #pragma omp parallel num_threads(nt)
   {
-    HeapSet<A> hs; std::vector<Cand> buf; Pieces<T, A> pieces;
+    HeapSet<A> hs; std::vector<Cand> buf; Pieces<T, A> pieces; TopScratch ts(k);
     std::vector<int64_t> tid((size_t)std::max(k, 1)); std::vector<int> tsg((size_t)std::max(k, 1));
     if (mode == 2) hs.init(1, k);
 #pragma omp for schedule(dynamic, chunk)
@@ -340,7 +374,7 @@ void bwd_ncs(const T* dy, const T* x, T* dx, int64_t N, int64_t C, int64_t S,
         for (int64_t s0 = 0; s0 < S; s0 += CH) {
           const int64_t len = std::min(CH, S - s0);
           const T* xc = xp + s0; const T* gc = gp + s0;
-          double l1 = 0, l2 = 0, l3 = 0;
+          A l1 = 0, l2 = 0, l3 = 0;
           if (want_top) {
             A mx = -std::numeric_limits<A>::infinity(), mn = std::numeric_limits<A>::infinity();
 #pragma omp simd reduction(+:l1, l2) reduction(max:mx) reduction(min:mn)
@@ -359,7 +393,14 @@ void bwd_ncs(const T* dy, const T* x, T* dx, int64_t N, int64_t C, int64_t S,
 #pragma omp simd reduction(+:l1, l2)
             for (int64_t i = 0; i < len; ++i) { A g = IO<T>::ld(gc, i); l1 += g; l2 += g * (IO<T>::ld(xc, i) - mu); }
           }
-          sdy += (double)l1; sdyd += (double)l2; ssg += (double)l3;
+          if (!std::isfinite((double)l1) || !std::isfinite((double)l2)) {
+            double t1 = 0, t2 = 0;
+            for (int64_t i = 0; i < len; ++i) { const double g = IO<T>::ld(gc, i); t1 += g; t2 += g * ((double)IO<T>::ld(xc, i) - (double)mu); }
+            sdy += t1; sdyd += t2;
+          } else {
+            sdy += (double)l1; sdyd += (double)l2;
+          }
+          ssg += (double)l3;
         }
       }
       const double inv = (double)invs[c];
@@ -384,7 +425,7 @@ void bwd_ncs(const T* dy, const T* x, T* dx, int64_t N, int64_t C, int64_t S,
         }
       } else {
         if (short_rows) {
-          short_topk<T, A>(x, N, C, S, c, mu, k, tid.data(), tsg.data(), buf);
+          short_topk<T, A>(x, N, C, S, c, mu, k, tid.data(), tsg.data(), ts.kv.data(), ts.kd.data(), ts.ki.data(), ts.ks.data());
         } else {
           pieces.finish(x, k, *hi, *lo);
           select_topk<A>(&hi, &lo, 1, k, mu, tid.data(), tsg.data(), buf);
@@ -427,7 +468,7 @@ void bwd_rows(const T* dy, const T* x, T* dx, int64_t R, int64_t S,
     const int t = omp_get_thread_num();
 #pragma omp single
     used = omp_get_num_threads();
-    HeapSet<A> hs; std::vector<Cand> buf; Pieces<T, A> pieces;
+    HeapSet<A> hs; std::vector<Cand> buf; Pieces<T, A> pieces; TopScratch ts(k);
     std::vector<int64_t> tid((size_t)std::max(k, 1)); std::vector<int> tsg((size_t)std::max(k, 1));
     if (mode == 2) hs.init(1, k);
     double* tw = dw ? pw.data() + (size_t)t * S : nullptr;
@@ -442,7 +483,7 @@ void bwd_rows(const T* dy, const T* x, T* dx, int64_t R, int64_t S,
       A gmx = -std::numeric_limits<A>::infinity(), gmn = std::numeric_limits<A>::infinity();
       for (int64_t s0 = 0; s0 < S; s0 += CH) {
         const int64_t len = std::min(CH, S - s0);
-        double l1 = 0, l2 = 0, l3 = 0;
+        A l1 = 0, l2 = 0, l3 = 0;
         A mx = -std::numeric_limits<A>::infinity(), mn = std::numeric_limits<A>::infinity();
 #pragma omp simd reduction(+:l1, l2, l3) reduction(max:mx) reduction(min:mn)
         for (int64_t i = s0; i < s0 + len; ++i) {
@@ -453,7 +494,17 @@ void bwd_rows(const T* dy, const T* x, T* dx, int64_t R, int64_t S,
         }
         if (mode == 2 && dx && k > 1 && !short_rows) pieces.add(s0, s0, len, mx, mn);
         gmx = mx > gmx ? mx : gmx; gmn = mn < gmn ? mn : gmn;
-        s1 += (double)l1; s2 += (double)l2; s3 += (double)l3;
+        if (!std::isfinite((double)l1) || !std::isfinite((double)l2)) {
+          double t1 = 0, t2 = 0;
+          for (int64_t i = s0; i < s0 + len; ++i) {
+            const double g = (double)IO<T>::ld(gr, i) * (w ? (double)w[i] : 1.0);
+            t1 += g; t2 += g * ((double)IO<T>::ld(xr, i) - (double)mu);
+          }
+          s1 += t1; s2 += t2;
+        } else {
+          s1 += (double)l1; s2 += (double)l2;
+        }
+        s3 += (double)l3;
       }
       if (dw) {
 #pragma omp simd
@@ -487,7 +538,7 @@ void bwd_rows(const T* dy, const T* x, T* dx, int64_t R, int64_t S,
           tid[0] = take_up ? imx : imn; tsg[0] = (d > 0) - (d < 0);
         } else {
           if (short_rows) {
-            short_topk<T, A>(xr, 1, 1, S, 0, mu, k, tid.data(), tsg.data(), buf);
+            short_topk<T, A>(xr, 1, 1, S, 0, mu, k, tid.data(), tsg.data(), ts.kv.data(), ts.kd.data(), ts.ki.data(), ts.ks.data());
           } else {
             pieces.finish(xr, k, *hi, *lo);
             select_topk<A>(&hi, &lo, 1, k, mu, tid.data(), tsg.data(), buf);
@@ -551,7 +602,11 @@ void fwd_grp(const T* x, T* y, int64_t R, int64_t C, int64_t G,
   typedef typename IO<T>::A A;
   const int64_t J = C * G, n = R * G;
   std::vector<double> part((size_t)(nt * J), 0.0);
-  std::vector<HeapSet<A>> heaps(mode == 2 ? nt : 0);
+  const bool heap = mode == 2 && k > 1;   // L∞ keeps the extremes of each column instead
+  const bool ext = mode == 2 && k == 1;
+  std::vector<HeapSet<A>> heaps(heap ? nt : 0);
+  std::vector<A> pmx(ext ? (size_t)(nt * J) : 0, -std::numeric_limits<A>::infinity());
+  std::vector<A> pmn(ext ? (size_t)(nt * J) : 0, std::numeric_limits<A>::infinity());
   std::vector<A> mu((size_t)J), a((size_t)J), off((size_t)J);
   int used = 1;
 #pragma omp parallel num_threads(nt)
@@ -561,12 +616,24 @@ void fwd_grp(const T* x, T* y, int64_t R, int64_t C, int64_t G,
     used = nth;
     int64_t r0, r1; row_range(R, t, nth, r0, r1);
     double* ps = part.data() + t * J;
-    for (int64_t r = r0; r < r1; ++r) {
-      const T* xr = x + r * J;
+    if (ext) {
+      A* mx = pmx.data() + t * J; A* mn = pmn.data() + t * J;
+      for (int64_t r = r0; r < r1; ++r) {
+        const T* xr = x + r * J;
 #pragma omp simd
-      for (int64_t j = 0; j < J; ++j) ps[j] += (double)IO<T>::ld(xr, j);
+        for (int64_t j = 0; j < J; ++j) {
+          const A v = IO<T>::ld(xr, j);
+          ps[j] += (double)v; mx[j] = v > mx[j] ? v : mx[j]; mn[j] = v < mn[j] ? v : mn[j];
+        }
+      }
+    } else {
+      for (int64_t r = r0; r < r1; ++r) {
+        const T* xr = x + r * J;
+#pragma omp simd
+        for (int64_t j = 0; j < J; ++j) ps[j] += (double)IO<T>::ld(xr, j);
+      }
     }
-    if (mode == 2) {
+    if (heap) {
       heaps[t].init(J, k);
       std::vector<A> th((size_t)J), tl((size_t)J);
       grp_track_rows<T, A>(x, r0, r1, J, G, heaps[t], th, tl);
@@ -596,6 +663,14 @@ void fwd_grp(const T* x, T* y, int64_t R, int64_t C, int64_t G,
         double s = 0.0;
         for (int u = 0; u < nth; ++u) for (int64_t g = 0; g < G; ++g) s += part[(size_t)(u * J + c * G + g)];
         sig = cst * s / (double)n;
+      } else if (ext) {
+        A gmx = -std::numeric_limits<A>::infinity(), gmn = std::numeric_limits<A>::infinity();
+        for (int u = 0; u < nth; ++u) for (int64_t g = 0; g < G; ++g) {
+          const A hi = pmx[(size_t)(u * J + c * G + g)], lo = pmn[(size_t)(u * J + c * G + g)];
+          gmx = hi > gmx ? hi : gmx; gmn = lo < gmn ? lo : gmn;
+        }
+        const A up = gmx - mu[c * G], dn = mu[c * G] - gmn;
+        sig = cst * (double)(up > dn ? up : dn);
       } else {
         for (int u = 0; u < nth; ++u) for (int64_t g = 0; g < G; ++g) {
           hp[u * G + g] = &heaps[u].hi[c * G + g]; lp[u * G + g] = &heaps[u].lo[c * G + g]; }
@@ -625,7 +700,14 @@ void bwd_grp(const T* dy, const T* x, T* dx, int64_t R, int64_t C, int64_t G,
   const bool want_sign = (mode == 1 && center && dx);
   const bool want_top = (mode == 2 && dx);
   std::vector<double> part((size_t)(3 * nt * J), 0.0);
-  std::vector<HeapSet<A>> heaps(want_top ? nt : 0);
+  const bool ext = want_top && k == 1;   // L∞: the first position of each column's extremes
+  const bool heap = want_top && k > 1;
+  std::vector<HeapSet<A>> heaps(heap ? nt : 0);
+  std::vector<A> pmx(ext ? (size_t)(nt * J) : 0, -std::numeric_limits<A>::infinity());
+  std::vector<A> pmn(ext ? (size_t)(nt * J) : 0, std::numeric_limits<A>::infinity());
+  std::vector<int64_t> pimx(ext ? (size_t)(nt * J) : 0, 0), pimn(ext ? (size_t)(nt * J) : 0, 0);
+  std::vector<int64_t> gof((size_t)J);
+  for (int64_t j = 0; j < J; ++j) gof[j] = j % G;
   std::vector<A> muj((size_t)J), invj((size_t)J), av((size_t)J), bv((size_t)J), ev((size_t)J);
   for (int64_t j = 0; j < J; ++j) { muj[j] = mean[j / G]; invj[j] = invs[j / G]; }
   const int kk = std::max(k, 1);
@@ -651,8 +733,20 @@ void bwd_grp(const T* dy, const T* x, T* dx, int64_t R, int64_t C, int64_t G,
           p1[j] += (double)g; p2[j] += (double)g * (double)(IO<T>::ld(xr, j) - muj[j]);
         }
       }
+      if (ext) {
+        A* mx = pmx.data() + t * J; A* mn = pmn.data() + t * J;
+        int64_t* imx = pimx.data() + t * J; int64_t* imn = pimn.data() + t * J;
+        const int64_t base = r * G;
+#pragma omp simd
+        for (int64_t j = 0; j < J; ++j) {
+          const A v = IO<T>::ld(xr, j);
+          const bool bu = v > mx[j], bd = v < mn[j];
+          mx[j] = bu ? v : mx[j]; imx[j] = bu ? base + gof[j] : imx[j];
+          mn[j] = bd ? v : mn[j]; imn[j] = bd ? base + gof[j] : imn[j];
+        }
+      }
     }
-    if (want_top) {
+    if (heap) {
       heaps[t].init(J, k);
       std::vector<A> th((size_t)J), tl((size_t)J);
       grp_track_rows<T, A>(x, r0, r1, J, G, heaps[t], th, tl);
@@ -680,7 +774,21 @@ void bwd_grp(const T* dy, const T* x, T* dx, int64_t R, int64_t C, int64_t G,
         e_ = (A)(-inv * cst * M);
       } else {
         double st = 0.0;
-        if (want_top) {
+        if (ext) {
+          // The larger deviation's first position; on a tie the lower one (the tie rule).
+          A gmx = -std::numeric_limits<A>::infinity(), gmn = std::numeric_limits<A>::infinity();
+          int64_t imx = 0, imn = 0;
+          for (int u = 0; u < nth; ++u) for (int64_t g = 0; g < G; ++g) {
+            const size_t o = (size_t)(u * J + c * G + g);
+            if (pmx[o] > gmx || (pmx[o] == gmx && pimx[o] < imx)) { gmx = pmx[o]; imx = pimx[o]; }
+            if (pmn[o] < gmn || (pmn[o] == gmn && pimn[o] < imn)) { gmn = pmn[o]; imn = pimn[o]; }
+          }
+          const A up = gmx - mean[c], dn = mean[c] - gmn;
+          const bool take_up = up > dn || (up == dn && imx <= imn);
+          const A dd = take_up ? up : -dn;
+          tid[(size_t)c] = take_up ? imx : imn; tsg[(size_t)c] = (dd > 0) - (dd < 0);
+          st = tsg[(size_t)c];
+        } else if (want_top) {
           for (int u = 0; u < nth; ++u) for (int64_t g = 0; g < G; ++g) {
             hp[u * G + g] = &heaps[u].hi[c * G + g]; lp[u * G + g] = &heaps[u].lo[c * G + g]; }
           select_topk<A>(hp.data(), lp.data(), (int)(nth * G), k, mean[c], tid.data() + c * k, tsg.data() + c * k, buf);
@@ -757,7 +865,7 @@ void eval_t(int layout, const T* x, T* y, int64_t N, int64_t C, int64_t S,
 // NCS tensors whose runs are short go through the rows kernels (see fwd_grp); long runs through
 // one channel per task.
 inline bool use_rows(int64_t C, int64_t S, int mode, int k) {
-  return S < 32 && C * S <= 8192 && (mode == 1 || C * S * k <= (1 << 16));
+  return S < 32 && C * S <= 8192 && (mode == 1 || k == 1);
 }
 
 template <typename T>
