@@ -220,3 +220,17 @@ def test_emulated_ghost_batches_are_the_functionals():
     with pytest.raises(ValueError, match="last ghost batch"):
         emulated_batch_norm(torch.randn(5, 3), None, None, training=True, compute_dtype="fp16",
                             ghost_batch_size=4)
+
+
+@pytest.mark.parametrize("summation", MEAN_SUMMATIONS)
+@pytest.mark.parametrize("n", [5, 64, 1001])
+def test_averaging_reductions_weigh_every_value_by_one_over_n(summation, n):
+    # Through the straight-through roundings the mean's gradient is the product of the weights
+    # along each value's path: exactly 1/n for every value iff the tree's weights are right.
+    x = (torch.rand(2, n) + 1).requires_grad_()
+    (g,) = torch.autograd.grad(emulated_mean(x, "fp16", summation=summation, block_size=7).sum(), x)
+    torch.testing.assert_close(g, torch.full_like(g, 1.0 / n), rtol=1e-6, atol=0)
+    y = emulated_batch_norm(x.detach().reshape(2, 1, n).transpose(0, 1).contiguous().requires_grad_(),
+                            None, None, training=True, p=1, compute_dtype="fp16", accumulate_dtype="fp16",
+                            summation=summation)
+    assert torch.isfinite(y).all()

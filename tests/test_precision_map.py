@@ -45,3 +45,20 @@ def test_topk_cells_below_k_are_undefined_and_bad_input_is_refused():
         precision_map(scales=[0.0])
     with pytest.raises(ValueError, match="unknown format"):
         precision_map(formats=[("x", "fp9", None)])
+
+
+def test_rows_default_to_float32_sums_and_may_choose_their_reduction():
+    # s = 8, n = 4096: fp16 sums of d² (≈ 262144) overflow; float32 sums of the same fp16 squares
+    # (each ≤ ~1600) and the fp16 pairwise mean (≈ 64) do not. At s = 400 the squares themselves
+    # overflow (|d| > 256): L2 fails with any accumulation, L1 passes with float32 sums or means.
+    pm = precision_map(
+        formats=[("fp16", "fp16", None), ("fp16 sums", "fp16", "fp16"),
+                 ("fp16 mean", "fp16", "fp16", "pairwise_mean")],
+        norms=[("L1", 1.0, None), ("L2", 2.0, None)], sizes=[4096], scales=[8.0, 400.0], channels=4,
+    )
+    ok = pm.passes()[:, :, 0]  # (format, norm, scale)
+    assert ok[0, 1, 0] and not ok[1, 1, 0] and ok[2, 1, 0]
+    assert ok[0, 0, 1] and not ok[1, 0, 1] and ok[2, 0, 1]
+    assert not ok[:, 1, 1].any()
+    with pytest.raises(ValueError, match="format row"):
+        precision_map(formats=[("x", "fp16")])
