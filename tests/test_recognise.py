@@ -373,3 +373,21 @@ def test_failed_check_leaves_no_file_and_names_the_difference(tmp_path):
     with pytest.raises(ValueError, match="onnxruntime's output differs"):
         export_onnx(Drifting().eval(), torch.randn(2, 4), path, fold=False)
     assert list(tmp_path.iterdir()) == []
+
+
+class MyLpLayerNorm(LpLayerNorm):
+    """A user's subclass: not known to compute what LpLayerNorm computes."""
+
+
+def test_to_torch_leaves_layers_without_a_torch_counterpart_with_a_warning():
+    from normmatters.nn import MeanOnlyBatchNorm2d
+
+    model = nn.Sequential(LpBatchNorm2d(4, p=2), MeanOnlyBatchNorm2d(4), MyLpLayerNorm(4, p=2))
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        out = nm.to_torch_norms(model)
+    left = _left_warnings(record)
+    assert type(out[0]) is nn.BatchNorm2d and type(out[1]) is MeanOnlyBatchNorm2d and type(out[2]) is MyLpLayerNorm
+    assert len(left) == 2 and "'1' (MeanOnlyBatchNorm2d)" in left[0] and "'2' (MyLpLayerNorm)" in left[1]
+    with pytest.raises(ValueError, match="low-precision emulation"):
+        nm.to_torch_norms(nn.Sequential(LpBatchNorm2d(4, p=2, compute_dtype=torch.float16)))

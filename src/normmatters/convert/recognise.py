@@ -422,6 +422,7 @@ def _randomize(module: nn.Module, gen: torch.Generator) -> None:
                 t.copy_(torch.rand(t.shape, generator=gen, dtype=torch.float64) + 0.5)
             else:
                 t.copy_(torch.randn(t.shape, generator=gen, dtype=torch.float64) * 0.5)
+            # (copy_ moves the CPU values to the module's device)
 
 
 def _probe_shapes(spec: NormSpec) -> list[tuple[int, ...]]:
@@ -445,9 +446,13 @@ def _tensors(obj: Any) -> list[Tensor]:
 def _disagreement(module: nn.Module, spec: NormSpec) -> str | None:
     """``None`` when ``module`` computes ``spec`` on the probe inputs, else what differs."""
     gen = torch.Generator().manual_seed(0)
+    tensors = list(module.parameters()) + list(module.buffers())
+    device = tensors[0].device if tensors else torch.device("cpu")
+    if device.type == "meta":
+        return "it is on the meta device: there are no values to probe it with"
     try:
         cand = copy.deepcopy(module).to(torch.float64)
-        ref = build(spec, dtype=torch.float64)
+        ref = build(spec, dtype=torch.float64, device=device)
     except Exception as exc:  # noqa: BLE001 - a module we cannot copy is a module we cannot probe
         return f"it could not be probed ({type(exc).__name__}: {exc})"
     _randomize(cand, gen)
@@ -458,14 +463,14 @@ def _disagreement(module: nn.Module, spec: NormSpec) -> str | None:
     for training in (True, False):
         for shape in _probe_shapes(spec):
             for scale in scales:
-                x = (torch.randn(shape, generator=gen, dtype=torch.float64) +
-                     torch.randn(shape[-1], generator=gen, dtype=torch.float64)) * scale
+                x = ((torch.randn(shape, generator=gen, dtype=torch.float64) +
+                      torch.randn(shape[-1], generator=gen, dtype=torch.float64)) * scale).to(device)
                 cand.load_state_dict(start_c)
                 ref.load_state_dict(start_r)
                 cand.train(training)
                 ref.train(training)
                 try:
-                    with torch.no_grad(), torch.random.fork_rng(devices=[]):
+                    with torch.no_grad(), torch.random.fork_rng(devices=[] if device.type != "cuda" else [device]):
                         y = cand(x.clone())
                 except Exception as exc:  # noqa: BLE001 - refusing the input is a disagreement
                     return f"it refuses a {list(shape)} input ({type(exc).__name__})"
