@@ -590,20 +590,25 @@ def _resume_and_open_run_folder(run: _Run, resume: bool | str | os.PathLike) -> 
 
 
 # -- epochs -----------------------------------------------------------------------------------
-def _epoch_loop(run: _Run, callbacks: Iterable[Any]) -> float:
-    """Train, evaluate, call back, checkpoint and log each epoch; return the wall time (s)."""
+def _progress_bar(iterable: Iterable[Any], **kw: Any):
+    """A tqdm bar (tqdm is part of the ``experiments`` extra, imported when a run starts)."""
     from tqdm.auto import tqdm
 
+    return tqdm(iterable, dynamic_ncols=True, **kw)
+
+
+def _epoch_loop(run: _Run, callbacks: Iterable[Any]) -> float:
+    """Train, evaluate, call back, checkpoint and log each epoch; return the wall time (s)."""
     state, config = run.state, run.state.config
     t0 = time.perf_counter() - state.elapsed
-    epochs_bar = tqdm(range(run.start_epoch, config.epochs + 1), desc=f"{config.model}/{config.norm}",
-                      initial=run.start_epoch - 1, total=config.epochs, disable=not run.progress, unit="epoch",
-                      dynamic_ncols=True)
+    epochs_bar = _progress_bar(range(run.start_epoch, config.epochs + 1), desc=f"{config.model}/{config.norm}",
+                               initial=run.start_epoch - 1, total=config.epochs, disable=not run.progress,
+                               unit="epoch")
     for epoch in epochs_bar:
         state.epoch = epoch
         state.metrics = {}
         t_epoch = time.perf_counter()
-        metrics = _train_one_epoch(run, epoch, callbacks, tqdm)
+        metrics = _train_one_epoch(run, epoch, callbacks)
         if epoch % config.eval_every == 0 or epoch == config.epochs:
             metrics.update(_evaluate_epoch(run))
         metrics["epoch_time"] = time.perf_counter() - t_epoch
@@ -625,7 +630,7 @@ def _epoch_loop(run: _Run, callbacks: Iterable[Any]) -> float:
     return time.perf_counter() - t0
 
 
-def _train_one_epoch(run: _Run, epoch: int, callbacks: Iterable[Any], tqdm) -> dict[str, Any]:
+def _train_one_epoch(run: _Run, epoch: int, callbacks: Iterable[Any]) -> dict[str, Any]:
     """One pass over the training shard; returns the epoch's training metrics (global)."""
     state, config, device = run.state, run.state.config, run.state.device
     world = state.world_size
@@ -636,8 +641,8 @@ def _train_one_epoch(run: _Run, epoch: int, callbacks: Iterable[Any], tqdm) -> d
     sum_loss = torch.zeros((), dtype=torch.float64, device=device)
     sum_correct = torch.zeros((), dtype=torch.int64, device=device)
     count = 0
-    bar = tqdm(_batches(state.train_loader, run.steps_per_epoch), total=run.steps_per_epoch,
-               desc=f"epoch {epoch}/{config.epochs}", leave=False, disable=not run.progress, dynamic_ncols=True)
+    bar = _progress_bar(_batches(state.train_loader, run.steps_per_epoch), total=run.steps_per_epoch,
+                        desc=f"epoch {epoch}/{config.epochs}", leave=False, disable=not run.progress)
     for i, (x, y) in enumerate(bar):
         x, y = _to_device(x, device, config.channels_last), y.to(device, non_blocking=True)
         with _autocast(config, device):

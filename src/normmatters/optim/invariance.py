@@ -63,10 +63,12 @@ from typing import Any
 from torch import Tensor, nn
 
 from normmatters.optim.fx_detect import fx_analysis
-from normmatters.optim.grouping import grouped_norms
-from normmatters.optim.param_groups import last_layer_parameters, split_param_groups
 from normmatters.optim.probe import probe_analysis
 from normmatters.optim.results import InvarianceReport, ScaleInvarianceTraceError, ScaleInvariantParam
+
+# Also importable from here, where they were first defined.
+from normmatters.optim.grouping import grouped_norms
+from normmatters.optim.param_groups import last_layer_parameters, split_param_groups
 
 __all__ = [
     "ScaleInvariantParam",
