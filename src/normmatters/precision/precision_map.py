@@ -23,8 +23,8 @@ fails only by its squares overflowing or underflowing), fp16 and bf16 with sums 
 fraction bits they miss 1% at every scale and size of the default grid, as pairwise sums and as
 pairwise means (measured).
 
-Everything is vectorised over the scales (they are stacked as extra statistics), so the whole
-default map takes a few seconds on one CPU core.
+Everything is vectorised over the scales (they are stacked as extra statistics): one pass per
+(format, norm, size), a few seconds per format row at the default grid on a CPU.
 
 Example::
 
