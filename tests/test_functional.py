@@ -247,3 +247,19 @@ def test_empty_batch_like_torch():
     y = lp_batch_norm(x, rm, rv, training=True, p=1)
     assert y.shape == x.shape and torch.equal(rm, torch.zeros(3)) and torch.equal(rv, torch.ones(3))
     assert not math.isnan(rv.sum().item())
+
+
+@pytest.mark.parametrize("p", [1, 2, INF])
+@pytest.mark.parametrize("name", ["weight", "bias", "running_mean", "running_var"])
+def test_one_element_vector_for_three_channels_is_refused(name, p):
+    # As torch: a weight (or bias, or running statistic) must have one value per channel; a
+    # 1-element tensor is not broadcast over 3 channels.
+    x = torch.randn(8, 3, 4)
+    args = {"weight": None, "bias": None, "running_mean": torch.zeros(3), "running_var": torch.ones(3)}
+    args[name] = torch.ones(1)
+    with pytest.raises(ValueError, match=rf"{name} .*\[3\].*\[1\]"):
+        lp_batch_norm(x, args["running_mean"], args["running_var"], args["weight"], args["bias"],
+                      training=True, p=p)
+    with pytest.raises((ValueError, RuntimeError)):
+        F.batch_norm(x, args["running_mean"], args["running_var"], args["weight"], args["bias"],
+                     training=True)

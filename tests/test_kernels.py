@@ -337,3 +337,81 @@ def test_bench_main_writes_table_and_json(tmp_path, capsys):
         assert r["ours_fwdbwd_ms"] > 0 and r["torch_fwdbwd_ms"] > 0
         assert r["fwdbwd_ratio"] == pytest.approx(r["ours_fwdbwd_ms"] / r["torch_fwdbwd_ms"])
         assert r["ours_saved_bytes"] <= r["torch_saved_bytes"]
+
+
+# ------------------------------------------------------------------ second order, huge inputs
+@pytest.mark.parametrize("p,k", NORMS[:3], ids=NORM_IDS[:3])
+@pytest.mark.parametrize("kind", ["batch", "batch_cl", "layer", "group", "rms"])
+def test_second_order_gradients_on_the_fused_path(kind, p, k):
+    # create_graph=True backward through the fused op is the differentiable closed form.
+    x = _leaf(5, 4, 3, 2, dtype=torch.float64, scale=2.0, channels_last=kind == "batch_cl")
+    w = _leaf(4, dtype=torch.float64)
+    b = _leaf(4, dtype=torch.float64)
+    if kind in ("batch", "batch_cl"):
+        f = lambda x, w, b: lp_batch_norm(x, None, None, w, b, True, p=p, k=k)  # noqa: E731
+    elif kind == "layer":
+        x, w, b = _leaf(3, 5, 8, dtype=torch.float64), _leaf(8, dtype=torch.float64), _leaf(8, dtype=torch.float64)
+        f = lambda x, w, b: lp_layer_norm(x, (8,), w, b, p=p, k=k)  # noqa: E731
+    elif kind == "group":
+        f = lambda x, w, b: lp_group_norm(x, 2, w, b, p=p, k=k)  # noqa: E731
+    else:
+        x, w, b = _leaf(3, 5, 8, dtype=torch.float64), _leaf(8, dtype=torch.float64), _leaf(8, dtype=torch.float64)
+        f = lambda x, w, b: lp_rms_norm(x, (8,), w, 1e-6, p=p, k=k) + b  # noqa: E731
+    assert _fused(f(x, w, b))
+    assert torch.autograd.gradgradcheck(f, (x, w, b), atol=1e-6)
+
+
+@pytest.mark.parametrize("p,k", NORMS[:3], ids=NORM_IDS[:3])
+def test_gradient_penalty_matches_the_reference(p, k):
+    # The reported failure: a gradient penalty through conv → Lp batch norm gave a wrong
+    # conv-weight gradient on the fused path.
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(3, 4, 3, bias=False).double()
+    x = torch.randn(6, 3, 7, 7, dtype=torch.float64, requires_grad=True)
+    grads = {}
+    for backend in ("auto", "reference"):
+        conv.zero_grad()
+        with K.use_backend(backend):
+            bn = LpBatchNorm2d(4, dtype=torch.float64, p=p, k=k)
+            y = bn(conv(x))
+            (gx,) = torch.autograd.grad((y.tanh() ** 2).sum(), x, create_graph=True)
+            gx.pow(2).sum().backward()
+        grads[backend] = conv.weight.grad.clone()
+    torch.testing.assert_close(grads["auto"], grads["reference"], atol=1e-10, rtol=1e-8)
+
+
+@pytest.mark.parametrize("p,k", NORMS[:3], ids=NORM_IDS[:3])
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+def test_huge_inputs_stay_finite_like_torch(backend, p, k):
+    # Values near 1e38 (float32): torch's layers stay finite; so must ours (the sums of the mean
+    # and of |x − μ| overflow float32).
+    torch.manual_seed(0)
+    x = (torch.rand(8, 4, 5, 5) * 2 - 1) * 1e38
+    assert torch.isfinite(torch.nn.functional.batch_norm(x, None, None, training=True)).all()
+    with K.use_backend(backend):
+        outs = [lp_batch_norm(x, None, None, training=True, p=p, k=k),
+                lp_batch_norm(x.contiguous(memory_format=torch.channels_last), None, None,
+                              training=True, p=p, k=k),
+                lp_batch_norm(x.view(8, 100), None, None, training=True, p=p, k=k),
+                lp_layer_norm(x, (5, 5), p=p, k=k), lp_group_norm(x, 2, p=p, k=k),
+                lp_rms_norm(x, (5, 5), p=p, k=k)]
+        rm, rv = torch.zeros(4), torch.ones(4)
+        lp_batch_norm(x, rm, rv, training=True, p=p, k=k)
+        outs.append(lp_batch_norm(x, rm, rv, training=False, p=p, k=k))
+    for y in outs:
+        assert torch.isfinite(y).all()
+    if backend == "auto":
+        xr = x.clone().requires_grad_(True)
+        lp_batch_norm(xr, None, None, training=True, p=p, k=k).sum().backward()
+        assert torch.isfinite(xr.grad).all()
+
+
+def test_enums_are_the_kernel_codes():
+    from normmatters.kernels.enums import Affine, Layout, Mode
+
+    x = torch.randn(2, 3, 4)
+    y, mean, inv, _ = cpu.forward(x, Layout.NCS, None, None, Mode.L1, 1, 1.0, 1e-5, True, Affine.CHANNEL)
+    expected = (x - x.mean((0, 2), keepdim=True)) / (
+        (x - x.mean((0, 2), keepdim=True)).abs().mean((0, 2), keepdim=True) + 1e-5)
+    torch.testing.assert_close(y, expected)
+    assert (int(Layout.NCS), int(Layout.NSC), int(Mode.L1), int(Mode.TOPK)) == (0, 1, 1, 2)

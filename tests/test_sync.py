@@ -132,6 +132,17 @@ def _train(model: nn.Module, shard: slice, steps: int = 3) -> None:
         opt.step()
 
 
+TIE_KINDS = {"linf": (INF, None), "top3": (INF, 3), "l1": (1, None)}
+
+
+def _tie_data() -> tuple[torch.Tensor, torch.Tensor]:
+    # Mean 0 exactly; |x| = 3 at positions 0, 1 (rank 0) and 4, 5 (rank 1): L∞ takes position 0,
+    # Top(3) positions 0, 1 and 4 — a choice that crosses the processes.
+    x = torch.tensor([3.0, -3.0, 1.0, -1.0, 3.0, -3.0, 0.5, -0.5], dtype=torch.float64).view(8, 1)
+    r = torch.tensor([0.3, -1.2, 0.7, 2.0, -0.4, 1.1, 0.9, -0.6], dtype=torch.float64).view(8, 1)
+    return x, r
+
+
 def _worker(rank: int, init_method: str, outdir: str) -> None:
     os.environ["OMP_NUM_THREADS"] = "1"
     torch.set_num_threads(1)
@@ -157,6 +168,12 @@ def _worker(rank: int, init_method: str, outdir: str) -> None:
             results["k_too_large"] = "no error"
         except ValueError as e:
             results["k_too_large"] = str(e)
+        # Tied maxima, within a process and across the two: the one tie rule (lowest index first).
+        for kind, (p, k) in TIE_KINDS.items():
+            x = _tie_data()[0][4 * rank:4 * rank + 4].clone().requires_grad_(True)
+            layer = SyncLpBatchNorm(1, dtype=torch.float64, p=p, k=k)
+            (layer(x) * _tie_data()[1][4 * rank:4 * rank + 4]).sum().backward()
+            results[("ties", kind)] = x.grad.detach()
         # DDP: a few SGD steps with the batch split over the processes.
         for kind in DDP_KINDS:
             model = nn.parallel.DistributedDataParallel(convert_sync_lp_batchnorm(_ddp_model(kind)))
@@ -442,3 +459,38 @@ def test_convert_refuses_precision_emulation_and_non_modules():
         convert_sync_lp_batchnorm(nn.Sequential(layer))
     with pytest.raises(TypeError, match="nn.Module"):
         convert_sync_lp_batchnorm("model")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("kind", list(TIE_KINDS))
+def test_ties_follow_one_rule_on_every_path(spawned, kind):
+    # Two processes, one process on the fused kernels, and the reference all send the gradient of
+    # tied maxima to the same positions.
+    import normmatters.kernels as K
+
+    p, k = TIE_KINDS[kind]
+    x, r = _tie_data()
+    grads = {}
+    for backend in ("auto", "reference"):
+        xx = x.clone().requires_grad_(True)
+        with K.use_backend(backend):
+            (LpBatchNorm1d(1, dtype=torch.float64, p=p, k=k)(xx) * r).sum().backward()
+        grads[backend] = xx.grad
+    synced = torch.cat([spawned[rank][("ties", kind)] for rank in range(WORLD)])
+    _close(grads["auto"], grads["reference"])
+    _close(synced, grads["reference"])
+    if kind != "l1":
+        # The rule itself: the closed form with the gradient of σ̂ at exactly these positions.
+        from normmatters.functional.norm import closed_form_grad, closed_form_sums
+        from normmatters.functional import lp_constant
+
+        kk = 1 if k is None else k
+        d = x.view(8, 1)
+        pattern = torch.zeros(8, 1, dtype=torch.float64)
+        for i in ([0] if kk == 1 else [0, 1, 4]):
+            pattern[i, 0] = torch.sign(d[i, 0])
+        c = lp_constant(p, k, 8)
+        inv = 1.0 / (c * 3.0 + 1e-5)
+        inv_t = torch.full((1, 1), inv, dtype=torch.float64)
+        sums = closed_form_sums(r, d, pattern, (0,))
+        expected = closed_form_grad(r, d, inv_t, pattern, sums, 8, p, k, c, (0,))
+        _close(grads["reference"], expected)

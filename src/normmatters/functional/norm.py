@@ -162,7 +162,7 @@ def check_k(k: int | None, n: int, where: str, what: str = "statistic") -> None:
 
 
 def _check_vector(t: Tensor | None, name: str, size: int, where: str) -> None:
-    if t is not None and (t.dim() != 1 or t.shape[0] != size):
+    if t is not None and t.numel() != size:  # torch's rule: one value per channel
         raise ValueError(f"{where}: expected {name} of shape [{size}] (one value per channel), "
                          f"got {name} of shape {list(t.shape)}")
 
