@@ -223,7 +223,7 @@ def _unload(lib: ctypes.CDLL) -> None:
     # So that loading the rebuilt file maps it afresh instead of returning the cached handle.
     try:
         _ctypes.dlclose(lib._handle)
-    except Exception:  # noqa: BLE001 - best effort: the rebuilt file is then loaded under a new name
+    except Exception:  # noqa: BLE001 - best effort: if it stays loaded, the reload fails the check again
         pass
 
 
@@ -248,8 +248,8 @@ def load(name: str, tag: str, defines: dict[str, int],
             if cxx is None:
                 raise RuntimeError("no C++ compiler found (set CXX)")
             if problem is not None:
-                logger.warning("normmatters: the cached kernel library %s is damaged (%s); "
-                               "rebuilding it.", target, problem)
+                logger.warning("normmatters: the cached kernel library %s fails verification "
+                               "(%s); rebuilding it.", target, problem)
             else:
                 logger.warning("normmatters: compiling the fused CPU normalization kernels (%s) "
                                "once (a few seconds); cached in %s. Set "
