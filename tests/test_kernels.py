@@ -322,21 +322,23 @@ def test_library_is_cached_on_disk():
 
 
 def test_bench_main_writes_table_and_json(tmp_path, capsys):
-    from normmatters.kernels.bench import main
+    from normmatters.experiments.bench_steps import main
 
     out = tmp_path / "bench.json"
-    rc = main(["--shapes", "4x3x4x4", "--layer-shapes", "4x16", "--dtypes", "float32",
-               "--norms", "l1", "top10", "--repeat", "1", "--warmup", "0", "--json", str(out)])
+    rc = main(["--suites", "layers", "overhead", "--shapes", "4x3x4x4", "--layer-shapes", "4x16",
+               "--norms", "l1", "top10", "--repeat", "1", "--json", str(out)])
     assert rc == 0
     text = capsys.readouterr().out
     assert "ratio" in text and "4x3x4x4" in text
-    rows = json.loads(out.read_text())["rows"]
-    assert {(r["kind"], r["norm"]) for r in rows} == {("batch", "l1"), ("batch", "top10"),
-                                                      ("layer", "l1"), ("layer", "top10")}
+    payload = json.loads(out.read_text())
+    rows = payload["layers"]
+    assert {(r["family"], r["norm"]) for r in rows} == {("batch", "l1"), ("batch", "top10"),
+                                                        ("layer", "l1"), ("layer", "top10")}
     for r in rows:
-        assert r["ours_fwdbwd_ms"] > 0 and r["torch_fwdbwd_ms"] > 0
-        assert r["fwdbwd_ratio"] == pytest.approx(r["ours_fwdbwd_ms"] / r["torch_fwdbwd_ms"])
+        assert r["ours_train_us"] > 0 and r["torch_train_us"] > 0
+        assert r["train_ratio"] == pytest.approx(r["ours_train_us"] / r["torch_train_us"])
         assert r["ours_saved_bytes"] <= r["torch_saved_bytes"]
+    assert {r["family"] for r in payload["overhead"]} >= {"batch", "layer", "group", "rms"}
 
 
 # ------------------------------------------------------------------ second order, huge inputs

@@ -53,7 +53,7 @@ _SUBCOMMANDS = {
     "reproduce": "run the paper's claims C1–C5 and write a report",
     "bench": "time the normalization layers against PyTorch's",
 }
-_DISPATCH = {"reproduce": "normmatters.experiments.reproduce", "bench": "normmatters.kernels.bench"}
+_DISPATCH = {"reproduce": "normmatters.experiments.reproduce", "bench": "normmatters.experiments.bench_steps"}
 # The import names of the ``experiments`` extra (pyproject.toml), needed by these commands.
 _EXTRA_MODULES = {"matplotlib": "matplotlib", "sklearn": "scikit-learn", "mnist1d": "mnist1d", "tqdm": "tqdm"}
 _NEEDS_EXTRA = ("train", "reproduce")

@@ -1,6 +1,6 @@
 """The math of normmatters, stateless: Lp dispersions, their constants and the normalizations.
 
-Every formula of SPEC §2 lives here once; modules in :mod:`normmatters.nn` wrap these functions.
+Every formula (Hoffer et al. 2018, Sec. 4; docs/math.md) lives here once; modules in :mod:`normmatters.nn` wrap these functions.
 """
 
 from .constants import C_L1, lp_constant, normalize_p, paper_constant, topk_constant

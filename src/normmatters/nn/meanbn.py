@@ -1,4 +1,4 @@
-r"""Mean-only batch normalization: the companion of weight normalization (SPEC §2–3).
+r"""Mean-only batch normalization: the companion of weight normalization (Hoffer et al. 2018, Sec. 5).
 
 y = x − E[x] + β per channel (optionally ·γ): the batch mean in training, the running mean in
 evaluation. Salimans & Kingma (2016) pair it with weight normalization; the paper's BWN ResNet is

@@ -408,7 +408,7 @@ void bwd_ncs(const T* dy, const T* x, T* dx, int64_t N, int64_t C, int64_t S,
       if (dw) dw[c] = (A)(inv * sdyd);
       if (db) db[c] = (A)sdy;
       if (!dx) continue;
-      // g' = γ·dy; M = mean(g'·x̂); dx = inv·(g' − mean(g') − C·(s − mean(s))·M) (SPEC §2)
+      // g' = γ·dy; M = mean(g'·x̂); dx = inv·(g' − mean(g') − C·(s − mean(s))·M)
       const double M = gam * inv * sdyd / (double)n;
       const double mg = center ? gam * sdy / (double)n : 0.0;
       const A a = (A)(inv * gam);
