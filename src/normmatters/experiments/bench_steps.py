@@ -93,7 +93,8 @@ def _repeats(numel: int, repeat: int) -> int:
 
 def layer_rows(grid: Sequence[tuple[str, tuple[int, ...]]], norms: Sequence[str], repeat: int,
                device: str = "cpu", dtype: torch.dtype = torch.float32,
-               clock: str = "wall", channels_last: bool = False) -> list[dict[str, Any]]:
+               clock: str = "wall", channels_last: bool = False, warmup: int = 3
+               ) -> list[dict[str, Any]]:
     """One row per (family, shape, norm): training fwd+bwd and no_grad evaluation, ours/torch."""
     dev = torch.device(device)
     tick = CLOCKS[clock]
@@ -121,15 +122,15 @@ def layer_rows(grid: Sequence[tuple[str, tuple[int, ...]]], norms: Sequence[str]
                 return f
 
             ref.train(), ours.train()
-            t_fb, o_fb = time_interleaved([fb(ref), fb(ours)], reps, 3, dev, tick)
+            t_fb, o_fb = time_interleaved([fb(ref), fb(ours)], reps, warmup, dev, tick)
             saved = (saved_bytes(lambda: ours(x)), saved_bytes(lambda: ref(x)))
             ref.eval(), ours.eval()
-            t_ev, o_ev = time_interleaved([ev(ref), ev(ours)], reps, 3, dev, tick)
+            t_ev, o_ev = time_interleaved([ev(ref), ev(ours)], reps, warmup, dev, tick)
             x.grad = None
             nbytes = x.numel() * x.element_size()
             rows.append({
                 "family": family, "shape": "x".join(map(str, shape)) + ("cl" if channels_last else ""),
-                "norm": name, "torch_train_us": t_fb * 1e6, "ours_train_us": o_fb * 1e6,
+                "norm": name, "dtype": str(dtype).split(".")[-1], "torch_train_us": t_fb * 1e6, "ours_train_us": o_fb * 1e6,
                 "train_ratio": o_fb / t_fb, "torch_eval_us": t_ev * 1e6, "ours_eval_us": o_ev * 1e6,
                 "eval_ratio": o_ev / t_ev, "ours_train_GBps": 5 * nbytes / o_fb / 1e9,
                 "ours_saved_bytes": saved[0], "torch_saved_bytes": saved[1],
@@ -238,7 +239,7 @@ def step_rows(models: Sequence[str], norms: Sequence[str], repeat: int, clock: s
     return rows
 
 
-LAYER_COLUMNS = [("family", "family", ""), ("shape", "shape", ""), ("norm", "norm", ""),
+LAYER_COLUMNS = [("family", "family", ""), ("shape", "shape", ""), ("dtype", "dtype", ""), ("norm", "norm", ""),
                  ("torch train µs", "torch_train_us", ".0f"), ("ours", "ours_train_us", ".0f"),
                  ("ratio", "train_ratio", ".2f"), ("torch eval µs", "torch_eval_us", ".0f"),
                  ("ours", "ours_eval_us", ".0f"), ("ratio", "eval_ratio", ".2f"),
@@ -258,7 +259,8 @@ def main(argv: list[str] | None = None, out: TextIO | None = None) -> int:
     ap = argparse.ArgumentParser(prog="normmatters bench", description=__doc__.split("\n\n")[0])
     ap.add_argument("--suites", nargs="+", default=["layers", "overhead"],
                     choices=["layers", "overhead", "steps"])
-    ap.add_argument("--families", nargs="+", default=None, choices=["batch", "layer", "group", "rms"],
+    ap.add_argument("--families", "--kinds", nargs="+", default=None,
+                    choices=["batch", "layer", "group", "rms"],
                     help="restrict the layers suite to these families")
     ap.add_argument("--shapes", nargs="+", type=_shape, default=None,
                     help="batch-norm shapes NxCx... for the layers suite (default: the grid)")
@@ -267,7 +269,9 @@ def main(argv: list[str] | None = None, out: TextIO | None = None) -> int:
     ap.add_argument("--large", action="store_true", help="add 128x64x32x32 to the layers suite")
     ap.add_argument("--models", nargs="+", default=["resnet1d", "resnet20", "transformer_lm"])
     ap.add_argument("--compile", action="store_true", help="steps suite: also torch.compile'd")
-    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float64"])
+    ap.add_argument("--dtype", "--dtypes", nargs="+", default=["float32"],
+                    choices=["float32", "bfloat16", "float64"], help="layers suite dtypes")
+    ap.add_argument("--warmup", type=int, default=3, help="untimed calls before timing")
     ap.add_argument("--norms", nargs="+", default=list(NORMS), choices=list(NORMS))
     ap.add_argument("--repeat", type=int, default=21, help="timed repetitions (median reported)")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
@@ -277,13 +281,14 @@ def main(argv: list[str] | None = None, out: TextIO | None = None) -> int:
     ap.add_argument("--channels-last", action="store_true", help="layers suite: channels-last 4-D inputs")
     ap.add_argument("--json", default="bench_norm_layers.json", help="where to write the rows")
     args = ap.parse_args(argv)
-    if args.repeat < 1:
-        ap.error("--repeat must be >= 1")
+    if args.repeat < 1 or args.warmup < 0:
+        ap.error("--repeat must be >= 1 and --warmup >= 0")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}[args.dtype]
+    dtypes = [{"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}[d]
+              for d in args.dtype]
     dev = torch.device(args.device)
-    if get_backend() == "auto" and not available(dev, dtype):
+    if get_backend() == "auto" and not all(available(dev, d) for d in dtypes):
         print(f"warning: fused kernels unavailable on {dev}; timing the reference path", file=out)
     info = machine(args.device)
     info["clock"] = args.clock
@@ -298,8 +303,9 @@ def main(argv: list[str] | None = None, out: TextIO | None = None) -> int:
             grid = list(GRID) + (list(LARGE) if args.large else [])
         if args.families:
             grid = [(f, s) for f, s in grid if f in args.families]
-        rows = layer_rows(grid, args.norms, args.repeat, args.device, dtype, args.clock,
-                          args.channels_last)
+        rows = [r for d in dtypes
+                for r in layer_rows(grid, args.norms, args.repeat, args.device, d, args.clock,
+                                    args.channels_last, args.warmup)]
         payload["layers"] = rows
         print("\n## layers: training fwd+bwd and no_grad evaluation (ratio = ours / torch)", file=out)
         print(format_table(rows, LAYER_COLUMNS), file=out)

@@ -32,7 +32,7 @@ namespace {
 typedef uint16_t bf16_t;
 typedef _Float16 f16_t;
 const int64_t CH = 2048;   // chunk of a run summed in the accumulation type before a double add
-const int64_t SHORT = 4096; // statistics of at most this many values select Top(k) in one scan
+const int64_t SHORT = 512;  // statistics of at most this many values select Top(k) directly
 
 template <typename T> struct IO;
 template <> struct IO<float> {
@@ -200,54 +200,73 @@ template <typename A, typename F> inline double finite_or(A s, F again) {
   return std::isfinite(d) ? d : again();
 }
 
-// Top(k) of a short statistic (n <= SHORT values, e.g. a layer-norm row) in one scan in index
-// order: a sorted list of the k best so far, which a value enters only when it beats the k-th
-// (rare after the first few). Equal values keep the earlier (lower) index ahead: the tie rule.
-// NaN ranks above everything, so it is selected and propagates. `kv`, `kd`, `ki`, `ks` hold k.
+// Top(k) of a short statistic (n <= SHORT values, e.g. a layer-norm row): the |x − mu| into a
+// scratch array, a selection of the k-th largest t (std::nth_element), the sum of the k largest;
+// for the backward the positions in index order — all above t, then the first ones equal to t
+// (the tie rule: lowest index first). A NaN makes the sum NaN (as the reference's).
 template <typename T, typename A>
 double short_topk(const T* x, int64_t N, int64_t C, int64_t S, int64_t c, A mu, int k,
-                  int64_t* out_id, int* out_s, double* kv, double* kd, int64_t* ki, int* ks) {
-  const double inf = std::numeric_limits<double>::infinity();
-  int m = 0;
-  double worst = -inf;
-  const int64_t SB = 16;
+                  int64_t* out_id, int* out_s, std::vector<A>& buf) {
+  const int64_t n = N * S;
+  buf.resize((size_t)n);
+  A* b = buf.data();
+  int nan = 0;
   for (int64_t q = 0; q < N; ++q) {
     const T* xp = x + (q * C + c) * S;
-    for (int64_t i0 = 0; i0 < S; i0 += SB) {
-      const int64_t len = std::min(SB, S - i0);
-      if (m == k) {
-        // A vectorised look at the block first: most blocks hold nothing that beats the k-th.
-        A bm = A(0); int nan = 0;
-#pragma omp simd reduction(max:bm) reduction(|:nan)
-        for (int64_t i = 0; i < len; ++i) {
-          const A d = IO<T>::ld(xp, i0 + i) - mu; const A a = d < 0 ? -d : d;
-          bm = a > bm ? a : bm; nan |= (a != a);
-        }
-        if (!nan && !((double)bm > worst)) continue;
+    A* bq = b + q * S;
+#pragma omp simd reduction(|:nan)
+    for (int64_t i = 0; i < S; ++i) { const A d = IO<T>::ld(xp, i) - mu; const A a = d < 0 ? -d : d; bq[i] = a; nan |= (a != a); }
+  }
+  if (nan) {
+    if (out_id) for (int j = 0; j < k; ++j) { out_id[j] = j; out_s[j] = 0; }
+    return std::numeric_limits<double>::quiet_NaN();
+  }
+  if ((int64_t)k * n <= 8192) {
+    // Few values: k vectorised passes, each taking the largest left (its first position on a
+    // tie) — no data-dependent branches, unlike a partition.
+    double s = 0.0;
+    for (int j = 0; j < k; ++j) {
+      A best = A(-1);
+#pragma omp simd reduction(max:best)
+      for (int64_t i = 0; i < n; ++i) best = b[i] > best ? b[i] : best;
+      int64_t pos = n - 1;
+#pragma omp simd reduction(min:pos)
+      for (int64_t i = 0; i < n; ++i) pos = (b[i] == best && i < pos) ? i : pos;
+      s += (double)best;
+      b[pos] = A(-1);  // |d| >= 0: never taken again
+      if (out_id) {
+        const A d = IO<T>::ld(x, ((pos / S) * C + c) * S + pos % S) - mu;
+        out_id[j] = pos; out_s[j] = (d > 0) - (d < 0);
       }
-      for (int64_t i = i0; i < i0 + len; ++i) {
-        const A d = IO<T>::ld(xp, i) - mu;
-        const double a = (double)(d < 0 ? -d : d);
-        const double key = a != a ? inf : a;
-        if (m == k && !(key > worst)) continue;
-        int pos = m < k ? m++ : k - 1;
-        while (pos > 0 && key > kv[pos - 1]) {
-          kv[pos] = kv[pos - 1]; kd[pos] = kd[pos - 1]; ki[pos] = ki[pos - 1]; ks[pos] = ks[pos - 1]; --pos;
+    }
+    return s;
+  }
+  std::nth_element(b, b + (k - 1), b + n, [](A p, A q) { return p > q; });
+  const A t = b[k - 1];
+  double s = 0.0;
+  int above = 0;
+  for (int j = 0; j < k; ++j) { s += (double)b[j]; above += b[j] > t; }
+  if (out_id) {
+    int room = k - above, m = 0;
+    for (int64_t q = 0; q < N && m < k; ++q) {
+      const T* xp = x + (q * C + c) * S;
+      for (int64_t i = 0; i < S; ++i) {
+        const A d = IO<T>::ld(xp, i) - mu; const A a = d < 0 ? -d : d;
+        if (a > t || (a == t && room > 0)) {
+          if (!(a > t)) --room;
+          out_id[m] = q * S + i; out_s[m] = (d > 0) - (d < 0);
+          if (++m == k) break;
         }
-        kv[pos] = key; kd[pos] = a; ki[pos] = q * S + i; ks[pos] = (d > 0) - (d < 0);
-        if (m == k) worst = kv[k - 1];
       }
     }
   }
-  double s = 0.0;
-  for (int j = 0; j < m; ++j) { s += kd[j]; if (out_id) { out_id[j] = ki[j]; out_s[j] = ks[j]; } }
   return s;
 }
 
 // Per-thread scratch of short_topk.
-struct TopScratch {
-  std::vector<double> kv, kd; std::vector<int64_t> ki; std::vector<int> ks;
-  explicit TopScratch(int k) : kv((size_t)std::max(k, 1)), kd((size_t)std::max(k, 1)), ki((size_t)std::max(k, 1)), ks((size_t)std::max(k, 1)) {}
+template <typename A> struct TopScratch {
+  std::vector<A> buf;
+  explicit TopScratch(int) {}
 };
 
 // ---------------------------------------------------------------- NCS layout: one channel per task
@@ -262,7 +281,7 @@ void fwd_ncs(const T* x, T* y, int64_t N, int64_t C, int64_t S,
   const int64_t chunk = std::max<int64_t>(1, C / (8 * (int64_t)nt));
 #pragma omp parallel num_threads(nt)
   {
-    HeapSet<A> hs; std::vector<Cand> buf; Pieces<T, A> pieces; TopScratch ts(k);
+    HeapSet<A> hs; std::vector<Cand> buf; Pieces<T, A> pieces; TopScratch<A> ts(k);
     if (mode == 2) hs.init(1, k);
 #pragma omp for schedule(dynamic, chunk)
     for (int64_t c = 0; c < C; ++c) {
@@ -310,7 +329,7 @@ void fwd_ncs(const T* x, T* y, int64_t N, int64_t C, int64_t S,
         const A up = gmx - mu, dn = mu - gmn;
         sig = cst * (double)(up > dn ? up : dn);
       } else if (short_rows) {
-        sig = cst * short_topk<T, A>(x, N, C, S, c, mu, k, nullptr, nullptr, ts.kv.data(), ts.kd.data(), ts.ki.data(), ts.ks.data()) / (double)k;
+        sig = cst * short_topk<T, A>(x, N, C, S, c, mu, k, nullptr, nullptr, ts.buf) / (double)k;
       } else {
         pieces.finish(x, k, *hi, *lo);
         sig = cst * select_topk<A>(&hi, &lo, 1, k, mu, nullptr, nullptr, buf) / (double)k;
@@ -358,7 +377,7 @@ void bwd_ncs(const T* dy, const T* x, T* dx, int64_t N, int64_t C, int64_t S,
   const int64_t chunk = std::max<int64_t>(1, C / (8 * (int64_t)nt));
 #pragma omp parallel num_threads(nt)
   {
-    HeapSet<A> hs; std::vector<Cand> buf; Pieces<T, A> pieces; TopScratch ts(k);
+    HeapSet<A> hs; std::vector<Cand> buf; Pieces<T, A> pieces; TopScratch<A> ts(k);
     std::vector<int64_t> tid((size_t)std::max(k, 1)); std::vector<int> tsg((size_t)std::max(k, 1));
     if (mode == 2) hs.init(1, k);
 #pragma omp for schedule(dynamic, chunk)
@@ -425,7 +444,7 @@ void bwd_ncs(const T* dy, const T* x, T* dx, int64_t N, int64_t C, int64_t S,
         }
       } else {
         if (short_rows) {
-          short_topk<T, A>(x, N, C, S, c, mu, k, tid.data(), tsg.data(), ts.kv.data(), ts.kd.data(), ts.ki.data(), ts.ks.data());
+          short_topk<T, A>(x, N, C, S, c, mu, k, tid.data(), tsg.data(), ts.buf);
         } else {
           pieces.finish(x, k, *hi, *lo);
           select_topk<A>(&hi, &lo, 1, k, mu, tid.data(), tsg.data(), buf);
@@ -468,7 +487,7 @@ void bwd_rows(const T* dy, const T* x, T* dx, int64_t R, int64_t S,
     const int t = omp_get_thread_num();
 #pragma omp single
     used = omp_get_num_threads();
-    HeapSet<A> hs; std::vector<Cand> buf; Pieces<T, A> pieces; TopScratch ts(k);
+    HeapSet<A> hs; std::vector<Cand> buf; Pieces<T, A> pieces; TopScratch<A> ts(k);
     std::vector<int64_t> tid((size_t)std::max(k, 1)); std::vector<int> tsg((size_t)std::max(k, 1));
     if (mode == 2) hs.init(1, k);
     double* tw = dw ? pw.data() + (size_t)t * S : nullptr;
@@ -538,7 +557,7 @@ void bwd_rows(const T* dy, const T* x, T* dx, int64_t R, int64_t S,
           tid[0] = take_up ? imx : imn; tsg[0] = (d > 0) - (d < 0);
         } else {
           if (short_rows) {
-            short_topk<T, A>(xr, 1, 1, S, 0, mu, k, tid.data(), tsg.data(), ts.kv.data(), ts.kd.data(), ts.ki.data(), ts.ks.data());
+            short_topk<T, A>(xr, 1, 1, S, 0, mu, k, tid.data(), tsg.data(), ts.buf);
           } else {
             pieces.finish(xr, k, *hi, *lo);
             select_topk<A>(&hi, &lo, 1, k, mu, tid.data(), tsg.data(), buf);
