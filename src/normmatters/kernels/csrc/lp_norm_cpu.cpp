@@ -32,7 +32,7 @@ namespace {
 typedef uint16_t bf16_t;
 typedef _Float16 f16_t;
 const int64_t CH = 2048;   // chunk of a run summed in the accumulation type before a double add
-const int64_t SHORT = 512;  // statistics of at most this many values select Top(k) directly
+const int64_t SHORT = 2048; // statistics of at most this many values select Top(k) directly
 
 template <typename T> struct IO;
 template <> struct IO<float> {
@@ -201,12 +201,11 @@ template <typename A, typename F> inline double finite_or(A s, F again) {
 }
 
 // Top(k) of a short statistic (n <= SHORT values, e.g. a layer-norm row): the |x − mu| into a
-// scratch array, a selection of the k-th largest t (std::nth_element), the sum of the k largest;
-// for the backward the positions in index order — all above t, then the first ones equal to t
-// (the tie rule: lowest index first). A NaN makes the sum NaN (as the reference's).
+// scratch array, then k selections of the largest left, ties to the lowest index (the tie rule).
+// A NaN makes the sum NaN (as the reference's).
 template <typename T, typename A>
 double short_topk(const T* x, int64_t N, int64_t C, int64_t S, int64_t c, A mu, int k,
-                  int64_t* out_id, int* out_s, std::vector<A>& buf) {
+                  int64_t* out_id, int* out_s, std::vector<A>& buf, std::vector<A>& buf2) {
   const int64_t n = N * S;
   buf.resize((size_t)n);
   A* b = buf.data();
@@ -221,19 +220,33 @@ double short_topk(const T* x, int64_t N, int64_t C, int64_t S, int64_t c, A mu, 
     if (out_id) for (int j = 0; j < k; ++j) { out_id[j] = j; out_s[j] = 0; }
     return std::numeric_limits<double>::quiet_NaN();
   }
-  if ((int64_t)k * n <= 8192) {
-    // Few values: k vectorised passes, each taking the largest left (its first position on a
-    // tie) — no data-dependent branches, unlike a partition.
+  {
+    // k selections of the largest value left (its first position on a tie), each from the
+    // maxima of blocks of 16: one vectorised pass for the block maxima, then per selection a
+    // look at the blocks and one block.
+    const int64_t SB = 16, nb = (n + SB - 1) / SB;
+    std::vector<A>& bm = buf2;
+    bm.resize((size_t)nb);
+    for (int64_t q = 0; q < nb; ++q) {
+      const int64_t l = std::min(SB, n - q * SB);
+      A m = A(-1);
+#pragma omp simd reduction(max:m)
+      for (int64_t i = 0; i < l; ++i) m = b[q * SB + i] > m ? b[q * SB + i] : m;
+      bm[q] = m;
+    }
     double s = 0.0;
     for (int j = 0; j < k; ++j) {
-      A best = A(-1);
-#pragma omp simd reduction(max:best)
-      for (int64_t i = 0; i < n; ++i) best = b[i] > best ? b[i] : best;
-      int64_t pos = n - 1;
-#pragma omp simd reduction(min:pos)
-      for (int64_t i = 0; i < n; ++i) pos = (b[i] == best && i < pos) ? i : pos;
+      int64_t bb = 0;
+      for (int64_t q = 1; q < nb; ++q) if (bm[q] > bm[bb]) bb = q;
+      const A best = bm[bb];
+      const int64_t b0 = bb * SB, l = std::min(SB, n - b0);
+      int64_t pos = b0;
+      while (pos < b0 + l - 1 && !(b[pos] == best)) ++pos;
       s += (double)best;
       b[pos] = A(-1);  // |d| >= 0: never taken again
+      A m = A(-1);
+      for (int64_t i = b0; i < b0 + l; ++i) m = b[i] > m ? b[i] : m;
+      bm[bb] = m;
       if (out_id) {
         const A d = IO<T>::ld(x, ((pos / S) * C + c) * S + pos % S) - mu;
         out_id[j] = pos; out_s[j] = (d > 0) - (d < 0);
@@ -241,31 +254,11 @@ double short_topk(const T* x, int64_t N, int64_t C, int64_t S, int64_t c, A mu, 
     }
     return s;
   }
-  std::nth_element(b, b + (k - 1), b + n, [](A p, A q) { return p > q; });
-  const A t = b[k - 1];
-  double s = 0.0;
-  int above = 0;
-  for (int j = 0; j < k; ++j) { s += (double)b[j]; above += b[j] > t; }
-  if (out_id) {
-    int room = k - above, m = 0;
-    for (int64_t q = 0; q < N && m < k; ++q) {
-      const T* xp = x + (q * C + c) * S;
-      for (int64_t i = 0; i < S; ++i) {
-        const A d = IO<T>::ld(xp, i) - mu; const A a = d < 0 ? -d : d;
-        if (a > t || (a == t && room > 0)) {
-          if (!(a > t)) --room;
-          out_id[m] = q * S + i; out_s[m] = (d > 0) - (d < 0);
-          if (++m == k) break;
-        }
-      }
-    }
-  }
-  return s;
 }
 
 // Per-thread scratch of short_topk.
 template <typename A> struct TopScratch {
-  std::vector<A> buf;
+  std::vector<A> buf, buf2;
   explicit TopScratch(int) {}
 };
 
@@ -329,7 +322,7 @@ void fwd_ncs(const T* x, T* y, int64_t N, int64_t C, int64_t S,
         const A up = gmx - mu, dn = mu - gmn;
         sig = cst * (double)(up > dn ? up : dn);
       } else if (short_rows) {
-        sig = cst * short_topk<T, A>(x, N, C, S, c, mu, k, nullptr, nullptr, ts.buf) / (double)k;
+        sig = cst * short_topk<T, A>(x, N, C, S, c, mu, k, nullptr, nullptr, ts.buf, ts.buf2) / (double)k;
       } else {
         pieces.finish(x, k, *hi, *lo);
         sig = cst * select_topk<A>(&hi, &lo, 1, k, mu, nullptr, nullptr, buf) / (double)k;
@@ -444,7 +437,7 @@ void bwd_ncs(const T* dy, const T* x, T* dx, int64_t N, int64_t C, int64_t S,
         }
       } else {
         if (short_rows) {
-          short_topk<T, A>(x, N, C, S, c, mu, k, tid.data(), tsg.data(), ts.buf);
+          short_topk<T, A>(x, N, C, S, c, mu, k, tid.data(), tsg.data(), ts.buf, ts.buf2);
         } else {
           pieces.finish(x, k, *hi, *lo);
           select_topk<A>(&hi, &lo, 1, k, mu, tid.data(), tsg.data(), buf);
@@ -557,7 +550,7 @@ void bwd_rows(const T* dy, const T* x, T* dx, int64_t R, int64_t S,
           tid[0] = take_up ? imx : imn; tsg[0] = (d > 0) - (d < 0);
         } else {
           if (short_rows) {
-            short_topk<T, A>(xr, 1, 1, S, 0, mu, k, tid.data(), tsg.data(), ts.buf);
+            short_topk<T, A>(xr, 1, 1, S, 0, mu, k, tid.data(), tsg.data(), ts.buf, ts.buf2);
           } else {
             pieces.finish(xr, k, *hi, *lo);
             select_topk<A>(&hi, &lo, 1, k, mu, tid.data(), tsg.data(), buf);
