@@ -4,7 +4,8 @@ Triton chooses the interpreter when a kernel is decorated, so the checks run in 
 process with the variable set. They compare the kernels' forward (output and σ̂) and closed-form
 backward (∂x, ∂γ, ∂β) against autograd through the reference path, for NCHW and channels-last
 layouts, L1 / L∞ / Top(k), with and without centring (batch vs RMS norm), in float32 (1e-5) and
-bfloat16 (output rounding only). Timing needs a GPU and is not tested.
+bfloat16 (output rounding only), and stay finite on values near float32's maximum. Timing
+needs a GPU and is not tested.
 """
 
 from __future__ import annotations
@@ -66,6 +67,21 @@ SCRIPT = textwrap.dedent(
                                            mode, kk, c, False, True, False)
                     torch.testing.assert_close(dx.view(6, 16), rg, atol=atol, rtol=rtol)
                     checked += 1
+    # ---- values near float32's maximum: the sums stay finite wherever torch's layer does
+    huge = torch.randn(4, 3, 16).clamp(-1.5, 1.5) * 1e38  # |x − μ| stays below 3.4e38
+    want = torch.nn.functional.batch_norm(huge, None, None, training=True)
+    assert torch.isfinite(want).all()
+    for p, k in [(1, None), (math.inf, None), (math.inf, 4)]:
+        mode, kk = (1, 1) if p == 1 else (2, 1 if k is None else k)
+        c = lp_constant(p, k, 64)
+        y, mean, inv, sigma = tk.forward(huge, 0, None, None, mode, kk, c, 1e-5, True)
+        assert torch.isfinite(y).all() and torch.isfinite(mean).all(), p
+        ref = _reference_lp_batch_norm(huge.double(), None, None, None, None, True, p=p, k=k)
+        torch.testing.assert_close(y.double(), ref, atol=1e-4, rtol=1e-4)
+        g = torch.randn(4, 3, 16)
+        dx, dw, db = tk.backward(g, huge, 0, None, mean, inv, mode, kk, c, True, True, True)
+        assert torch.isfinite(dx).all(), p
+        checked += 1
     print("checked", checked)
     """
 )
@@ -76,4 +92,4 @@ def test_triton_kernels_match_reference_under_the_interpreter():
     proc = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    assert "checked 18" in proc.stdout
+    assert "checked 21" in proc.stdout

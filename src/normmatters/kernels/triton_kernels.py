@@ -2,7 +2,8 @@ r"""Triton kernels for the fused Lp normalizations on CUDA.
 
 Same interface and layouts as :mod:`.cpu` (a dense ``[N, C, S]`` tensor stored NCS or NSC, i.e.
 NCHW or channels-last): ``forward`` → ``(y, mean, inv, sigma)``, ``backward`` → ``(dx, dw, db)``.
-Inputs and outputs are float16, bfloat16 or float32; every sum accumulates in float32.
+Inputs and outputs are float16, bfloat16 or float32; every sum accumulates in float32, each term
+scaled by 1/n first so that sums of values near float32's maximum stay finite.
 
 Work split, chosen to keep a large GPU busy even with few channels: a 2-D grid of (channel
 block × slice of the channel's N·S values) writes per-slice partial reductions, which a few
@@ -64,10 +65,12 @@ def _offsets(j, c, C, S, LAYOUT: tl.constexpr):
 
 @triton.jit
 def _stats_kernel(x_ptr, mean_ptr, psum_ptr, pmax_ptr, pmin_ptr, pimax_ptr, pimin_ptr,
-                  C, S, n, chunk, SPLIT,
+                  C, S, n, inv_n, chunk, SPLIT,
                   LAYOUT: tl.constexpr, PASS: tl.constexpr,
                   BLOCK_J: tl.constexpr, BLOCK_C: tl.constexpr):
-    # PASS 0: Σx. PASS 1: Σx, max, min and their first positions. PASS 2: Σ|x − μ|.
+    # PASS 0: Σx/n. PASS 1: Σx/n, max, min and their first positions. PASS 2: Σ|x − μ|/n.
+    # Each term is scaled by 1/n before it is added, so no partial sum exceeds max|x|: the mean
+    # of float32 values near 3e38 stays finite, as torch's does.
     pid_c = tl.program_id(0)
     pid_s = tl.program_id(1)
     cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -86,9 +89,9 @@ def _stats_kernel(x_ptr, mean_ptr, psum_ptr, pmax_ptr, pmin_ptr, pimax_ptr, pimi
         offs = _offsets(j[:, None], cols[None, :].to(tl.int64), C, S, LAYOUT)
         v = tl.load(x_ptr + offs, mask=m, other=0.0).to(tl.float32)
         if PASS == 2:
-            acc += tl.where(m, tl.abs(v - mu[None, :]), 0.0)
+            acc += tl.where(m, tl.abs(v - mu[None, :]) * inv_n, 0.0)
         else:
-            acc += v
+            acc += v * inv_n
         if PASS == 1:
             jj = j[:, None] + tl.zeros([BLOCK_J, BLOCK_C], dtype=tl.int64)
             hi = tl.where(m, v, float("-inf"))
@@ -112,10 +115,10 @@ def _stats_kernel(x_ptr, mean_ptr, psum_ptr, pmax_ptr, pmin_ptr, pimax_ptr, pimi
 
 
 @triton.jit
-def _bwd_stats_kernel(g_ptr, x_ptr, mean_ptr, p1_ptr, p2_ptr, p3_ptr, C, S, n, chunk, SPLIT,
-                      LAYOUT: tl.constexpr, SIGN: tl.constexpr,
+def _bwd_stats_kernel(g_ptr, x_ptr, mean_ptr, p1_ptr, p2_ptr, p3_ptr, C, S, n, inv_n, chunk,
+                      SPLIT, LAYOUT: tl.constexpr, SIGN: tl.constexpr,
                       BLOCK_J: tl.constexpr, BLOCK_C: tl.constexpr):
-    # Σg, Σg·(x − μ) and (SIGN) Σ sign(x − μ) per slice.
+    # Σg/n, Σg·(x − μ)/n (scaled like the forward's sums) and (SIGN) Σ sign(x − μ) per slice.
     pid_c = tl.program_id(0)
     pid_s = tl.program_id(1)
     cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -133,8 +136,9 @@ def _bwd_stats_kernel(g_ptr, x_ptr, mean_ptr, p1_ptr, p2_ptr, p3_ptr, C, S, n, c
         v = tl.load(x_ptr + offs, mask=m, other=0.0).to(tl.float32)
         g = tl.load(g_ptr + offs, mask=m, other=0.0).to(tl.float32)
         d = tl.where(m, v - mu[None, :], 0.0)
-        a1 += g
-        a2 += g * d
+        gs = g * inv_n
+        a1 += gs
+        a2 += gs * d
         if SIGN:
             a3 += tl.where(d > 0, 1.0, 0.0) - tl.where(d < 0, 1.0, 0.0)
     out = cols * SPLIT + pid_s
@@ -221,7 +225,7 @@ def _stats(x: Tensor, layout: int, mean: Tensor, pass_: int) -> tuple[Tensor, ..
     pimax = torch.empty(c_, splits, **i64) if pass_ == 1 else psum
     pimin = torch.empty(c_, splits, **i64) if pass_ == 1 else psum
     _stats_kernel[(cblocks, splits)](x, mean, psum, pmax, pmin, pimax, pimin, c_, s_, n_ * s_,
-                                     chunk, splits, LAYOUT=layout, PASS=pass_,
+                                     1.0 / (n_ * s_), chunk, splits, LAYOUT=layout, PASS=pass_,
                                      BLOCK_J=block_j, BLOCK_C=block_c)
     return psum, pmax, pmin, pimax, pimin
 
@@ -235,7 +239,7 @@ def _first_best(vals: Tensor, idx: Tensor, largest: bool) -> tuple[Tensor, Tenso
 
 def _linf(x: Tensor, layout: int, mean: Tensor, center: bool
           ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """(Σx, max x, its first position, min x, its first position) per channel, in one pass."""
+    """(mean x, max x, its first position, min x, its first position) per channel, in one pass."""
     psum, pmax, pmin, pimax, pimin = _stats(x, layout, mean, 1)
     xmax, imax = _first_best(pmax, pimax, True)
     xmin, imin = _first_best(pmin, pimin, False)
@@ -280,16 +284,16 @@ def forward(x: Tensor, layout: int, weight: Tensor | None, bias: Tensor | None, 
     n = n_ * s_
     zeros = torch.zeros(c_, dtype=torch.float32, device=x.device)
     if mode == 2 and k == 1:
-        ssum, xmax, imax, xmin, imin = _linf(x, layout, zeros, center)
-        mean = ssum / n if center else zeros
+        xbar, xmax, imax, xmin, imin = _linf(x, layout, zeros, center)
+        mean = xbar if center else zeros
         amax, _, _ = _choose_linf(mean, xmax, imax, xmin, imin)
         sigma = constant * amax
     else:
-        mean = _stats(x, layout, zeros, 0)[0].sum(1) / n if center else zeros
+        mean = _stats(x, layout, zeros, 0)[0].sum(1) if center else zeros
         if mode == 1:
-            sigma = constant * _stats(x, layout, mean, 2)[0].sum(1) / n
+            sigma = constant * _stats(x, layout, mean, 2)[0].sum(1)
         else:
-            sigma = constant * _topk(x, mean, k)[0].sum(1) / k
+            sigma = constant * (_topk(x, mean, k)[0] / k).sum(1)  # scaled first: no overflow
     inv = 1.0 / (sigma + eps)
     a = inv * weight.float() if weight is not None else inv
     b = bias.float().contiguous() if bias is not None else zeros
@@ -310,17 +314,17 @@ def backward(grad: Tensor, x: Tensor, layout: int, weight: Tensor | None, mean: 
     f32 = dict(dtype=torch.float32, device=x.device)
     p1, p2, p3 = (torch.empty(c_, splits, **f32) for _ in range(3))
     sign = mode == 1 and center and need_input
-    _bwd_stats_kernel[(cblocks, splits)](grad, x, mean, p1, p2, p3, c_, s_, n, chunk, splits,
+    _bwd_stats_kernel[(cblocks, splits)](grad, x, mean, p1, p2, p3, c_, s_, n, 1.0 / n, chunk, splits,
                                          LAYOUT=layout, SIGN=sign, BLOCK_J=block_j,
                                          BLOCK_C=block_c)
-    sdy, sdyd, ssg = p1.sum(1), p2.sum(1), p3.sum(1)
-    dw = inv * sdyd if need_affine else None
-    db = sdy if need_affine else None
+    mdy, mdyd, ssg = p1.sum(1), p2.sum(1), p3.sum(1)  # mean(g), mean(g·d), Σ sign(d)
+    dw = inv * mdyd * n if need_affine else None
+    db = mdy * n if need_affine else None
     if not need_input:
         return None, dw, db
     gam = weight.float() if weight is not None else torch.ones_like(inv)
-    big_m = gam * inv * sdyd / n
-    mg = gam * sdy / n if center else torch.zeros_like(inv)
+    big_m = gam * inv * mdyd
+    mg = gam * mdy if center else torch.zeros_like(inv)
     a = inv * gam
     e = torch.zeros_like(inv)
     if mode == 1:
