@@ -10,9 +10,11 @@
 
 from . import functional, nn
 from .convert import (
+    NormConversionWarning,
     convert_norms,
     convert_sync_lp_batchnorm,
     from_official_state_dict,
+    register_norm,
     to_torch_norms,
     to_weight_normalized,
 )
@@ -42,6 +44,8 @@ __all__ = [
     "convert_norms",
     "to_torch_norms",
     "convert_sync_lp_batchnorm",
+    "register_norm",
+    "NormConversionWarning",
     "from_official_state_dict",
     "fold_norms",
     "freeze_norms",
