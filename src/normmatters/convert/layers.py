@@ -22,7 +22,25 @@ from torch.nn import init
 
 from ..functional import lp_layer_norm, lp_rms_norm, normalize_p
 
-__all__ = ["ForeignLpNorm", "remember_original", "original_of", "restore_original", "update_transformer_fast_paths"]
+__all__ = ["ForeignLpNorm", "foreign_norm", "remember_original", "original_of", "restore_original", "update_transformer_fast_paths"]
+
+
+def foreign_norm(input: Tensor, kind: str, axis: str, normalized_shape: tuple[int, ...],
+                 weight: Tensor | None, bias: Tensor | None, eps: float, offset: float, *,
+                 p: float, k: int | None, constant: str) -> Tensor:
+    """Layer or RMS norm (``kind``) over the last axes, or over the channel axis (``axis=
+    "channels_first"``), with the weight applied as ``offset + weight`` (Gemma's ``1 + w``) and,
+    for RMS norm, an optional bias: the forms a recognised foreign norm can take."""
+    x = input.movedim(1, -1) if axis == "channels_first" else input
+    if weight is not None and offset:
+        weight = weight + offset
+    if kind == "layer":
+        y = lp_layer_norm(x, normalized_shape, weight, bias, eps, p=p, k=k, constant=constant)
+    else:
+        y = lp_rms_norm(x, normalized_shape, weight, eps, p=p, k=k, constant=constant)
+        if bias is not None:
+            y = y + bias.to(y.dtype)
+    return y.movedim(-1, 1) if axis == "channels_first" else y
 
 
 class ForeignLpNorm(nn.Module):
@@ -94,19 +112,10 @@ class ForeignLpNorm(nn.Module):
             init.zeros_(getattr(self, self.bias_name))
 
     def forward(self, input: Tensor) -> Tensor:
-        x = input.movedim(1, -1) if self.axis == "channels_first" else input
         w = getattr(self, self.weight_name) if self.weight_name is not None else None
         b = getattr(self, self.bias_name) if self.bias_name is not None else None
-        if w is not None and self.offset:
-            w = w + self.offset
-        lp = {"p": self.p, "k": self.k, "constant": self.constant}
-        if self.kind == "layer":
-            y = lp_layer_norm(x, self.normalized_shape, w, b, self.eps, **lp)
-        else:
-            y = lp_rms_norm(x, self.normalized_shape, w, self.eps, **lp)
-            if b is not None:
-                y = y + b.to(y.dtype)
-        return y.movedim(-1, 1) if self.axis == "channels_first" else y
+        return foreign_norm(input, self.kind, self.axis, self.normalized_shape, w, b, self.eps,
+                            self.offset, p=self.p, k=self.k, constant=self.constant)
 
     def extra_repr(self) -> str:
         p = "inf" if self.p == math.inf else f"{int(self.p)}"

@@ -29,9 +29,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..convert.layers import update_transformer_fast_paths
+from ..convert.layers import foreign_norm, update_transformer_fast_paths
 from ..convert.recognise import MEAN_ONLY, NormSpec, recognise, warn_left
-from ..functional import lp_batch_norm, lp_group_norm, lp_layer_norm, lp_rms_norm
+from ..functional import lp_batch_norm, lp_group_norm
 
 __all__ = ["FrozenNorm", "freeze_norms", "unfreeze_norms"]
 
@@ -124,16 +124,8 @@ class FrozenNorm(nn.Module):
             return y
         if self.kind == "group":
             return lp_group_norm(input, self.num_groups, w, b, self.eps, **lp)
-        x = input.movedim(1, -1) if self.axis == "channels_first" else input
-        if w is not None and self.offset:
-            w = w + self.offset
-        if self.kind == "layer":
-            y = lp_layer_norm(x, self.normalized_shape, w, b, self.eps, **lp)
-        else:
-            y = lp_rms_norm(x, self.normalized_shape, w, self.eps, **lp)
-            if b is not None:
-                y = y + b.to(y.dtype)
-        return y.movedim(-1, 1) if self.axis == "channels_first" else y
+        return foreign_norm(input, self.kind, self.axis, self.normalized_shape, w, b, self.eps,
+                            self.offset, **lp)
 
     def unfreeze(self) -> nn.Module:
         """A layer of the original class holding this layer's current values and training flag."""
