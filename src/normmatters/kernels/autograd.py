@@ -427,3 +427,22 @@ def rms_norm(input: Tensor, normalized_shape: Sequence[int], weight: Tensor | No
     if weight is not None:
         y = y * weight.to(y.dtype)
     return y
+
+
+# The differentiable closed form, as an operator the C++ eager node (csrc/lp_norm_op.cpp) calls
+# when its backward runs in grad mode (create_graph=True): CompositeImplicitAutograd, so autograd
+# records the torch ops inside.
+_LIB = torch.library.Library("normmatters", "FRAGMENT")
+_LIB.define("closed_form_grads(Tensor x, Tensor? weight, Tensor grad, int layout, int mode, int k, "
+            "float constant, float eps, bool center, int affine) -> (Tensor, Tensor, Tensor)")
+
+
+def _closed_form_grads(x: Tensor, weight: Tensor | None, grad: Tensor, layout: int, mode: int,
+                       k: int, constant: float, eps: float, center: bool, affine: int
+                       ) -> tuple[Tensor, Tensor, Tensor]:
+    dx, dw, db = _double_backward_grads(x, weight, grad, layout, mode, k, constant, eps, center,
+                                        affine)
+    return dx, dw, db
+
+
+_LIB.impl("closed_form_grads", _closed_form_grads, "CompositeImplicitAutograd")

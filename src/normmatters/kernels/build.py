@@ -41,8 +41,8 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-__all__ = ["cache_root", "cache_dir", "kernel_dir", "source", "load", "verify", "STALE_SECONDS",
-           "SYMBOLS"]
+__all__ = ["cache_root", "cache_dir", "kernel_dir", "source", "load", "load_op_library", "verify",
+           "STALE_SECONDS", "SYMBOLS"]
 
 logger = logging.getLogger("normmatters.kernels")
 
@@ -173,13 +173,15 @@ def _write_record(path: Path, record: dict) -> None:
     path.write_text(json.dumps(record, indent=1, sort_keys=True), encoding="utf-8")
 
 
-def _build(target: Path, cxx: list[str], src_path: Path, defines: dict[str, int]) -> str:
+def _build(target: Path, cxx: list[str], src_path: Path, defines: dict[str, int],
+           flags: Sequence[str] = _FLAGS, libs: Sequence[str] = ()) -> str:
     """Compile into a temporary folder, record size and hash, rename into place; the hash."""
     target.parent.mkdir(parents=True, exist_ok=True)
     _clean_stale(target.parent)
     with tempfile.TemporaryDirectory(prefix=_TMP_PREFIX, dir=target.parent) as tmp:
         out = Path(tmp) / target.name
-        cmd = [*cxx, *_FLAGS, *(f"-D{k}={v}" for k, v in defines.items()), str(src_path), "-o", str(out)]
+        cmd = [*cxx, *flags, *(f"-D{k}={v}" for k, v in defines.items()), str(src_path), "-o",
+               str(out), *libs]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
             raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-2000:]}")
@@ -273,3 +275,57 @@ def load(name: str, tag: str, defines: dict[str, int],
             logger.warning("normmatters: the cached kernel library %s is unusable (%s); "
                            "rebuilding it.", target, problem)
     raise RuntimeError(f"the kernel library {target} is unusable after a rebuild ({problem})")
+
+
+def _torch_flags() -> tuple[list[str], list[str], str]:
+    """Compiler and linker flags for a library built against the installed torch, and a tag."""
+    import torch  # the library is built for this torch: its headers, its ABI, its libraries
+    from torch.utils import cpp_extension
+
+    include = [f"-I{p}" for p in cpp_extension.include_paths()]
+    lib_dirs = cpp_extension.library_paths()
+    abi = int(getattr(torch._C, "_GLIBCXX_USE_CXX11_ABI", 1))
+    flags = ["-O2", "-fPIC", "-shared", "-std=c++17", f"-D_GLIBCXX_USE_CXX11_ABI={abi}", *include]
+    libs = [*(f"-L{d}" for d in lib_dirs), "-lc10", "-ltorch_cpu", "-ltorch",
+            *(f"-Wl,-rpath,{d}" for d in lib_dirs)]
+    return flags, libs, f"torch{torch.__version__}"
+
+
+def load_op_library(name: str) -> Path:
+    """Compile ``csrc/<name>`` against the installed torch (once per machine and torch version,
+    cached and verified like :func:`load`) and load it with ``torch.ops.load_library``, which
+    registers its operators. Returns the library's path; raises on any failure.
+
+    The first build takes about half a minute (torch's headers), announced at WARNING level.
+    """
+    import torch
+
+    src_path = _CSRC / name
+    text = src_path.read_text(encoding="utf-8")
+    cxx = _compiler()
+    flags, libs, tag = _torch_flags()
+    key = hashlib.sha256("\0".join([text, " ".join(flags), " ".join(libs), tag,
+                                    " ".join(cxx or []), platform.machine()]).encode()).hexdigest()[:16]
+    target = kernel_dir() / f"{Path(name).stem}_{key}.so"
+    problem = verify(target) if target.exists() else None
+    if not target.exists() or problem is not None:
+        if cxx is None:
+            raise RuntimeError("no C++ compiler found (set CXX)")
+        if problem is not None:
+            logger.warning("normmatters: the cached operator library %s fails verification (%s); "
+                           "rebuilding it.", target, problem)
+        else:
+            logger.warning("normmatters: compiling the eager CPU operators against %s once (about "
+                           "half a minute); cached in %s. Set NORMMATTERS_KERNELS=reference to "
+                           "skip.", tag, target.parent)
+        t0 = time.perf_counter()
+        digest = _build(target, cxx, src_path, {}, flags, libs)
+        logger.info("normmatters: operators compiled in %.1f s", time.perf_counter() - t0)
+        problem = verify(target)
+        if problem is not None and _sha256(target) != digest:
+            time.sleep(0.2)  # another builder's library and record are being installed right now
+            problem = verify(target)
+        if problem is not None:
+            raise RuntimeError(f"the freshly built {target} fails verification ({problem})")
+    torch.ops.load_library(str(target))
+    return target

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import os
 import threading
 
 import torch
@@ -23,7 +24,8 @@ from torch import Tensor
 from . import build
 from .enums import DTYPE_CODES, Affine, Layout
 
-__all__ = ["library", "supports", "forward", "backward", "evaluate", "DTYPE_CODES", "SMALL"]
+__all__ = ["library", "supports", "forward", "backward", "evaluate", "eager_ops", "DTYPE_CODES",
+           "SMALL"]
 
 logger = logging.getLogger("normmatters.kernels")
 
@@ -33,7 +35,7 @@ PACKED = True
 #: Tensors with fewer elements run on one thread: starting an OpenMP team costs more than it saves.
 SMALL = 1 << 14
 
-_lock = threading.Lock()
+_lock = threading.RLock()
 _libs: dict[torch.dtype, ctypes.CDLL | None] = {}
 
 
@@ -57,6 +59,51 @@ def library(dtype: torch.dtype = torch.float32) -> ctypes.CDLL | None:
                                "reference path", dtype, exc)
                 _libs[dtype] = None
     return _libs[dtype]
+
+
+# The eager operators of csrc/lp_norm_op.cpp (torch ops with their autograd node in C++), loaded
+# once per process; False when they cannot be built (the Python path of .autograd runs instead).
+# NORMMATTERS_CPU_OP=0 turns them off.
+_op: dict[str, object] = {}
+_registered: dict[torch.dtype, bool] = {}
+
+
+def _op_enabled() -> bool:
+    return os.environ.get("NORMMATTERS_CPU_OP", "1").strip().lower() not in ("0", "off", "false", "no")
+
+
+def eager_ops(dtype: torch.dtype) -> bool:
+    """Whether ``torch.ops.normmatters.eager_norm`` / ``eager_bn_eval`` serve CPU tensors of
+    ``dtype`` (building the operator library on first use; about half a minute once per machine
+    and torch version). A dictionary lookup after the first call."""
+    ok = _registered.get(dtype)
+    if ok is not None:
+        return ok
+    with _lock:
+        ok = _registered.get(dtype)
+        if ok is None:
+            ok = _registered[dtype] = _register(dtype)
+    return ok
+
+
+def _register(dtype: torch.dtype) -> bool:
+    lib = library(dtype)
+    if lib is None or not _op_enabled():
+        return False
+    if "loaded" not in _op:
+        try:
+            build.load_op_library("lp_norm_op.cpp")
+            _op["loaded"] = True
+        except Exception as exc:  # any failure: the Python path, which is just slower
+            logger.warning("normmatters: the eager CPU operators are unavailable (%s); using the "
+                           "Python path around the same kernels", exc)
+            _op["loaded"] = False
+    if not _op["loaded"]:
+        return False
+    addr = [ctypes.cast(getattr(lib, name), ctypes.c_void_p).value
+            for name in ("nm_forward", "nm_backward", "nm_eval")]
+    torch.ops.normmatters.set_kernels(int(DTYPE_CODES[dtype]), *addr)
+    return True
 
 
 def supports(dtype: torch.dtype, layout: int, affine: int) -> bool:

@@ -1,0 +1,333 @@
+// The eager CPU entry of the fused Lp normalizations as torch operators, with the autograd node in
+// C++ (built on first use by normmatters/kernels/build.py against the installed torch's headers).
+//
+// Why: a normalization of a small tensor costs a few microseconds of kernel time, and a Python
+// torch.autograd.Function around it costs more than that in the interpreter (checks, views,
+// allocations, the node). Here one operator call does the layout choice, the allocations, the
+// kernel, the running statistics and the autograd node, as torch's own batch_norm does.
+//
+// The kernels themselves stay in lp_norm_cpu.cpp (no torch headers, one small library per
+// dtype); normmatters/kernels/cpu.py hands their addresses to this library once per dtype with
+// normmatters::set_kernels. This file only adapts tensors to them.
+//
+// Operators (registered as CompositeImplicitAutograd: autograd records the C++ node and the
+// ATen ops around it; torch.compile never sees them, it traces the torch.library ops of
+// normmatters/kernels/autograd.py instead):
+//   eager_norm(x, weight, bias, running_mean, running_var, kind, arg, mode, k, constant, eps,
+//              momentum) -> y
+//     kind 0: batch norm, training (statistics per channel, dim 1; running statistics updated);
+//     kind 1: layer norm over the last `arg` dims; kind 2: group norm with `arg` groups;
+//     kind 3: RMS norm over the last `arg` dims (no centring).
+//   eager_bn_eval(x, running_mean, running_var, weight, bias, eps) -> y   (no autograd)
+//   set_kernels(dtype, forward, backward, evaluate) -> ()
+//
+// Second-order gradients: a backward that runs in grad mode (create_graph=True) calls the
+// differentiable closed form normmatters::closed_form_grads, defined in Python.
+#include <torch/library.h>
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/csrc/autograd/custom_function.h>
+
+#include <array>
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+using at::Tensor;
+
+typedef int (*fwd_fn)(int, int, const void*, void*, int64_t, int64_t, int64_t, const void*, const void*,
+                      int, int, int, double, double, int, void*, void*, void*, void*, void*, double,
+                      double, int);
+typedef int (*bwd_fn)(int, int, const void*, const void*, void*, int64_t, int64_t, int64_t, const void*,
+                      int, const void*, const void*, int, int, double, int, void*, void*, int);
+typedef int (*eval_fn)(int, int, const void*, void*, int64_t, int64_t, int64_t, const void*, const void*,
+                       const void*, const void*, double, int);
+
+struct Kernels { fwd_fn fwd = nullptr; bwd_fn bwd = nullptr; eval_fn eval = nullptr; };
+std::array<Kernels, 4> g_kernels;  // by DType code (enums.py): float32, float64, bfloat16, float16
+
+// Below this many elements one thread: starting an OpenMP team costs more than it saves (cpu.SMALL).
+const int64_t SMALL = 1 << 14;
+const int NCS = 0, NSC = 1;              // enums.Layout
+const int AFF_NONE = 0, AFF_CHANNEL = 1, AFF_POSITION = 2;  // enums.Affine
+
+int dtype_code(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return 0;
+    case at::kDouble: return 1;
+    case at::kBFloat16: return 2;
+    case at::kHalf: return 3;
+    default: return -1;
+  }
+}
+
+const Kernels& kernels_for(const Tensor& x) {
+  const int code = dtype_code(x.scalar_type());
+  TORCH_CHECK(code >= 0 && g_kernels[code].fwd != nullptr,
+              "normmatters: no fused CPU kernels registered for ", x.scalar_type());
+  return g_kernels[code];
+}
+
+at::ScalarType stat_type(const Tensor& x) {
+  return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+int threads(const Tensor& x) {
+  return x.numel() < SMALL ? 1 : at::get_num_threads();
+}
+
+const void* ptr(const Tensor& t) { return t.defined() ? t.data_ptr() : nullptr; }
+void* mptr(const Tensor& t) { return t.defined() ? t.data_ptr() : nullptr; }
+
+// γ / β / running buffers as the kernels read them: contiguous, in the statistics dtype. The
+// conversion (if any) is an ATen op recorded by autograd.
+Tensor as_stat(const Tensor& t, at::ScalarType st) {
+  if (!t.defined()) return t;
+  if (t.scalar_type() == st && t.is_contiguous()) return t;
+  return t.to(st).contiguous();
+}
+
+// The [N, C, S] view of a batch-norm input and its layout (autograd.prepare_input).
+struct View3 { Tensor x3; int layout; };
+
+View3 batch_view(const Tensor& x) {
+  const int64_t N = x.size(0), C = x.size(1);
+  const int64_t S = x.numel() / (N * C);
+  Tensor x3 = x.reshape({N, C, S});
+  if (x3.is_contiguous()) return {x3, S == 1 ? NSC : NCS};
+  if (x3.transpose(1, 2).is_contiguous()) return {x3, NSC};
+  return {x3.contiguous(), NCS};
+}
+
+// A gradient in the layout of the saved input (autograd._fix_layout).
+Tensor fix_layout(const Tensor& g, int layout) {
+  if (layout == NCS) return g.contiguous();
+  if (g.transpose(1, 2).is_contiguous()) return g;
+  return g.transpose(1, 2).contiguous().transpose(1, 2);
+}
+
+// The fused forward on a dense [N, C, S] tensor in `layout`: {y3 (same sizes and strides as
+// x3), stats} with stats the [3, C] rows mean, 1/(σ̂ + eps), σ̂. rm / rv (may be undefined) are
+// updated in the kernel.
+std::pair<Tensor, Tensor> forward_kernel(const Tensor& x3, const Tensor& w, const Tensor& b,
+                                         const Tensor& rm, const Tensor& rv, int64_t layout,
+                                         int64_t mode, int64_t k, double constant, double eps,
+                                         bool center, int64_t affine, double momentum) {
+  const Kernels& kern = kernels_for(x3);
+  const int64_t N = x3.size(0), C = x3.size(1), S = x3.size(2);
+  Tensor y3 = at::empty_strided(x3.sizes(), x3.strides(), x3.options());
+  Tensor stats = at::empty({3, C}, x3.options().dtype(stat_type(x3)));
+  const int64_t n = N * S;
+  char* sp = static_cast<char*>(stats.data_ptr());
+  const int64_t step = C * stats.element_size();
+  const int rc = kern.fwd(dtype_code(x3.scalar_type()), (int)layout, x3.data_ptr(), y3.data_ptr(),
+                          N, C, S, ptr(w), ptr(b), (int)affine, (int)mode, (int)k, constant, eps,
+                          center ? 1 : 0, sp, sp + step, sp + 2 * step, mptr(rm), mptr(rv),
+                          momentum, n > 1 ? (double)n / (double)(n - 1) : 1.0, threads(x3));
+  TORCH_CHECK(rc == 0, "normmatters CPU forward kernel failed with code ", rc);
+  if (rm.defined()) rm.unsafeGetTensorImpl()->bump_version();
+  if (rv.defined()) rv.unsafeGetTensorImpl()->bump_version();
+  return {y3, stats};
+}
+
+struct LpNormFn : public torch::autograd::Function<LpNormFn> {
+  static variable_list forward(AutogradContext* ctx, const Tensor& x3, const Tensor& w,
+                               const Tensor& b, const Tensor& rm, const Tensor& rv,
+                               int64_t layout, int64_t mode, int64_t k, double constant,
+                               double eps, bool center, int64_t affine, double momentum) {
+    auto out = forward_kernel(x3, w, b, rm, rv, layout, mode, k, constant, eps, center, affine,
+                              momentum);
+    // Only x, γ and the statistics are saved, as for torch's batch norm.
+    ctx->save_for_backward({x3, w, out.second});
+    ctx->saved_data["layout"] = layout;
+    ctx->saved_data["mode"] = mode;
+    ctx->saved_data["k"] = k;
+    ctx->saved_data["constant"] = constant;
+    ctx->saved_data["eps"] = eps;
+    ctx->saved_data["center"] = center;
+    ctx->saved_data["affine"] = affine;
+    ctx->saved_data["need_x"] = x3.requires_grad();
+    ctx->saved_data["has_w"] = w.defined();
+    ctx->saved_data["has_b"] = b.defined();
+    ctx->saved_data["need_affine"] =
+        (w.defined() && w.requires_grad()) || (b.defined() && b.requires_grad());
+    ctx->mark_non_differentiable({out.second});
+    return {out.first, out.second};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const Tensor& x3 = saved[0];
+    const Tensor& w = saved[1];
+    const Tensor& stats = saved[2];
+    const int layout = (int)ctx->saved_data["layout"].toInt();
+    const int mode = (int)ctx->saved_data["mode"].toInt();
+    const int k = (int)ctx->saved_data["k"].toInt();
+    const double constant = ctx->saved_data["constant"].toDouble();
+    const double eps = ctx->saved_data["eps"].toDouble();
+    const bool center = ctx->saved_data["center"].toBool();
+    const int affine = (int)ctx->saved_data["affine"].toInt();
+    const bool need_x = ctx->saved_data["need_x"].toBool();
+    const bool need_affine = ctx->saved_data["need_affine"].toBool();
+    const bool has_w = ctx->saved_data["has_w"].toBool(), has_b = ctx->saved_data["has_b"].toBool();
+    variable_list out(13);  // one per argument of forward
+    const Tensor& gy = grads[0];
+    if (!gy.defined() || !(need_x || need_affine)) return out;
+    const int64_t N = x3.size(0), C = x3.size(1), S = x3.size(2);
+    Tensor g3 = gy.reshape({N, C, S});
+    Tensor dx, dw, db;
+    if (at::GradMode::is_enabled()) {
+      // create_graph: the closed form as differentiable torch ops (exact double backward).
+      static auto op = c10::Dispatcher::singleton()
+          .findSchemaOrThrow("normmatters::closed_form_grads", "")
+          .typed<std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const std::optional<Tensor>&,
+                                                    const Tensor&, int64_t, int64_t, int64_t,
+                                                    double, double, bool, int64_t)>();
+      std::optional<Tensor> wo = w.defined() ? std::optional<Tensor>(w) : std::nullopt;
+      auto r = op.call(x3, wo, g3, layout, mode, k, constant, eps, center, affine);
+      dx = std::get<0>(r); dw = std::get<1>(r); db = std::get<2>(r);
+    } else {
+      const Kernels& kern = kernels_for(x3);
+      g3 = fix_layout(g3, layout);
+      if (need_x) dx = at::empty_strided(x3.sizes(), x3.strides(), x3.options());
+      const int64_t size = affine == AFF_POSITION ? S : C;
+      if (need_affine) {
+        dw = at::empty({size}, stats.options());
+        db = at::empty({size}, stats.options());
+      }
+      const char* sp = static_cast<const char*>(stats.data_ptr());
+      const int rc = kern.bwd(dtype_code(x3.scalar_type()), layout, g3.data_ptr(), x3.data_ptr(),
+                              mptr(dx), N, C, S, ptr(w), affine, sp, sp + C * stats.element_size(),
+                              mode, k, constant, center ? 1 : 0, mptr(dw), mptr(db), threads(x3));
+      TORCH_CHECK(rc == 0, "normmatters CPU backward kernel failed with code ", rc);
+    }
+    if (need_x) out[0] = dx;
+    if (need_affine && has_w) out[1] = dw;
+    if (need_affine && has_b) out[2] = db;
+    return out;
+  }
+};
+
+// {y3, stats}: through the autograd node when a gradient is needed, else the kernel alone.
+std::pair<Tensor, Tensor> run(const Tensor& x3, const Tensor& w, const Tensor& b, const Tensor& rm,
+                              const Tensor& rv, int layout, int64_t mode, int64_t k,
+                              double constant, double eps, bool center, int affine,
+                              double momentum) {
+  const bool grad = at::GradMode::is_enabled() &&
+      (x3.requires_grad() || (w.defined() && w.requires_grad()) || (b.defined() && b.requires_grad()));
+  if (grad) {
+    auto out = LpNormFn::apply(x3, w, b, rm, rv, (int64_t)layout, mode, k, constant, eps, center,
+                               (int64_t)affine, momentum);
+    return {out[0], out[1]};
+  }
+  at::NoGradGuard no_grad;
+  return forward_kernel(x3, w, b, rm, rv, layout, mode, k, constant, eps, center, affine, momentum);
+}
+
+Tensor opt(const std::optional<Tensor>& t) { return t.has_value() ? *t : Tensor(); }
+
+// Running buffers the kernel can update in place: contiguous, statistics dtype, no grad.
+bool in_kernel(const Tensor& t, at::ScalarType st) {
+  return !t.defined() || (t.scalar_type() == st && t.is_contiguous() && !t.requires_grad());
+}
+
+Tensor eager_norm(const Tensor& x, const std::optional<Tensor>& weight,
+                  const std::optional<Tensor>& bias, const std::optional<Tensor>& running_mean,
+                  const std::optional<Tensor>& running_var, int64_t kind, int64_t arg,
+                  int64_t mode, int64_t k, double constant, double eps, double momentum) {
+  TORCH_CHECK(x.device().is_cpu(), "normmatters::eager_norm: a CPU tensor, got ", x.device());
+  const at::ScalarType st = stat_type(x);
+  if (kind == 0) {  // batch norm, training
+    Tensor w = as_stat(opt(weight), st), b = as_stat(opt(bias), st);
+    View3 v = batch_view(x);
+    Tensor rm = opt(running_mean), rv = opt(running_var);
+    const bool fused_running = in_kernel(rm, st) && in_kernel(rv, st);
+    auto out = run(v.x3, w, b, fused_running ? rm : Tensor(), fused_running ? rv : Tensor(),
+                   v.layout, mode, k, constant, eps, true, AFF_CHANNEL, momentum);
+    if (!fused_running) {
+      // Buffers of another dtype or layout: updated from the returned statistics.
+      at::NoGradGuard no_grad;
+      const int64_t n = x.numel() / x.size(1);
+      if (rm.defined()) rm.mul_(1.0 - momentum).add_(out.second[0].to(rm.scalar_type()), momentum);
+      if (rv.defined()) {
+        Tensor u = out.second[2].to(rv.scalar_type()).pow(2) *
+                   ((double)n / (double)std::max<int64_t>(n - 1, 1));
+        rv.mul_(1.0 - momentum).add_(u, momentum);
+      }
+    }
+    return out.first.view(x.sizes());
+  }
+  if (kind == 2) {  // group norm: rows of one (sample, group); γ and β per channel by ATen ops
+    Tensor x3 = x.contiguous().view({1, x.size(0) * arg, -1});
+    Tensor y = run(x3, Tensor(), Tensor(), Tensor(), Tensor(), NCS, mode, k, constant, eps, true,
+                   AFF_NONE, 0.0).first.view(x.sizes());
+    std::vector<int64_t> shape(x.dim(), 1);
+    shape[1] = -1;
+    Tensor w = opt(weight), b = opt(bias);
+    if (w.defined() && b.defined()) {
+      return at::addcmul(b.to(x.scalar_type()).view(shape), y, w.to(x.scalar_type()).view(shape));
+    }
+    if (w.defined()) return y * w.to(x.scalar_type()).view(shape);
+    if (b.defined()) return y + b.to(x.scalar_type()).view(shape);
+    return y;
+  }
+  // layer (kind 1) / RMS (kind 3) norm: rows over the last `arg` dims, γ and β per position
+  const bool center = kind != 3;
+  Tensor w = as_stat(opt(weight), st), b = center ? as_stat(opt(bias), st) : Tensor();
+  int64_t d = 1;
+  for (int64_t i = x.dim() - arg; i < x.dim(); ++i) d *= x.size(i);
+  Tensor x3 = x.contiguous().view({1, -1, d});
+  const int affine = (w.defined() || b.defined()) ? AFF_POSITION : AFF_NONE;
+  return run(x3, w, b, Tensor(), Tensor(), NCS, mode, k, constant, eps, center, affine, 0.0)
+      .first.view(x.sizes());
+}
+
+Tensor eager_bn_eval(const Tensor& x, const Tensor& running_mean, const Tensor& running_var,
+                     const std::optional<Tensor>& weight, const std::optional<Tensor>& bias,
+                     double eps) {
+  TORCH_CHECK(x.device().is_cpu(), "normmatters::eager_bn_eval: a CPU tensor, got ", x.device());
+  const at::ScalarType st = stat_type(x);
+  const Kernels& kern = kernels_for(x);
+  TORCH_CHECK(kern.eval != nullptr, "normmatters: no evaluation kernel registered");
+  at::NoGradGuard no_grad;
+  View3 v = batch_view(x);
+  Tensor rm = as_stat(running_mean, st), rv = as_stat(running_var, st);
+  Tensor w = as_stat(opt(weight), st), b = as_stat(opt(bias), st);
+  Tensor y3 = at::empty_strided(v.x3.sizes(), v.x3.strides(), v.x3.options());
+  const int rc = kern.eval(dtype_code(x.scalar_type()), v.layout, v.x3.data_ptr(), y3.data_ptr(),
+                           v.x3.size(0), v.x3.size(1), v.x3.size(2), rm.data_ptr(), rv.data_ptr(),
+                           ptr(w), ptr(b), eps, threads(x));
+  TORCH_CHECK(rc == 0, "normmatters CPU evaluation kernel failed with code ", rc);
+  return y3.view(x.sizes());
+}
+
+void set_kernels(int64_t dtype, int64_t fwd, int64_t bwd, int64_t eval) {
+  TORCH_CHECK(dtype >= 0 && dtype < 4, "normmatters::set_kernels: dtype code ", dtype);
+  g_kernels[dtype].fwd = reinterpret_cast<fwd_fn>(static_cast<intptr_t>(fwd));
+  g_kernels[dtype].bwd = reinterpret_cast<bwd_fn>(static_cast<intptr_t>(bwd));
+  g_kernels[dtype].eval = reinterpret_cast<eval_fn>(static_cast<intptr_t>(eval));
+}
+
+}  // namespace
+
+extern "C" int nm_op_abi_version() { return 1; }
+
+TORCH_LIBRARY_FRAGMENT(normmatters, m) {
+  m.def("eager_norm(Tensor x, Tensor? weight, Tensor? bias, Tensor(a!)? running_mean, "
+        "Tensor(b!)? running_var, int kind, int arg, int mode, int k, float constant, float eps, "
+        "float momentum) -> Tensor");
+  m.def("eager_bn_eval(Tensor x, Tensor running_mean, Tensor running_var, Tensor? weight, "
+        "Tensor? bias, float eps) -> Tensor");
+  m.def("set_kernels(int dtype, int forward, int backward, int evaluate) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(normmatters, CompositeImplicitAutograd, m) {
+  m.impl("eager_norm", eager_norm);
+  m.impl("eager_bn_eval", eager_bn_eval);
+  m.impl("set_kernels", set_kernels);
+}
