@@ -36,7 +36,7 @@ def _fused(y: torch.Tensor) -> bool:
         if f is None or f in seen:
             continue
         seen.add(f)
-        if "normmatters_lp_norm_fwd" in f.name() or "_EagerLpNorm" in f.name():
+        if any(s in f.name() for s in ("normmatters_lp_norm_fwd", "_EagerLpNorm", "LpNormFn")):
             return True
         stack.extend(n for n, _ in f.next_functions)
     return False

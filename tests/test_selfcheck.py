@@ -9,6 +9,7 @@ computes, warn no more, and train.
 from __future__ import annotations
 
 import copy
+import ctypes
 import os
 import subprocess
 import sys
@@ -17,6 +18,7 @@ import threading
 import time
 import warnings
 
+import numpy as np
 import pytest
 import torch
 
@@ -49,6 +51,86 @@ def _wrong(original):
         y, *rest = original(x, *args, **kwargs)
         return (y + 0.01 * y.abs().max(), *rest)
     return forward
+
+
+# The eager CPU path runs either the C++ operators (csrc/lp_norm_op.cpp) or, where they cannot be
+# built, the Python wrappers of cpu.py: faults are injected into whichever runs, at the kernel
+# (C function pointers) for the operators.
+c = ctypes
+FWD = c.CFUNCTYPE(c.c_int, c.c_int, c.c_int, c.c_void_p, c.c_void_p, c.c_int64, c.c_int64,
+                  c.c_int64, c.c_void_p, c.c_void_p, c.c_int, c.c_int, c.c_int, c.c_double,
+                  c.c_double, c.c_int, c.c_void_p, c.c_void_p, c.c_void_p, c.c_void_p, c.c_void_p,
+                  c.c_double, c.c_double, c.c_int)
+BWD = c.CFUNCTYPE(c.c_int, c.c_int, c.c_int, c.c_void_p, c.c_void_p, c.c_void_p, c.c_int64,
+                  c.c_int64, c.c_int64, c.c_void_p, c.c_int, c.c_void_p, c.c_void_p, c.c_int,
+                  c.c_int, c.c_double, c.c_int, c.c_void_p, c.c_void_p, c.c_int)
+_CTYPE = {0: c.c_float, 1: c.c_double}
+
+
+def _buffer(address: int, count: int, code: int) -> torch.Tensor:
+    """A tensor over ``count`` values of a float32 / float64 kernel buffer (no copy)."""
+    return torch.from_numpy(np.ctypeslib.as_array((_CTYPE[code] * count).from_address(address)))
+
+
+def _op_active() -> bool:
+    return all(cpu.eager_ops(d) for d in DTYPES)
+
+
+@pytest.fixture
+def inject(monkeypatch):
+    """``inject(forward=..., backward=..., rows_only=False)`` with ``"failing"`` or ``"wrong"``."""
+    callbacks = []
+
+    def install(forward: str | None = None, backward: str | None = None, rows_only: bool = False):
+        # The Python wrappers always (torch.compile traces them), the C++ operators' kernels too
+        # where they run.
+        if forward == "failing":
+            monkeypatch.setattr(cpu, "forward", _failing)
+        elif forward == "wrong":
+            wrong = _wrong(cpu.forward)
+            original = cpu.forward
+            monkeypatch.setattr(cpu, "forward", (lambda x, *a, **k: (wrong if x.shape[0] == 1 else original)(x, *a, **k))
+                                if rows_only else wrong)
+        if backward == "wrong":
+            original_b = cpu.backward
+
+            def scaled(*args, **kwargs):
+                dx, dw, db = original_b(*args, **kwargs)
+                return (dx * 1.01 if dx is not None else None), dw, db
+            monkeypatch.setattr(cpu, "backward", scaled)
+        if not _op_active():
+            return
+        for dtype in (torch.float32, torch.float64):
+            lib = cpu.library(dtype)
+            fwd = bwd = None
+            if forward is not None:
+                def fwd_cb(code, layout, x, y, n, ch, s, *rest, _lib=lib):
+                    if forward == "failing":
+                        return -77  # the operator raises "... failed with code -77"
+                    rc = _lib.nm_forward(code, layout, x, y, n, ch, s, *rest)
+                    if not rows_only or n == 1:
+                        out = _buffer(y, n * ch * s, code)
+                        out += 0.01 * out.abs().max()
+                    return rc
+                fwd = FWD(fwd_cb)
+            if backward is not None:
+                def bwd_cb(code, layout, dy, x, dx, n, ch, s, *rest, _lib=lib):
+                    rc = _lib.nm_backward(code, layout, dy, x, dx, n, ch, s, *rest)
+                    if dx:
+                        _buffer(dx, n * ch * s, code).mul_(1.01)
+                    return rc
+                bwd = BWD(bwd_cb)
+            callbacks.extend([fwd, bwd])  # alive as long as the kernels point at them
+            cpu.set_op_kernels(dtype, forward=fwd, backward=bwd)
+
+    yield install
+    if callbacks:
+        for dtype in (torch.float32, torch.float64):
+            cpu.set_op_kernels(dtype)
+
+
+def _failure_text(text: str) -> bool:
+    return "injected kernel failure" in text or "failed with code -77" in text
 
 
 def _ours(records) -> list[warnings.WarningMessage]:
@@ -97,10 +179,16 @@ def test_verdict_is_computed_once_and_cached(monkeypatch):
 
 
 @needs_kernels
-@pytest.mark.parametrize("inject", ["failing", "wrong"])
+@pytest.mark.parametrize("path", ["operators", "python"])
+@pytest.mark.parametrize("kind", ["failing", "wrong"])
 @pytest.mark.parametrize("layout", [0, 1])
-def test_bad_cpu_kernel_gives_one_warning_then_the_reference_path(monkeypatch, inject, layout):
-    monkeypatch.setattr(cpu, "forward", _failing if inject == "failing" else _wrong(cpu.forward))
+def test_bad_cpu_kernel_gives_one_warning_then_the_reference_path(monkeypatch, inject, kind,
+                                                                     layout, path):
+    if path == "python":  # the path that runs where the C++ operators cannot be built
+        monkeypatch.setattr(cpu, "_registered", {d: False for d in DTYPES})
+    elif not _op_active():
+        pytest.skip("the C++ eager operators are unavailable")
+    inject(forward=kind)
     layer = LpBatchNorm2d(4, p=1)
     twin = copy.deepcopy(layer)
     x = torch.randn(6, 4, 5, 5)
@@ -114,7 +202,7 @@ def test_bad_cpu_kernel_gives_one_warning_then_the_reference_path(monkeypatch, i
     layout_name = "channels-last" if layout == 1 else "contiguous"
     assert "cpu" in text and "torch.float32" in text and layout_name in text
     assert "batch norm L1" in text
-    assert ("injected kernel failure" in text if inject == "failing"
+    assert (_failure_text(text) if kind == "failing"
             else "max relative error" in text and "in the output" in text)
     assert w.filename == __file__  # points at the call, not into the library
     assert not selfcheck.trusted(CPU, torch.float32, layout)
@@ -132,27 +220,15 @@ def test_bad_cpu_kernel_gives_one_warning_then_the_reference_path(monkeypatch, i
 
 
 @needs_kernels
-def test_wrong_backward_is_caught(monkeypatch):
-    original = cpu.backward
-
-    def backward(*args, **kwargs):
-        dx, dw, db = original(*args, **kwargs)
-        return (dx * 1.01 if dx is not None else None), dw, db
-
-    monkeypatch.setattr(cpu, "backward", backward)
+def test_wrong_backward_is_caught(inject):
+    inject(backward="wrong")
     with pytest.warns(FusedKernelWarning, match="in the input gradient"):
         assert not selfcheck.trusted(CPU, torch.float64, 0)
 
 
 @needs_kernels
-def test_layer_norm_is_checked_on_the_contiguous_layout(monkeypatch):
-    original = cpu.forward
-
-    def wrong_rows(x, *args, **kwargs):  # only layer/group/RMS norm (rows as N = 1) are wrong
-        y, *rest = original(x, *args, **kwargs)
-        return ((y * 1.1 if x.shape[0] == 1 else y), *rest)
-
-    monkeypatch.setattr(cpu, "forward", wrong_rows)
+def test_layer_norm_is_checked_on_the_contiguous_layout(inject):
+    inject(forward="wrong", rows_only=True)  # only layer/group/RMS norm (rows as N = 1) are wrong
     layer = LpLayerNorm(16, p=1)
     x = torch.randn(4, 16)
     with pytest.warns(FusedKernelWarning, match="layer norm L1"):
@@ -211,10 +287,10 @@ def test_check_leaves_the_global_rng_and_backend_alone():
 
 
 @needs_kernels
-def test_compiled_layer_runs_the_check_eagerly(monkeypatch):
+def test_compiled_layer_runs_the_check_eagerly(inject):
     # The first call is made while torch.compile traces: the check runs outside the trace, and a
     # wrong kernel is replaced by the reference path in the compiled graph too.
-    monkeypatch.setattr(cpu, "forward", _wrong(cpu.forward))
+    inject(forward="wrong")
     layer = LpBatchNorm2d(3, p=1)
     twin = copy.deepcopy(layer)
     compiled = torch.compile(layer, fullgraph=True)

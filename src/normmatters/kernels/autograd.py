@@ -314,10 +314,25 @@ def _lp_norm(x: Tensor, weight: Tensor | None, bias: Tensor | None, layout: int,
     return y
 
 
-def _mode(p: float, k: int | None) -> tuple[Mode, int]:
+def _mode(p: float, k: int | None) -> tuple[int, int]:
     if p == 1.0:
-        return Mode.L1, 1
-    return Mode.TOPK, (1 if k is None else k)
+        return 1, 1  # Mode.L1 (plain ints: the operators take int64)
+    return 2, (1 if k is None else k)  # Mode.TOPK
+
+
+def _eager_op(x: Tensor) -> bool:
+    """Whether the C++ eager operators of :mod:`.cpu` take this call: a CPU tensor outside
+    ``torch.compile`` (which traces the torch.library ops above instead)."""
+    return (x.device.type == "cpu" and _BACKENDS["cpu"] is cpu and cpu.eager_ops(x.dtype)
+            and not torch.compiler.is_compiling())
+
+
+def _EAGER(*args):  # noqa: N802 - resolved on first use: the operators exist once cpu loads them
+    return torch.ops.normmatters.eager_norm(*args)
+
+
+def _EAGER_EVAL(*args):  # noqa: N802
+    return torch.ops.normmatters.eager_bn_eval(*args)
 
 
 def _stat_dtype(x: Tensor) -> torch.dtype:
@@ -339,6 +354,10 @@ def batch_norm(input: Tensor, running_mean: Tensor | None, running_var: Tensor |
 
     ``constant`` is the dispersion's constant C for this input's n, as a float.
     """
+    if _eager_op(input):
+        mode, kk = _mode(p, k)
+        return _EAGER(input, weight, bias, running_mean, running_var, 0, 0, mode, kk, constant,
+                      float(eps), momentum)
     n_, c_ = input.shape[0], input.shape[1]
     x3, layout = prepare_input(input.reshape(n_, c_, -1))
     mode, kk = _mode(p, k)
@@ -355,6 +374,8 @@ def batch_norm_eval(input: Tensor, running_mean: Tensor, running_var: Tensor,
     impl = _BACKENDS.get(input.device.type)
     if impl is None or not hasattr(impl, "evaluate") or _needs_grad(input, weight, bias):
         return None
+    if _eager_op(input):
+        return _EAGER_EVAL(input, running_mean, running_var, weight, bias, float(eps))
     n_, c_ = input.shape[0], input.shape[1]
     x3, layout = prepare_input(input.reshape(n_, c_, -1))
     if not impl.supports(x3.dtype, layout, Affine.CHANNEL):
@@ -383,8 +404,11 @@ def layer_norm(input: Tensor, normalized_shape: Sequence[int], weight: Tensor | 
                bias: Tensor | None, eps: float, p: float, k: int | None, constant: float) -> Tensor:
     """Fused Lp layer norm over the trailing ``normalized_shape`` axes (γ, β fused where the
     backend supports per-position affine, by torch ops otherwise)."""
-    x3 = _rows(input, len(normalized_shape))
     mode, kk = _mode(p, k)
+    if _eager_op(input):
+        return _EAGER(input, weight, bias, None, None, 1, len(normalized_shape), mode, kk,
+                      constant, float(eps), 0.0)
+    x3 = _rows(input, len(normalized_shape))
     if _position_affine(_BACKENDS[input.device.type], x3):
         y = _lp_norm(x3, _flat_param(weight, input), _flat_param(bias, input), NCS,
                               mode, kk, constant, float(eps), True, Affine.POSITION)
@@ -401,8 +425,11 @@ def layer_norm(input: Tensor, normalized_shape: Sequence[int], weight: Tensor | 
 def group_norm(input: Tensor, num_groups: int, weight: Tensor | None, bias: Tensor | None,
                eps: float, p: float, k: int | None, constant: float) -> Tensor:
     """Fused Lp group norm: statistics per sample and group; per-channel affine by torch ops."""
-    x3 = input.contiguous().view(1, input.shape[0] * num_groups, -1)
     mode, kk = _mode(p, k)
+    if _eager_op(input):
+        return _EAGER(input, weight, bias, None, None, 2, num_groups, mode, kk, constant,
+                      float(eps), 0.0)
+    x3 = input.contiguous().view(1, input.shape[0] * num_groups, -1)
     xhat = _lp_norm(x3, None, None, NCS, mode, kk, constant, float(eps), True)
     y = xhat.view(input.shape)
     shape = [1, -1] + [1] * (input.dim() - 2)
@@ -416,8 +443,11 @@ def group_norm(input: Tensor, num_groups: int, weight: Tensor | None, bias: Tens
 def rms_norm(input: Tensor, normalized_shape: Sequence[int], weight: Tensor | None, eps: float,
              p: float, k: int | None, constant: float) -> Tensor:
     """Fused Lp RMS norm (no centring: σ̂ of x itself)."""
-    x3 = _rows(input, len(normalized_shape))
     mode, kk = _mode(p, k)
+    if _eager_op(input):
+        return _EAGER(input, weight, None, None, None, 3, len(normalized_shape), mode, kk,
+                      constant, float(eps), 0.0)
+    x3 = _rows(input, len(normalized_shape))
     if _position_affine(_BACKENDS[input.device.type], x3):
         y = _lp_norm(x3, _flat_param(weight, input), None, NCS, mode, kk, constant,
                               float(eps), False, Affine.POSITION)

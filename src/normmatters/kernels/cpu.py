@@ -24,7 +24,7 @@ from torch import Tensor
 from . import build
 from .enums import DTYPE_CODES, Affine, Layout
 
-__all__ = ["library", "supports", "forward", "backward", "evaluate", "eager_ops", "DTYPE_CODES",
+__all__ = ["library", "supports", "forward", "backward", "evaluate", "eager_ops", "set_op_kernels", "DTYPE_CODES",
            "SMALL"]
 
 logger = logging.getLogger("normmatters.kernels")
@@ -100,10 +100,21 @@ def _register(dtype: torch.dtype) -> bool:
             _op["loaded"] = False
     if not _op["loaded"]:
         return False
-    addr = [ctypes.cast(getattr(lib, name), ctypes.c_void_p).value
-            for name in ("nm_forward", "nm_backward", "nm_eval")]
-    torch.ops.normmatters.set_kernels(int(DTYPE_CODES[dtype]), *addr)
+    set_op_kernels(dtype)
     return True
+
+
+def set_op_kernels(dtype: torch.dtype, forward: object = None, backward: object = None,
+                   evaluate: object = None) -> None:
+    """Point the eager operators at these kernels for ``dtype``: ctypes functions with the C
+    signatures of ``nm_forward`` / ``nm_backward`` / ``nm_eval`` (the tests inject failing and
+    wrong kernels this way); ``None`` means the compiled library's own."""
+    lib = library(dtype)
+    assert lib is not None
+    fns = [f if f is not None else getattr(lib, name)
+           for f, name in ((forward, "nm_forward"), (backward, "nm_backward"), (evaluate, "nm_eval"))]
+    addr = [ctypes.cast(f, ctypes.c_void_p).value for f in fns]
+    torch.ops.normmatters.set_kernels(int(DTYPE_CODES[dtype]), *addr)
 
 
 def supports(dtype: torch.dtype, layout: int, affine: int) -> bool:

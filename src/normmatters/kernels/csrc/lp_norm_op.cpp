@@ -135,11 +135,19 @@ std::pair<Tensor, Tensor> forward_kernel(const Tensor& x3, const Tensor& w, cons
   return {y3, stats};
 }
 
+Tensor opt(const std::optional<Tensor>& t) { return t.has_value() ? *t : Tensor(); }
+std::optional<Tensor> some(const Tensor& t) {
+  return t.defined() ? std::optional<Tensor>(t) : std::nullopt;
+}
+
 struct LpNormFn : public torch::autograd::Function<LpNormFn> {
-  static variable_list forward(AutogradContext* ctx, const Tensor& x3, const Tensor& w,
-                               const Tensor& b, const Tensor& rm, const Tensor& rv,
+  // Absent γ, β and buffers travel as empty optionals (undefined tensors are not inputs).
+  static variable_list forward(AutogradContext* ctx, const Tensor& x3,
+                               const std::optional<Tensor>& wo, const std::optional<Tensor>& bo,
+                               const std::optional<Tensor>& rmo, const std::optional<Tensor>& rvo,
                                int64_t layout, int64_t mode, int64_t k, double constant,
                                double eps, bool center, int64_t affine, double momentum) {
+    const Tensor w = opt(wo), b = opt(bo), rm = opt(rmo), rv = opt(rvo);
     auto out = forward_kernel(x3, w, b, rm, rv, layout, mode, k, constant, eps, center, affine,
                               momentum);
     // Only x, γ and the statistics are saved, as for torch's batch norm.
@@ -221,15 +229,13 @@ std::pair<Tensor, Tensor> run(const Tensor& x3, const Tensor& w, const Tensor& b
   const bool grad = at::GradMode::is_enabled() &&
       (x3.requires_grad() || (w.defined() && w.requires_grad()) || (b.defined() && b.requires_grad()));
   if (grad) {
-    auto out = LpNormFn::apply(x3, w, b, rm, rv, (int64_t)layout, mode, k, constant, eps, center,
+    auto out = LpNormFn::apply(x3, some(w), some(b), some(rm), some(rv), (int64_t)layout, mode, k, constant, eps, center,
                                (int64_t)affine, momentum);
     return {out[0], out[1]};
   }
   at::NoGradGuard no_grad;
   return forward_kernel(x3, w, b, rm, rv, layout, mode, k, constant, eps, center, affine, momentum);
 }
-
-Tensor opt(const std::optional<Tensor>& t) { return t.has_value() ? *t : Tensor(); }
 
 // Running buffers the kernel can update in place: contiguous, statistics dtype, no grad.
 bool in_kernel(const Tensor& t, at::ScalarType st) {
