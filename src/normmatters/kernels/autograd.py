@@ -51,7 +51,8 @@ from . import cpu
 from .enums import Affine, Layout, Mode
 
 __all__ = ["batch_norm", "batch_norm_eval", "layer_norm", "group_norm", "rms_norm", "MAX_K",
-           "prepare_input", "backend_for", "register_backend", "lp_norm_fwd", "lp_norm_bwd"]
+           "prepare_input", "backend_for", "register_backend", "lp_norm_fwd", "lp_norm_bwd",
+           "eager_op"]
 
 #: Largest k the fused Top(k) kernels take; larger k (rare) runs the reference.
 MAX_K = 64
@@ -320,7 +321,7 @@ def _mode(p: float, k: int | None) -> tuple[int, int]:
     return 2, (1 if k is None else k)  # Mode.TOPK
 
 
-def _eager_op(x: Tensor) -> bool:
+def eager_op(x: Tensor) -> bool:
     """Whether the C++ eager operators of :mod:`.cpu` take this call: a CPU tensor outside
     ``torch.compile`` (which traces the torch.library ops above instead)."""
     return (x.device.type == "cpu" and _BACKENDS["cpu"] is cpu and cpu.eager_ops(x.dtype)
@@ -354,7 +355,7 @@ def batch_norm(input: Tensor, running_mean: Tensor | None, running_var: Tensor |
 
     ``constant`` is the dispersion's constant C for this input's n, as a float.
     """
-    if _eager_op(input):
+    if eager_op(input):
         mode, kk = _mode(p, k)
         return _EAGER(input, weight, bias, running_mean, running_var, 0, 0, mode, kk, constant,
                       float(eps), momentum)
@@ -374,7 +375,7 @@ def batch_norm_eval(input: Tensor, running_mean: Tensor, running_var: Tensor,
     impl = _BACKENDS.get(input.device.type)
     if impl is None or not hasattr(impl, "evaluate") or _needs_grad(input, weight, bias):
         return None
-    if _eager_op(input):
+    if eager_op(input):
         return _EAGER_EVAL(input, running_mean, running_var, weight, bias, float(eps))
     n_, c_ = input.shape[0], input.shape[1]
     x3, layout = prepare_input(input.reshape(n_, c_, -1))
@@ -405,7 +406,7 @@ def layer_norm(input: Tensor, normalized_shape: Sequence[int], weight: Tensor | 
     """Fused Lp layer norm over the trailing ``normalized_shape`` axes (γ, β fused where the
     backend supports per-position affine, by torch ops otherwise)."""
     mode, kk = _mode(p, k)
-    if _eager_op(input):
+    if eager_op(input):
         return _EAGER(input, weight, bias, None, None, 1, len(normalized_shape), mode, kk,
                       constant, float(eps), 0.0)
     x3 = _rows(input, len(normalized_shape))
@@ -426,7 +427,7 @@ def group_norm(input: Tensor, num_groups: int, weight: Tensor | None, bias: Tens
                eps: float, p: float, k: int | None, constant: float) -> Tensor:
     """Fused Lp group norm: statistics per sample and group; per-channel affine by torch ops."""
     mode, kk = _mode(p, k)
-    if _eager_op(input):
+    if eager_op(input):
         return _EAGER(input, weight, bias, None, None, 2, num_groups, mode, kk, constant,
                       float(eps), 0.0)
     x3 = input.contiguous().view(1, input.shape[0] * num_groups, -1)
@@ -444,7 +445,7 @@ def rms_norm(input: Tensor, normalized_shape: Sequence[int], weight: Tensor | No
              p: float, k: int | None, constant: float) -> Tensor:
     """Fused Lp RMS norm (no centring: σ̂ of x itself)."""
     mode, kk = _mode(p, k)
-    if _eager_op(input):
+    if eager_op(input):
         return _EAGER(input, weight, None, None, None, 3, len(normalized_shape), mode, kk,
                       constant, float(eps), 0.0)
     x3 = _rows(input, len(normalized_shape))
@@ -476,3 +477,6 @@ def _closed_form_grads(x: Tensor, weight: Tensor | None, grad: Tensor, layout: i
 
 
 _LIB.impl("closed_form_grads", _closed_form_grads, "CompositeImplicitAutograd")
+
+
+_eager_op = eager_op

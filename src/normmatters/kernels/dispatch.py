@@ -33,7 +33,7 @@ from . import autograd, cpu, selfcheck
 from .enums import Layout
 
 __all__ = ["set_backend", "get_backend", "use_backend", "fused_available", "batch_norm",
-           "layer_norm", "group_norm", "rms_norm"]
+           "layer_norm", "group_norm", "rms_norm", "eager_args", "eager_ready", "eager_norm"]
 
 logger = logging.getLogger("normmatters.kernels")
 
@@ -232,6 +232,45 @@ def rms_norm(input: Tensor, normalized_shape: tuple[int, ...], weight: Tensor | 
         except Exception as exc:  # noqa: BLE001
             _failed(input, Layout.NCS, exc)
     return fn.reference_rms_norm(input, normalized_shape, weight, eps, p, k, constant)
+
+
+# The modules' short path on CPU (nn/*.py): a call whose configuration and input pass these two
+# cheap tests goes straight to the C++ operator, with the checks, the dispatch above and the
+# reference path behind it only when they fail. The operator computes exactly what the
+# dispatcher's fused path computes (it *is* that path in eager mode, see autograd.eager_op).
+
+_CPU = torch.device("cpu")
+_eager_args: dict[tuple, tuple[int, int, float] | None] = {}
+
+
+def eager_args(p: float, k: int | None, constant: str, n: int, eps: float
+               ) -> tuple[int, int, float] | None:
+    """``(mode, k, C)`` for the eager operators (C the dispersion's constant for n values), or
+    ``None`` for a configuration they never take (p = 2, eps ≤ 0, k > MAX_K or k > n)."""
+    key = (p, k, constant, n, eps)
+    args = _eager_args.get(key, False)
+    if args is False:
+        if p == 2.0 or not eps > 0 or n < 1 or (k is not None and (k > autograd.MAX_K or k > n)):
+            args = None
+        else:
+            args = (1, 1) if p == 1.0 else (2, 1 if k is None else k)
+            args = (*args, lp_constant(p, k, n, constant))
+        _eager_args[key] = args
+    return args
+
+
+def eager_ready(input: Tensor, layout: int) -> bool:
+    """Whether the C++ eager CPU operators may take a call on ``input`` now: a non-empty CPU
+    tensor of a dtype they serve, the ``"auto"`` backend, not compiling or exporting, and the
+    self-check's trust for this dtype and layout."""
+    return (_state["backend"] == "auto" and input.device.type == "cpu" and input.numel() > 0
+            and autograd.eager_op(input) and not _exporting()
+            and selfcheck.trusted(_CPU, input.dtype, layout))
+
+
+def eager_norm(*args):
+    """``torch.ops.normmatters.eager_norm`` (see ``csrc/lp_norm_op.cpp``)."""
+    return torch.ops.normmatters.eager_norm(*args)
 
 
 fn.install_dispatcher(batch=batch_norm, layer=layer_norm, group=group_norm, rms=rms_norm)

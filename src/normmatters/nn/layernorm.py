@@ -15,6 +15,7 @@ from torch.nn import init
 
 from ..functional.emulated import emulated_layer_norm
 from ..functional.norm import check_float, check_k
+from ..kernels.dispatch import eager_args, eager_norm, eager_ready
 from ..kernels.dispatch import group_norm as dispatch_group_norm
 from ..kernels.dispatch import layer_norm as dispatch_layer_norm
 from ..kernels.dispatch import rms_norm as dispatch_rms_norm
@@ -80,6 +81,7 @@ class LpLayerNorm(nn.Module):
         self.p, self.k = _check_options(type(self).__name__, p, k, constant)
         self.constant = constant
         self.normalized_shape = _shape(normalized_shape)
+        self._n = math.prod(self.normalized_shape)  # values per statistic
         self.eps = eps
         self.elementwise_affine = elementwise_affine
         self.compute_dtype = compute_dtype
@@ -105,6 +107,17 @@ class LpLayerNorm(nn.Module):
                 init.zeros_(self.bias)
 
     def forward(self, input: Tensor) -> Tensor:
+        shape = self.normalized_shape
+        if self.compute_dtype is None and input.shape[-len(shape):] == shape \
+                and eager_ready(input, 0):
+            args = eager_args(self.p, self.k, self.constant, self._n, self.eps)
+            if args is not None:
+                params = self._parameters
+                try:
+                    return eager_norm(input, params["weight"], params["bias"], None, None, 1,
+                                      len(shape), *args, self.eps, 0.0)
+                except Exception:  # noqa: BLE001 - the checked path below decides (and warns)
+                    pass
         name = type(self).__name__
         check_float(input, name)
         _check_trailing(name, input, self.normalized_shape)
@@ -186,6 +199,17 @@ class LpGroupNorm(nn.Module):
                 init.zeros_(self.bias)
 
     def forward(self, input: Tensor) -> Tensor:
+        if input.dim() >= 2 and input.shape[1] == self.num_channels and eager_ready(input, 0):
+            g = self.num_groups
+            args = eager_args(self.p, self.k, self.constant, input.numel() // (input.shape[0] * g),
+                              self.eps)
+            if args is not None:
+                params = self._parameters
+                try:
+                    return eager_norm(input, params["weight"], params["bias"], None, None, 2, g,
+                                      *args, self.eps, 0.0)
+                except Exception:  # noqa: BLE001 - the checked path below decides (and warns)
+                    pass
         name = type(self).__name__
         check_float(input, name)
         if input.dim() < 2 or input.shape[1] != self.num_channels:
@@ -237,6 +261,7 @@ class LpRMSNorm(nn.Module):
         self.p, self.k = _check_options(type(self).__name__, p, k, constant)
         self.constant = constant
         self.normalized_shape = _shape(normalized_shape)
+        self._n = math.prod(self.normalized_shape)  # values per statistic
         self.eps = eps
         self.elementwise_affine = elementwise_affine
         if elementwise_affine:
@@ -250,6 +275,16 @@ class LpRMSNorm(nn.Module):
             init.ones_(self.weight)
 
     def forward(self, input: Tensor) -> Tensor:
+        shape = self.normalized_shape
+        if input.shape[-len(shape):] == shape and eager_ready(input, 0):
+            eps = torch.finfo(input.dtype).eps if self.eps is None else self.eps
+            args = eager_args(self.p, self.k, self.constant, self._n, eps)
+            if args is not None:
+                try:
+                    return eager_norm(input, self._parameters["weight"], None, None, None, 3,
+                                      len(shape), *args, eps, 0.0)
+                except Exception:  # noqa: BLE001 - the checked path below decides (and warns)
+                    pass
         name = type(self).__name__
         check_float(input, name)
         _check_trailing(name, input, self.normalized_shape)

@@ -92,16 +92,32 @@ Tensor as_stat(const Tensor& t, at::ScalarType st) {
   return t.to(st).contiguous();
 }
 
-// The [N, C, S] view of a batch-norm input and its layout (autograd.prepare_input).
-struct View3 { Tensor x3; int layout; };
+// The dense [N, C, S] view of an input that the kernels take, its layout and where γ, β apply.
+// kind 0 batch norm: per channel (dim 1), NCS or NSC (channels-last) without a copy where the
+// memory allows (autograd.prepare_input); kind 1 / 3 layer / RMS norm: rows over the last `arg`
+// dims, γ and β per position; kind 2 group norm: rows of one (sample, group of `arg`), no affine.
+struct View3 { Tensor x3; int layout; int affine; bool center; bool copied; };
 
-View3 batch_view(const Tensor& x) {
-  const int64_t N = x.size(0), C = x.size(1);
-  const int64_t S = x.numel() / (N * C);
-  Tensor x3 = x.reshape({N, C, S});
-  if (x3.is_contiguous()) return {x3, S == 1 ? NSC : NCS};
-  if (x3.transpose(1, 2).is_contiguous()) return {x3, NSC};
-  return {x3.contiguous(), NCS};
+View3 prepare(const Tensor& x, int64_t kind, int64_t arg, bool has_affine) {
+  if (kind == 0) {
+    const int64_t N = x.size(0), C = x.size(1);
+    const int64_t S = x.numel() / (N * C);
+    Tensor x3 = x.reshape({N, C, S});
+    if (x3.is_contiguous()) return {x3, S == 1 ? NSC : NCS, AFF_CHANNEL, true, false};
+    if (x3.transpose(1, 2).is_contiguous()) return {x3, NSC, AFF_CHANNEL, true, false};
+    return {x3.contiguous(), NCS, AFF_CHANNEL, true, true};
+  }
+  const bool copied = !x.is_contiguous();
+  const Tensor xc = copied ? x.contiguous() : x;
+  if (kind == 2) return {xc.view({1, x.size(0) * arg, -1}), NCS, AFF_NONE, true, copied};
+  int64_t d = 1;
+  for (int64_t i = x.dim() - arg; i < x.dim(); ++i) d *= x.size(i);
+  return {xc.view({1, -1, d}), NCS, has_affine ? AFF_POSITION : AFF_NONE, kind != 3, copied};
+}
+
+// An output (or input gradient) for x, stored in the memory order of the view v.
+Tensor like(const Tensor& x, const View3& v) {
+  return v.copied ? at::empty(x.sizes(), x.options()) : at::empty_like(x);
 }
 
 // A gradient in the layout of the saved input (autograd._fix_layout).
@@ -111,28 +127,28 @@ Tensor fix_layout(const Tensor& g, int layout) {
   return g.transpose(1, 2).contiguous().transpose(1, 2);
 }
 
-// The fused forward on a dense [N, C, S] tensor in `layout`: {y3 (same sizes and strides as
-// x3), stats} with stats the [3, C] rows mean, 1/(σ̂ + eps), σ̂. rm / rv (may be undefined) are
-// updated in the kernel.
-std::pair<Tensor, Tensor> forward_kernel(const Tensor& x3, const Tensor& w, const Tensor& b,
-                                         const Tensor& rm, const Tensor& rv, int64_t layout,
+// The fused forward: {y (x's sizes), stats} with stats the [3, C] rows mean, 1/(σ̂ + eps), σ̂;
+// rm / rv (may be undefined) are updated in the kernel.
+std::pair<Tensor, Tensor> forward_kernel(const Tensor& x, const View3& v, const Tensor& w,
+                                         const Tensor& b, const Tensor& rm, const Tensor& rv,
                                          int64_t mode, int64_t k, double constant, double eps,
-                                         bool center, int64_t affine, double momentum) {
+                                         double momentum) {
+  const Tensor& x3 = v.x3;
   const Kernels& kern = kernels_for(x3);
   const int64_t N = x3.size(0), C = x3.size(1), S = x3.size(2);
-  Tensor y3 = at::empty_strided(x3.sizes(), x3.strides(), x3.options());
+  Tensor y = like(x, v);
   Tensor stats = at::empty({3, C}, x3.options().dtype(stat_type(x3)));
   const int64_t n = N * S;
   char* sp = static_cast<char*>(stats.data_ptr());
   const int64_t step = C * stats.element_size();
-  const int rc = kern.fwd(dtype_code(x3.scalar_type()), (int)layout, x3.data_ptr(), y3.data_ptr(),
-                          N, C, S, ptr(w), ptr(b), (int)affine, (int)mode, (int)k, constant, eps,
-                          center ? 1 : 0, sp, sp + step, sp + 2 * step, mptr(rm), mptr(rv),
+  const int rc = kern.fwd(dtype_code(x3.scalar_type()), v.layout, x3.data_ptr(), y.data_ptr(),
+                          N, C, S, ptr(w), ptr(b), v.affine, (int)mode, (int)k, constant, eps,
+                          v.center ? 1 : 0, sp, sp + step, sp + 2 * step, mptr(rm), mptr(rv),
                           momentum, n > 1 ? (double)n / (double)(n - 1) : 1.0, threads(x3));
   TORCH_CHECK(rc == 0, "normmatters CPU forward kernel failed with code ", rc);
   if (rm.defined()) rm.unsafeGetTensorImpl()->bump_version();
   if (rv.defined()) rv.unsafeGetTensorImpl()->bump_version();
-  return {y3, stats};
+  return {y, stats};
 }
 
 Tensor opt(const std::optional<Tensor>& t) { return t.has_value() ? *t : Tensor(); }
@@ -141,51 +157,43 @@ std::optional<Tensor> some(const Tensor& t) {
 }
 
 struct LpNormFn : public torch::autograd::Function<LpNormFn> {
-  // Absent γ, β and buffers travel as empty optionals (undefined tensors are not inputs).
-  static variable_list forward(AutogradContext* ctx, const Tensor& x3,
+  // x is the caller's tensor (its view is taken here, so autograd records no view node); absent
+  // γ, β and buffers travel as empty optionals (undefined tensors are not inputs).
+  static variable_list forward(AutogradContext* ctx, const Tensor& x,
                                const std::optional<Tensor>& wo, const std::optional<Tensor>& bo,
                                const std::optional<Tensor>& rmo, const std::optional<Tensor>& rvo,
-                               int64_t layout, int64_t mode, int64_t k, double constant,
-                               double eps, bool center, int64_t affine, double momentum) {
+                               int64_t kind, int64_t arg, int64_t mode, int64_t k,
+                               double constant, double eps, double momentum) {
     const Tensor w = opt(wo), b = opt(bo), rm = opt(rmo), rv = opt(rvo);
-    auto out = forward_kernel(x3, w, b, rm, rv, layout, mode, k, constant, eps, center, affine,
-                              momentum);
-    // Only x, γ and the statistics are saved, as for torch's batch norm.
-    ctx->save_for_backward({x3, w, out.second});
-    ctx->saved_data["layout"] = layout;
-    ctx->saved_data["mode"] = mode;
-    ctx->saved_data["k"] = k;
-    ctx->saved_data["constant"] = constant;
-    ctx->saved_data["eps"] = eps;
-    ctx->saved_data["center"] = center;
-    ctx->saved_data["affine"] = affine;
-    ctx->saved_data["need_x"] = x3.requires_grad();
-    ctx->saved_data["has_w"] = w.defined();
-    ctx->saved_data["has_b"] = b.defined();
-    ctx->saved_data["need_affine"] =
-        (w.defined() && w.requires_grad()) || (b.defined() && b.requires_grad());
+    const View3 v = prepare(x, kind, arg, w.defined() || b.defined());
+    auto out = forward_kernel(x, v, w, b, rm, rv, mode, k, constant, eps, momentum);
+    // Only x, γ and the statistics are saved, as for torch's batch norm; two saved_data entries
+    // (each a hash-map insertion): the integers and the two reals.
+    ctx->save_for_backward({x, w, out.second});
+    const bool need_affine = (w.defined() && w.requires_grad()) || (b.defined() && b.requires_grad());
+    ctx->saved_data["i"] = std::vector<int64_t>{kind, arg, mode, k, x.requires_grad(), w.defined(),
+                                                b.defined(), need_affine};
+    ctx->saved_data["d"] = std::vector<double>{constant, eps};
     ctx->mark_non_differentiable({out.second});
     return {out.first, out.second};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const auto saved = ctx->get_saved_variables();
-    const Tensor& x3 = saved[0];
+    const Tensor& x = saved[0];
     const Tensor& w = saved[1];
     const Tensor& stats = saved[2];
-    const int layout = (int)ctx->saved_data["layout"].toInt();
-    const int mode = (int)ctx->saved_data["mode"].toInt();
-    const int k = (int)ctx->saved_data["k"].toInt();
-    const double constant = ctx->saved_data["constant"].toDouble();
-    const double eps = ctx->saved_data["eps"].toDouble();
-    const bool center = ctx->saved_data["center"].toBool();
-    const int affine = (int)ctx->saved_data["affine"].toInt();
-    const bool need_x = ctx->saved_data["need_x"].toBool();
-    const bool need_affine = ctx->saved_data["need_affine"].toBool();
-    const bool has_w = ctx->saved_data["has_w"].toBool(), has_b = ctx->saved_data["has_b"].toBool();
-    variable_list out(13);  // one per argument of forward
+    const auto iv = ctx->saved_data["i"].toIntVector();
+    const auto dv = ctx->saved_data["d"].toDoubleVector();
+    const int64_t kind = iv[0], arg = iv[1];
+    const int mode = (int)iv[2], k = (int)iv[3];
+    const bool need_x = iv[4] != 0, has_w = iv[5] != 0, has_b = iv[6] != 0, need_affine = iv[7] != 0;
+    const double constant = dv[0], eps = dv[1];
+    variable_list out(12);  // one per argument of forward
     const Tensor& gy = grads[0];
     if (!gy.defined() || !(need_x || need_affine)) return out;
+    const View3 v = prepare(x, kind, arg, has_w || has_b);
+    const Tensor& x3 = v.x3;
     const int64_t N = x3.size(0), C = x3.size(1), S = x3.size(2);
     Tensor g3 = gy.reshape({N, C, S});
     Tensor dx, dw, db;
@@ -196,22 +204,24 @@ struct LpNormFn : public torch::autograd::Function<LpNormFn> {
           .typed<std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const std::optional<Tensor>&,
                                                     const Tensor&, int64_t, int64_t, int64_t,
                                                     double, double, bool, int64_t)>();
-      std::optional<Tensor> wo = w.defined() ? std::optional<Tensor>(w) : std::nullopt;
-      auto r = op.call(x3, wo, g3, layout, mode, k, constant, eps, center, affine);
-      dx = std::get<0>(r); dw = std::get<1>(r); db = std::get<2>(r);
+      auto r = op.call(x3, some(w), g3, v.layout, mode, k, constant, eps, v.center, v.affine);
+      dx = std::get<0>(r).reshape(x.sizes());
+      dw = std::get<1>(r);
+      db = std::get<2>(r);
     } else {
       const Kernels& kern = kernels_for(x3);
-      g3 = fix_layout(g3, layout);
-      if (need_x) dx = at::empty_strided(x3.sizes(), x3.strides(), x3.options());
-      const int64_t size = affine == AFF_POSITION ? S : C;
+      g3 = fix_layout(g3, v.layout);
+      if (need_x) dx = like(x, v);
+      const int64_t size = v.affine == AFF_POSITION ? S : C;
       if (need_affine) {
         dw = at::empty({size}, stats.options());
         db = at::empty({size}, stats.options());
       }
       const char* sp = static_cast<const char*>(stats.data_ptr());
-      const int rc = kern.bwd(dtype_code(x3.scalar_type()), layout, g3.data_ptr(), x3.data_ptr(),
-                              mptr(dx), N, C, S, ptr(w), affine, sp, sp + C * stats.element_size(),
-                              mode, k, constant, center ? 1 : 0, mptr(dw), mptr(db), threads(x3));
+      const int rc = kern.bwd(dtype_code(x3.scalar_type()), v.layout, g3.data_ptr(), x3.data_ptr(),
+                              mptr(dx), N, C, S, ptr(w), v.affine, sp,
+                              sp + C * stats.element_size(), mode, k, constant, v.center ? 1 : 0,
+                              mptr(dw), mptr(db), threads(x3));
       TORCH_CHECK(rc == 0, "normmatters CPU backward kernel failed with code ", rc);
     }
     if (need_x) out[0] = dx;
@@ -221,20 +231,20 @@ struct LpNormFn : public torch::autograd::Function<LpNormFn> {
   }
 };
 
-// {y3, stats}: through the autograd node when a gradient is needed, else the kernel alone.
-std::pair<Tensor, Tensor> run(const Tensor& x3, const Tensor& w, const Tensor& b, const Tensor& rm,
-                              const Tensor& rv, int layout, int64_t mode, int64_t k,
-                              double constant, double eps, bool center, int affine,
-                              double momentum) {
+// {y, stats}: through the autograd node when a gradient is needed, else the kernel alone.
+std::pair<Tensor, Tensor> run(const Tensor& x, const Tensor& w, const Tensor& b, const Tensor& rm,
+                              const Tensor& rv, int64_t kind, int64_t arg, int64_t mode,
+                              int64_t k, double constant, double eps, double momentum) {
   const bool grad = at::GradMode::is_enabled() &&
-      (x3.requires_grad() || (w.defined() && w.requires_grad()) || (b.defined() && b.requires_grad()));
+      (x.requires_grad() || (w.defined() && w.requires_grad()) || (b.defined() && b.requires_grad()));
   if (grad) {
-    auto out = LpNormFn::apply(x3, some(w), some(b), some(rm), some(rv), (int64_t)layout, mode, k, constant, eps, center,
-                               (int64_t)affine, momentum);
+    auto out = LpNormFn::apply(x, some(w), some(b), some(rm), some(rv), kind, arg, mode, k,
+                               constant, eps, momentum);
     return {out[0], out[1]};
   }
   at::NoGradGuard no_grad;
-  return forward_kernel(x3, w, b, rm, rv, layout, mode, k, constant, eps, center, affine, momentum);
+  const View3 v = prepare(x, kind, arg, w.defined() || b.defined());
+  return forward_kernel(x, v, w, b, rm, rv, mode, k, constant, eps, momentum);
 }
 
 // Running buffers the kernel can update in place: contiguous, statistics dtype, no grad.
@@ -242,19 +252,22 @@ bool in_kernel(const Tensor& t, at::ScalarType st) {
   return !t.defined() || (t.scalar_type() == st && t.is_contiguous() && !t.requires_grad());
 }
 
+bool on_cpu(const std::optional<Tensor>& t) { return !t.has_value() || t->device().is_cpu(); }
+
 Tensor eager_norm(const Tensor& x, const std::optional<Tensor>& weight,
                   const std::optional<Tensor>& bias, const std::optional<Tensor>& running_mean,
                   const std::optional<Tensor>& running_var, int64_t kind, int64_t arg,
                   int64_t mode, int64_t k, double constant, double eps, double momentum) {
-  TORCH_CHECK(x.device().is_cpu(), "normmatters::eager_norm: a CPU tensor, got ", x.device());
+  TORCH_CHECK(x.device().is_cpu() && on_cpu(weight) && on_cpu(bias) && on_cpu(running_mean) &&
+              on_cpu(running_var), "normmatters::eager_norm: every tensor on the CPU");
+  TORCH_CHECK(x.numel() > 0 && x.dim() >= 2, "normmatters::eager_norm: a non-empty input of 2 or more dims");
   const at::ScalarType st = stat_type(x);
   if (kind == 0) {  // batch norm, training
     Tensor w = as_stat(opt(weight), st), b = as_stat(opt(bias), st);
-    View3 v = batch_view(x);
     Tensor rm = opt(running_mean), rv = opt(running_var);
     const bool fused_running = in_kernel(rm, st) && in_kernel(rv, st);
-    auto out = run(v.x3, w, b, fused_running ? rm : Tensor(), fused_running ? rv : Tensor(),
-                   v.layout, mode, k, constant, eps, true, AFF_CHANNEL, momentum);
+    auto out = run(x, w, b, fused_running ? rm : Tensor(), fused_running ? rv : Tensor(), 0, 0,
+                   mode, k, constant, eps, momentum);
     if (!fused_running) {
       // Buffers of another dtype or layout: updated from the returned statistics.
       at::NoGradGuard no_grad;
@@ -266,12 +279,11 @@ Tensor eager_norm(const Tensor& x, const std::optional<Tensor>& weight,
         rv.mul_(1.0 - momentum).add_(u, momentum);
       }
     }
-    return out.first.view(x.sizes());
+    return out.first;
   }
-  if (kind == 2) {  // group norm: rows of one (sample, group); γ and β per channel by ATen ops
-    Tensor x3 = x.contiguous().view({1, x.size(0) * arg, -1});
-    Tensor y = run(x3, Tensor(), Tensor(), Tensor(), Tensor(), NCS, mode, k, constant, eps, true,
-                   AFF_NONE, 0.0).first.view(x.sizes());
+  if (kind == 2) {  // group norm: γ and β per channel by ATen ops after the kernel
+    Tensor y = run(x, Tensor(), Tensor(), Tensor(), Tensor(), 2, arg, mode, k, constant, eps,
+                   0.0).first;
     std::vector<int64_t> shape(x.dim(), 1);
     shape[1] = -1;
     Tensor w = opt(weight), b = opt(bias);
@@ -282,34 +294,31 @@ Tensor eager_norm(const Tensor& x, const std::optional<Tensor>& weight,
     if (b.defined()) return y + b.to(x.scalar_type()).view(shape);
     return y;
   }
-  // layer (kind 1) / RMS (kind 3) norm: rows over the last `arg` dims, γ and β per position
-  const bool center = kind != 3;
-  Tensor w = as_stat(opt(weight), st), b = center ? as_stat(opt(bias), st) : Tensor();
-  int64_t d = 1;
-  for (int64_t i = x.dim() - arg; i < x.dim(); ++i) d *= x.size(i);
-  Tensor x3 = x.contiguous().view({1, -1, d});
-  const int affine = (w.defined() || b.defined()) ? AFF_POSITION : AFF_NONE;
-  return run(x3, w, b, Tensor(), Tensor(), NCS, mode, k, constant, eps, center, affine, 0.0)
-      .first.view(x.sizes());
+  TORCH_CHECK(kind == 1 || kind == 3, "normmatters::eager_norm: kind ", kind);
+  Tensor w = as_stat(opt(weight), st), b = kind == 1 ? as_stat(opt(bias), st) : Tensor();
+  return run(x, w, b, Tensor(), Tensor(), kind, arg, mode, k, constant, eps, 0.0).first;
 }
 
 Tensor eager_bn_eval(const Tensor& x, const Tensor& running_mean, const Tensor& running_var,
                      const std::optional<Tensor>& weight, const std::optional<Tensor>& bias,
                      double eps) {
-  TORCH_CHECK(x.device().is_cpu(), "normmatters::eager_bn_eval: a CPU tensor, got ", x.device());
+  TORCH_CHECK(x.device().is_cpu() && running_mean.device().is_cpu() &&
+              running_var.device().is_cpu() && on_cpu(weight) && on_cpu(bias),
+              "normmatters::eager_bn_eval: every tensor on the CPU");
+  TORCH_CHECK(x.numel() > 0 && x.dim() >= 2, "normmatters::eager_bn_eval: a non-empty input of 2 or more dims");
   const at::ScalarType st = stat_type(x);
   const Kernels& kern = kernels_for(x);
   TORCH_CHECK(kern.eval != nullptr, "normmatters: no evaluation kernel registered");
   at::NoGradGuard no_grad;
-  View3 v = batch_view(x);
+  const View3 v = prepare(x, 0, 0, true);
   Tensor rm = as_stat(running_mean, st), rv = as_stat(running_var, st);
   Tensor w = as_stat(opt(weight), st), b = as_stat(opt(bias), st);
-  Tensor y3 = at::empty_strided(v.x3.sizes(), v.x3.strides(), v.x3.options());
-  const int rc = kern.eval(dtype_code(x.scalar_type()), v.layout, v.x3.data_ptr(), y3.data_ptr(),
+  Tensor y = like(x, v);
+  const int rc = kern.eval(dtype_code(x.scalar_type()), v.layout, v.x3.data_ptr(), y.data_ptr(),
                            v.x3.size(0), v.x3.size(1), v.x3.size(2), rm.data_ptr(), rv.data_ptr(),
                            ptr(w), ptr(b), eps, threads(x));
   TORCH_CHECK(rc == 0, "normmatters CPU evaluation kernel failed with code ", rc);
-  return y3.view(x.sizes());
+  return y;
 }
 
 void set_kernels(int64_t dtype, int64_t fwd, int64_t bwd, int64_t eval) {
