@@ -24,6 +24,18 @@ from normmatters.nn import LpBatchNorm2d, LpLayerNorm
 
 pytestmark = pytest.mark.skipif(not K.available("cpu"), reason="no C++ compiler for the kernels")
 
+
+@pytest.fixture(autouse=True, params=["operators", "python"])
+def eager_path(request, monkeypatch):
+    """Every test twice: through the C++ eager operators (csrc/lp_norm_op.cpp), and through the
+    Python path around the same kernels that runs where the operators cannot be built."""
+    if request.param == "python":
+        monkeypatch.setattr(cpu, "_registered", {d: False for d in cpu.DTYPE_CODES})
+    elif not cpu.eager_ops(torch.float32):
+        pytest.skip("the C++ eager operators are unavailable")
+    return request.param
+
+
 NORMS = [(1, None), (math.inf, None), (math.inf, 3), (math.inf, 10)]
 NORM_IDS = ["l1", "linf", "top3", "top10"]
 
@@ -306,6 +318,7 @@ def test_compile_failure_falls_back_to_reference(tmp_path, monkeypatch, caplog):
     monkeypatch.setenv("NORMMATTERS_CACHE_DIR", str(tmp_path))
     monkeypatch.setattr(build, "_compiler", lambda: None)
     monkeypatch.setattr(cpu, "_libs", {})
+    monkeypatch.setattr(cpu, "_registered", {})
     with caplog.at_level(logging.WARNING, logger="normmatters.kernels"):
         assert cpu.library(torch.float32) is None
         assert not K.available("cpu")
@@ -417,3 +430,25 @@ def test_enums_are_the_kernel_codes():
         (x - x.mean((0, 2), keepdim=True)).abs().mean((0, 2), keepdim=True) + 1e-5)
     torch.testing.assert_close(y, expected)
     assert (int(Layout.NCS), int(Layout.NSC), int(Mode.L1), int(Mode.TOPK)) == (0, 1, 1, 2)
+
+
+def test_operator_library_is_cached_and_verified(eager_path):
+    if eager_path != "operators":
+        pytest.skip("operators only")
+    (lib,) = [p for p in build.kernel_dir().glob("lp_norm_op_*.so")
+              if build.verify(p) is None and p.stat().st_mtime > 0][:1] or [None]
+    assert lib is not None, "no verified operator library in the cache"
+    record = json.loads(lib.with_suffix(".json").read_text())
+    assert record["source"] == "lp_norm_op.cpp"
+
+
+def test_operators_refuse_tensors_they_cannot_take(eager_path):
+    if eager_path != "operators":
+        pytest.skip("operators only")
+    x = torch.randn(4, 3, 5)
+    with pytest.raises(RuntimeError, match="non-empty"):
+        torch.ops.normmatters.eager_norm(x[:0], None, None, None, None, 0, 0, 1, 1, 1.0, 1e-5, 0.1)
+    with pytest.raises(RuntimeError, match="kind"):
+        torch.ops.normmatters.eager_norm(x, None, None, None, None, 7, 1, 1, 1, 1.0, 1e-5, 0.1)
+    with pytest.raises(RuntimeError, match="code -4"):  # k beyond MAX_K: the kernel refuses
+        torch.ops.normmatters.eager_norm(x, None, None, None, None, 1, 1, 2, 65, 1.0, 1e-5, 0.0)

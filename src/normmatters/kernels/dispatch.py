@@ -259,18 +259,39 @@ def eager_args(p: float, k: int | None, constant: str, n: int, eps: float
     return args
 
 
+_is_compiling = torch.compiler.is_compiling
+_is_exporting = getattr(torch.compiler, "is_exporting", lambda: False)
+_ready: dict[tuple[torch.dtype, int], int] = {}  # (dtype, layout) → selfcheck.generation when trusted
+
+
 def eager_ready(input: Tensor, layout: int) -> bool:
     """Whether the C++ eager CPU operators may take a call on ``input`` now: a non-empty CPU
     tensor of a dtype they serve, the ``"auto"`` backend, not compiling or exporting, and the
-    self-check's trust for this dtype and layout."""
-    return (_state["backend"] == "auto" and input.device.type == "cpu" and input.numel() > 0
-            and autograd.eager_op(input) and not _exporting()
-            and selfcheck.trusted(_CPU, input.dtype, layout))
+    self-check's trust for this dtype and layout (cached until a verdict changes)."""
+    if not input.is_cpu or _state["backend"] != "auto" or _is_compiling() or _is_exporting() \
+            or not input.numel():
+        return False
+    key = (input.dtype, layout)
+    if _ready.get(key) == selfcheck.generation and autograd.backend_for(_CPU) is cpu \
+            and cpu.eager_ops(input.dtype):
+        return True
+    ok = autograd.eager_op(input) and selfcheck.trusted(_CPU, input.dtype, layout)
+    if ok:
+        _ready[key] = selfcheck.generation
+    return ok
 
 
 def eager_norm(*args):
     """``torch.ops.normmatters.eager_norm`` (see ``csrc/lp_norm_op.cpp``)."""
-    return torch.ops.normmatters.eager_norm(*args)
+    global _eager_call
+    if _eager_call is None:
+        overload = torch.ops.normmatters.eager_norm.default
+        # The overload's C++ callable itself where torch exposes it: a Python frame less per call.
+        _eager_call = getattr(overload, "_op", overload)
+    return _eager_call(*args)
+
+
+_eager_call = None
 
 
 fn.install_dispatcher(batch=batch_norm, layer=layer_norm, group=group_norm, rms=rms_norm)

@@ -60,6 +60,8 @@ class FusedKernelWarning(RuntimeWarning):
 _Key = tuple  # (torch.device, torch.dtype, int)
 
 _verdicts: dict[_Key, bool] = {}
+#: Changes whenever a verdict is withdrawn or forgotten (callers may cache "trusted" under it).
+generation = 0
 _check_lock = threading.RLock()   # one check at a time; other threads wait for its verdict
 _state_lock = threading.Lock()    # the verdicts and the one warning per key
 _local = threading.local()        # .checking: the key this thread checks (its fused calls pass)
@@ -106,7 +108,13 @@ def reset() -> None:
     global _enabled
     with _state_lock:
         _verdicts.clear()
+        _bump()
         _enabled = _read_env()
+
+
+def _bump() -> None:
+    global generation
+    generation += 1
 
 
 def _describe(key: _Key) -> str:
@@ -119,6 +127,7 @@ def _set_false(key: _Key, reason: str) -> None:
         if _verdicts.get(key) is False:
             return
         _verdicts[key] = False
+        _bump()
     message = (f"normmatters: the fused normalization kernels failed on {_describe(key)}: {reason}. "
                f"Using the reference path for the rest of the process.")
     logger.warning("%s", message)

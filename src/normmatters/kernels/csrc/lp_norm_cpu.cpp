@@ -201,7 +201,7 @@ template <typename A, typename F> inline double finite_or(A s, F again) {
 }
 
 // Top(k) of a short statistic (n <= SHORT values, e.g. a layer-norm row): the |x − mu| into a
-// scratch array, then k selections of the largest left, ties to the lowest index (the tie rule).
+// scratch array, then one pass that keeps the k largest, ties to the lowest index (the tie rule).
 // A NaN makes the sum NaN (as the reference's).
 template <typename T, typename A>
 double short_topk(const T* x, int64_t N, int64_t C, int64_t S, int64_t c, A mu, int k,
@@ -220,40 +220,31 @@ double short_topk(const T* x, int64_t N, int64_t C, int64_t S, int64_t c, A mu, 
     if (out_id) for (int j = 0; j < k; ++j) { out_id[j] = j; out_s[j] = 0; }
     return std::numeric_limits<double>::quiet_NaN();
   }
-  {
-    // k selections of the largest value left (its first position on a tie), each from the
-    // maxima of blocks of 16: one vectorised pass for the block maxima, then per selection a
-    // look at the blocks and one block.
-    const int64_t SB = 16, nb = (n + SB - 1) / SB;
-    std::vector<A>& bm = buf2;
-    bm.resize((size_t)nb);
-    for (int64_t q = 0; q < nb; ++q) {
-      const int64_t l = std::min(SB, n - q * SB);
-      A m = A(-1);
-#pragma omp simd reduction(max:m)
-      for (int64_t i = 0; i < l; ++i) m = b[q * SB + i] > m ? b[q * SB + i] : m;
-      bm[q] = m;
-    }
-    double s = 0.0;
-    for (int j = 0; j < k; ++j) {
-      int64_t bb = 0;
-      for (int64_t q = 1; q < nb; ++q) if (bm[q] > bm[bb]) bb = q;
-      const A best = bm[bb];
-      const int64_t b0 = bb * SB, l = std::min(SB, n - b0);
-      int64_t pos = b0;
-      while (pos < b0 + l - 1 && !(b[pos] == best)) ++pos;
-      s += (double)best;
-      b[pos] = A(-1);  // |d| >= 0: never taken again
-      A m = A(-1);
-      for (int64_t i = b0; i < b0 + l; ++i) m = b[i] > m ? b[i] : m;
-      bm[bb] = m;
-      if (out_id) {
-        const A d = IO<T>::ld(x, ((pos / S) * C + c) * S + pos % S) - mu;
-        out_id[j] = pos; out_s[j] = (d > 0) - (d < 0);
-      }
-    }
-    return s;
+  // One pass in index order keeping the k largest |d| in a small array sorted by |d| descending:
+  // a value enters only if it beats the k-th kept one strictly, and goes behind the kept values
+  // it equals, so among equal |d| the lower index stays ahead (the tie rule). After the first k
+  // values the test fails for almost every value (about k·ln(n/k) entries in all for random data).
+  buf2.resize((size_t)(2 * k));
+  A* top = buf2.data();                       // kept |d|, descending
+  int64_t pos_local[64];                      // their positions (k <= MAX_K = 64)
+  int m = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const A a = b[i];
+    if (m == k && !(a > top[k - 1])) continue;
+    int j = m < k ? m++ : k - 1;
+    while (j > 0 && a > top[j - 1]) { top[j] = top[j - 1]; pos_local[j] = pos_local[j - 1]; --j; }
+    top[j] = a; pos_local[j] = i;
   }
+  double s = 0.0;
+  for (int j = 0; j < m; ++j) {
+    s += (double)top[j];
+    if (out_id) {
+      const int64_t pos = pos_local[j];
+      const A d = IO<T>::ld(x, ((pos / S) * C + c) * S + pos % S) - mu;
+      out_id[j] = pos; out_s[j] = (d > 0) - (d < 0);
+    }
+  }
+  return s;
 }
 
 // Per-thread scratch of short_topk.
@@ -935,7 +926,7 @@ typedef f16_t nm_t;
 extern "C" {
 
 // Checked by kernels/build.py: the ABI of the entry points below, and the dtype of this build.
-int nm_abi_version() { return 3; }
+int nm_abi_version() { return 4; }
 int nm_dtype() { return NM_DTYPE; }
 
 // The integer arguments are the IntEnums of normmatters/kernels/enums.py:
@@ -950,6 +941,7 @@ int nm_forward(int dtype, int layout, const void* x, void* y, int64_t N, int64_t
                void* mean, void* inv, void* sig, void* rm, void* rv, double momentum, double bessel, int nt) {
   if (nt < 1) nt = 1;
   if (dtype != NM_DTYPE) return -2;  // a dtype this build does not instantiate
+  if (mode == 2 && (k < 1 || k > 64)) return -4;  // MAX_K of normmatters/kernels/autograd.py
   return fwd_t<nm_t>(layout, x, y, N, C, S, w, b, aff, mode, k, cst, eps, center, mean, inv, sig, rm, rv, momentum, bessel, nt);
 }
 
@@ -959,6 +951,7 @@ int nm_backward(int dtype, int layout, const void* dy, const void* x, void* dx, 
                 void* dw, void* db, int nt) {
   if (nt < 1) nt = 1;
   if (dtype != NM_DTYPE) return -2;
+  if (mode == 2 && (k < 1 || k > 64)) return -4;
   return bwd_t<nm_t>(layout, dy, x, dx, N, C, S, w, aff, mean, inv, mode, k, cst, center, dw, db, nt);
 }
 
