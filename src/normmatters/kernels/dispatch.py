@@ -33,7 +33,8 @@ from . import autograd, cpu, selfcheck
 from .enums import Layout
 
 __all__ = ["set_backend", "get_backend", "use_backend", "fused_available", "batch_norm",
-           "layer_norm", "group_norm", "rms_norm", "eager_args", "eager_ready", "eager_norm"]
+           "layer_norm", "group_norm", "rms_norm", "eager_args", "eager_ready", "eager_norm",
+           "eager_bn_eval"]
 
 logger = logging.getLogger("normmatters.kernels")
 
@@ -292,6 +293,11 @@ def eager_norm(*args):
 
 
 _eager_call = None
+
+
+def eager_bn_eval(*args):
+    """``torch.ops.normmatters.eager_bn_eval`` (see ``csrc/lp_norm_op.cpp``)."""
+    return torch.ops.normmatters.eager_bn_eval(*args)
 
 
 fn.install_dispatcher(batch=batch_norm, layer=layer_norm, group=group_norm, rms=rms_norm)

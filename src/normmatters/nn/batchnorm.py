@@ -19,6 +19,7 @@ from ..functional.constants import parse_norm_options
 from ..functional.emulated import emulated_batch_norm
 from ..functional.norm import check_batch_norm_input, check_float, check_k
 from ..kernels.dispatch import batch_norm as dispatch_batch_norm
+from ..kernels.dispatch import eager_args, eager_bn_eval, eager_norm, eager_ready
 
 __all__ = ["BatchNormBase", "LpBatchNormBase", "LpBatchNorm1d", "LpBatchNorm2d", "LpBatchNorm3d"]
 
@@ -241,6 +242,10 @@ class _LpBatchNorm(LpBatchNormBase):
         if input.shape[1] != self.num_features:
             self.check_channels(input)
         bn_training, exponential_average_factor, running_mean, running_var = self.batch_norm_state()
+        if self.compute_dtype is None:
+            y = self._eager(input, bn_training, exponential_average_factor, running_mean, running_var)
+            if y is not None:
+                return y
         check_batch_norm_input(input, bn_training, self.eps, name)
         if bn_training and self.k is not None and input.numel() > 0:
             batch = input.shape[0]
@@ -261,6 +266,43 @@ class _LpBatchNorm(LpBatchNormBase):
             exponential_average_factor, self.eps, self.p, self.k, self.constant,
             self.ghost_batch_size,
         )
+
+
+    def _eager(self, input: Tensor, bn_training: bool, factor: float, running_mean: Tensor | None,
+               running_var: Tensor | None) -> Tensor | None:
+        """The C++ eager operator on CPU where it computes exactly what the checked path below
+        would (the dispatcher's fused path); ``None`` where it does not apply."""
+        if input.dim() == 2:
+            layout = 1
+        elif input.is_contiguous():
+            layout = 0
+        elif input.dim() == 4 and input.is_contiguous(memory_format=torch.channels_last):
+            layout = 1
+        else:
+            return None
+        if not eager_ready(input, layout):
+            return None
+        params = self._parameters
+        weight, bias = params["weight"], params["bias"]
+        try:
+            if bn_training:
+                ghost = self.ghost_batch_size
+                n = input.numel() // input.shape[1]
+                if n < 2 or (ghost is not None and input.shape[0] > ghost):
+                    return None
+                args = eager_args(self.p, self.k, self.constant, n, self.eps)
+                if args is None:
+                    return None
+                return eager_norm(input, weight, bias, running_mean, running_var, 0, 0, *args,
+                                  self.eps, factor)
+            if (self.p == 2.0 or running_mean is None or running_var is None or self.eps < 0
+                    or (torch.is_grad_enabled() and (input.requires_grad
+                        or (weight is not None and weight.requires_grad)
+                        or (bias is not None and bias.requires_grad)))):
+                return None
+            return eager_bn_eval(input, running_mean, running_var, weight, bias, self.eps)
+        except Exception:  # noqa: BLE001 - the checked path decides (and warns)
+            return None
 
 
 _DOC_TEMPLATE = r"""Lp batch normalization over a {dims} input (Hoffer et al. 2018, Sec. 4).
