@@ -163,7 +163,7 @@ struct LpNormFn : public torch::autograd::Function<LpNormFn> {
                                const std::optional<Tensor>& wo, const std::optional<Tensor>& bo,
                                const std::optional<Tensor>& rmo, const std::optional<Tensor>& rvo,
                                int64_t kind, int64_t arg, int64_t mode, int64_t k,
-                               double constant, double eps, double momentum) {
+                               double constant, double eps, double momentum, bool want_stats) {
     const Tensor w = opt(wo), b = opt(bo), rm = opt(rmo), rv = opt(rvo);
     const View3 v = prepare(x, kind, arg, w.defined() || b.defined());
     auto out = forward_kernel(x, v, w, b, rm, rv, mode, k, constant, eps, momentum);
@@ -174,6 +174,7 @@ struct LpNormFn : public torch::autograd::Function<LpNormFn> {
     ctx->saved_data["i"] = std::vector<int64_t>{kind, arg, mode, k, x.requires_grad(), w.defined(),
                                                 b.defined(), need_affine};
     ctx->saved_data["d"] = std::vector<double>{constant, eps};
+    if (!want_stats) return {out.first};  // one output: less for autograd to wrap
     ctx->mark_non_differentiable({out.second});
     return {out.first, out.second};
   }
@@ -189,7 +190,7 @@ struct LpNormFn : public torch::autograd::Function<LpNormFn> {
     const int mode = (int)iv[2], k = (int)iv[3];
     const bool need_x = iv[4] != 0, has_w = iv[5] != 0, has_b = iv[6] != 0, need_affine = iv[7] != 0;
     const double constant = dv[0], eps = dv[1];
-    variable_list out(12);  // one per argument of forward
+    variable_list out(13);  // one per argument of forward
     const Tensor& gy = grads[0];
     if (!gy.defined() || !(need_x || need_affine)) return out;
     const View3 v = prepare(x, kind, arg, has_w || has_b);
@@ -238,9 +239,11 @@ std::pair<Tensor, Tensor> run(const Tensor& x, const Tensor& w, const Tensor& b,
   const bool grad = at::GradMode::is_enabled() &&
       (x.requires_grad() || (w.defined() && w.requires_grad()) || (b.defined() && b.requires_grad()));
   if (grad) {
+    // The statistics come back only for running buffers the kernel cannot update itself.
+    const bool want_stats = kind == 0 && !rm.defined() && !rv.defined();
     auto out = LpNormFn::apply(x, some(w), some(b), some(rm), some(rv), kind, arg, mode, k,
-                               constant, eps, momentum);
-    return {out[0], out[1]};
+                               constant, eps, momentum, want_stats);
+    return {out[0], want_stats ? out[1] : Tensor()};
   }
   at::NoGradGuard no_grad;
   const View3 v = prepare(x, kind, arg, w.defined() || b.defined());
