@@ -291,6 +291,27 @@ def test_torch_compile_traces_through_the_custom_ops():
 
 
 @pytest.mark.parametrize("mode,k,center", [(1, 1, True), (2, 1, True), (2, 3, False)])
+def test_compiled_cpu_operators_registration(eager_path, mode, k, center):
+    # The C++ twins that compiled CPU graphs call: schema, fake implementation and autograd.
+    if eager_path != "operators":
+        pytest.skip("operators only")
+    from normmatters.kernels import autograd
+
+    assert autograd.compiled_cpu_ops(torch.float64)
+    op = torch.ops.normmatters.cpu_lp_norm_fwd.default
+    x = torch.randn(3, 4, 6, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(4, dtype=torch.float64, requires_grad=True)
+    torch.library.opcheck(op, (x, w, None, 0, mode, k, 1.25, 1e-5, center))
+    rows = torch.randn(1, 5, 6, dtype=torch.float64, requires_grad=True)
+    wr = torch.randn(6, dtype=torch.float64, requires_grad=True)
+    torch.library.opcheck(op, (rows, wr, None, 0, mode, k, 1.25, 1e-5, center, 2))
+    # and the same values as the Python op
+    for a, b in zip(op(x, w, None, 0, mode, k, 1.25, 1e-5, center),
+                    lp_norm_fwd(x, w, None, 0, mode, k, 1.25, 1e-5, center)):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("mode,k,center", [(1, 1, True), (2, 1, True), (2, 3, False)])
 def test_custom_op_registration(mode, k, center):
     x = torch.randn(3, 4, 6, dtype=torch.float64, requires_grad=True)
     w = torch.randn(4, dtype=torch.float64, requires_grad=True)

@@ -214,9 +214,7 @@ def step_rows(models: Sequence[str], norms: Sequence[str], repeat: int, clock: s
     for name in models:
         modes = [False, True] if compiled else [False]
         for comp in modes:
-            base, base_loss = _step_model(name, "torch")
-            if comp:
-                base = torch.compile(base)
+            base_model, base_loss = _step_model(name, "torch")
 
             def step(m: nn.Module, lossf: Callable[[nn.Module], Tensor], opt: torch.optim.Optimizer
                      ) -> Callable[[], None]:
@@ -226,11 +224,15 @@ def step_rows(models: Sequence[str], norms: Sequence[str], repeat: int, clock: s
                     opt.step()
                 return f
 
-            base_step = step(base, base_loss, torch.optim.SGD(base.parameters(), lr=1e-3))
             for norm in norms:
                 ours, ours_loss = _step_model(name, norm)
+                base = base_model
                 if comp:
-                    ours = torch.compile(ours)
+                    # A fresh cache per pair: the models share their forward code, and dynamo's
+                    # recompile limit would otherwise send later models back to eager mode.
+                    torch._dynamo.reset()
+                    base, ours = torch.compile(base_model), torch.compile(ours)
+                base_step = step(base, base_loss, torch.optim.SGD(base_model.parameters(), lr=1e-3))
                 ours_step = step(ours, ours_loss, torch.optim.SGD(ours.parameters(), lr=1e-3))
                 t_ref, t_ours = time_interleaved([base_step, ours_step], repeat, 2, dev, tick)
                 rows.append({"model": name, "mode": "compiled" if comp else "eager", "norm": norm,

@@ -33,6 +33,7 @@ are called by the dispatcher (:mod:`.dispatch`) on arguments it has already chec
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from types import ModuleType
@@ -52,7 +53,7 @@ from .enums import Affine, Layout, Mode
 
 __all__ = ["batch_norm", "batch_norm_eval", "layer_norm", "group_norm", "rms_norm", "MAX_K",
            "prepare_input", "backend_for", "register_backend", "lp_norm_fwd", "lp_norm_bwd",
-           "eager_op"]
+           "eager_op", "compiled_cpu_ops"]
 
 #: Largest k the fused Top(k) kernels take; larger k (rare) runs the reference.
 MAX_K = 64
@@ -121,7 +122,7 @@ def lp_norm_fwd(x: Tensor, weight: Tensor | None, bias: Tensor | None, layout: i
 
 
 @lp_norm_fwd.register_fake
-def _(x, weight, bias, layout, mode, k, constant, eps, center, affine=1):
+def _fwd_fake(x, weight, bias, layout, mode, k, constant, eps, center, affine=1):
     stat = torch.float64 if x.dtype == torch.float64 else torch.float32
     c = x.shape[1]
     y = torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device=x.device)
@@ -153,8 +154,8 @@ def lp_norm_bwd(grad: Tensor, x: Tensor, weight: Tensor | None, mean: Tensor, in
 
 
 @lp_norm_bwd.register_fake
-def _(grad, x, weight, mean, inv, layout, mode, k, constant, center, need_input, need_affine,
-      affine=1):
+def _bwd_fake(grad, x, weight, mean, inv, layout, mode, k, constant, center, need_input,
+              need_affine, affine=1):
     c = x.shape[1] if affine != Affine.POSITION else x.shape[2]
     dx = (torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device=x.device)
           if need_input else x.new_empty(0))
@@ -291,6 +292,13 @@ def _lp_norm(x: Tensor, weight: Tensor | None, bias: Tensor | None, layout: int,
     statistics dtype) and afterwards otherwise."""
     tracked = running_mean is not None or running_var is not None
     impl = _BACKENDS[x.device.type]
+    if torch.compiler.is_compiling() and impl is cpu and compiled_cpu_ops(x.dtype):
+        # The C++ operators: the compiled graph calls them without Python around the kernel.
+        out = torch.ops.normmatters.cpu_lp_norm_fwd(x, weight, bias, layout, mode, k, constant,
+                                                    eps, center, affine)
+        if tracked:
+            update_running(running_mean, running_var, out[1], out[3], x.shape[0] * x.shape[2], momentum)
+        return out[0]
     if torch.compiler.is_compiling() or not getattr(impl, "PACKED", False):
         out = (lp_norm_fwd(x, weight, bias, layout, mode, k, constant, eps, center, affine)
                if torch.compiler.is_compiling() or _needs_grad(x, weight, bias)
@@ -326,6 +334,30 @@ def eager_op(x: Tensor) -> bool:
     ``torch.compile`` (which traces the torch.library ops above instead)."""
     return (x.device.type == "cpu" and _BACKENDS["cpu"] is cpu and cpu.eager_ops(x.dtype)
             and not torch.compiler.is_compiling())
+
+
+_compiled_ops: dict[str, bool] = {}
+
+
+def compiled_cpu_ops(dtype: torch.dtype) -> bool:
+    """Whether ``normmatters::cpu_lp_norm_fwd`` / ``cpu_lp_norm_bwd`` (the C++ twins of
+    :func:`lp_norm_fwd` / :func:`lp_norm_bwd`) serve CPU tensors of ``dtype``; registers their
+    fake implementations and autograd formula on first use."""
+    if not cpu.eager_ops(dtype):
+        return False
+    if "done" not in _compiled_ops:
+        torch.library.register_fake("normmatters::cpu_lp_norm_fwd")(_fwd_fake)
+        torch.library.register_fake("normmatters::cpu_lp_norm_bwd")(_bwd_fake)
+        torch.library.register_autograd(
+            "normmatters::cpu_lp_norm_fwd",
+            functools.partial(_backward, bwd=torch.ops.normmatters.cpu_lp_norm_bwd),
+            setup_context=_setup_context)
+        _compiled_ops["done"] = True
+    return True
+
+
+# A constant of the process for torch.compile (evaluated once, eagerly, while tracing).
+compiled_cpu_ops._dynamo_marked_constant = True  # type: ignore[attr-defined]
 
 
 def _EAGER(*args):  # noqa: N802 - resolved on first use: the operators exist once cpu loads them

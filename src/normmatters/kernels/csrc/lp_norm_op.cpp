@@ -324,6 +324,55 @@ Tensor eager_bn_eval(const Tensor& x, const Tensor& running_mean, const Tensor& 
   return y;
 }
 
+// The same kernels as operators on a prepared [N, C, S] tensor in `layout` (what
+// autograd.lp_norm_fwd / lp_norm_bwd compute), for graphs that torch.compile builds: their fake
+// implementations and autograd formula are registered from Python (autograd.py), so the graph
+// calls C++ directly at run time.
+std::tuple<Tensor, Tensor, Tensor, Tensor> cpu_lp_norm_fwd(
+    const Tensor& x, const std::optional<Tensor>& weight, const std::optional<Tensor>& bias,
+    int64_t layout, int64_t mode, int64_t k, double constant, double eps, bool center,
+    int64_t affine) {
+  TORCH_CHECK(x.dim() == 3 && x.device().is_cpu(), "normmatters::cpu_lp_norm_fwd: a [N, C, S] CPU tensor");
+  const Kernels& kern = kernels_for(x);
+  const int64_t N = x.size(0), C = x.size(1), S = x.size(2);
+  Tensor y = at::empty_strided(x.sizes(), x.strides(), x.options());
+  // Three allocations: the outputs of an operator may not alias each other.
+  const auto so = x.options().dtype(stat_type(x));
+  Tensor mean = at::empty({C}, so), inv = at::empty({C}, so), sigma = at::empty({C}, so);
+  const Tensor w = opt(weight), b = opt(bias);
+  const int64_t n = N * S;
+  const int rc = kern.fwd(dtype_code(x.scalar_type()), (int)layout, x.data_ptr(), y.data_ptr(), N,
+                          C, S, ptr(w), ptr(b), (int)affine, (int)mode, (int)k, constant, eps,
+                          center ? 1 : 0, mean.data_ptr(), inv.data_ptr(), sigma.data_ptr(),
+                          nullptr, nullptr, 0.0,
+                          n > 1 ? (double)n / (double)(n - 1) : 1.0, threads(x));
+  TORCH_CHECK(rc == 0, "normmatters CPU forward kernel failed with code ", rc);
+  return {y, mean, inv, sigma};
+}
+
+std::tuple<Tensor, Tensor, Tensor> cpu_lp_norm_bwd(
+    const Tensor& grad, const Tensor& x, const std::optional<Tensor>& weight, const Tensor& mean,
+    const Tensor& inv, int64_t layout, int64_t mode, int64_t k, double constant, bool center,
+    bool need_input, bool need_affine, int64_t affine) {
+  TORCH_CHECK(x.dim() == 3 && x.device().is_cpu(), "normmatters::cpu_lp_norm_bwd: a [N, C, S] CPU tensor");
+  const Kernels& kern = kernels_for(x);
+  const int64_t N = x.size(0), C = x.size(1), S = x.size(2);
+  const Tensor g = fix_layout(grad, (int)layout);
+  const Tensor m = mean.contiguous(), iv = inv.contiguous();
+  const Tensor w = opt(weight);
+  Tensor dx = need_input ? at::empty_strided(x.sizes(), x.strides(), x.options()) : x.new_empty({0});
+  const int64_t size = affine == AFF_POSITION ? S : C;
+  Tensor dw = need_affine ? at::empty({size}, m.options()) : m.new_empty({0});
+  Tensor db = need_affine ? at::empty({size}, m.options()) : m.new_empty({0});
+  const int rc = kern.bwd(dtype_code(x.scalar_type()), (int)layout, g.data_ptr(), x.data_ptr(),
+                          need_input ? dx.data_ptr() : nullptr, N, C, S, ptr(w), (int)affine,
+                          m.data_ptr(), iv.data_ptr(), (int)mode, (int)k, constant, center ? 1 : 0,
+                          need_affine ? dw.data_ptr() : nullptr, need_affine ? db.data_ptr() : nullptr,
+                          threads(x));
+  TORCH_CHECK(rc == 0, "normmatters CPU backward kernel failed with code ", rc);
+  return {dx, dw, db};
+}
+
 void set_kernels(int64_t dtype, int64_t fwd, int64_t bwd, int64_t eval) {
   TORCH_CHECK(dtype >= 0 && dtype < 4, "normmatters::set_kernels: dtype code ", dtype);
   g_kernels[dtype].fwd = reinterpret_cast<fwd_fn>(static_cast<intptr_t>(fwd));
@@ -342,6 +391,16 @@ TORCH_LIBRARY_FRAGMENT(normmatters, m) {
   m.def("eager_bn_eval(Tensor x, Tensor running_mean, Tensor running_var, Tensor? weight, "
         "Tensor? bias, float eps) -> Tensor");
   m.def("set_kernels(int dtype, int forward, int backward, int evaluate) -> ()");
+  m.def("cpu_lp_norm_fwd(Tensor x, Tensor? weight, Tensor? bias, int layout, int mode, int k, "
+        "float constant, float eps, bool center, int affine=1) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("cpu_lp_norm_bwd(Tensor grad, Tensor x, Tensor? weight, Tensor mean, Tensor inv, "
+        "int layout, int mode, int k, float constant, bool center, bool need_input, "
+        "bool need_affine, int affine=1) -> (Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(normmatters, CPU, m) {
+  m.impl("cpu_lp_norm_fwd", cpu_lp_norm_fwd);
+  m.impl("cpu_lp_norm_bwd", cpu_lp_norm_bwd);
 }
 
 TORCH_LIBRARY_IMPL(normmatters, CompositeImplicitAutograd, m) {
