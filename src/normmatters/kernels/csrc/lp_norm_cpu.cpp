@@ -494,7 +494,15 @@ void bwd_rows(const T* dy, const T* x, T* dx, int64_t R, int64_t S,
     if (mode == 2) hs.init(1, k);
     double* tw = dw ? pw.data() + (size_t)t * S : nullptr;
     double* tb = dw ? pb.data() + (size_t)t * S : nullptr;
-#pragma omp for schedule(dynamic, chunk)
+    const int FLUSH = 32;
+    std::vector<A> fwv(dw ? (size_t)S : 0, A(0)), fbv(dw ? (size_t)S : 0, A(0));
+    A* fw = fwv.data(); A* fb = fbv.data();
+    int pending = 0;
+    auto flush = [&] {
+      for (int64_t i = 0; i < S; ++i) { tw[i] += (double)fw[i]; tb[i] += (double)fb[i]; fw[i] = A(0); fb[i] = A(0); }
+      pending = 0;
+    };
+#pragma omp for schedule(dynamic, chunk) nowait
     for (int64_t r = 0; r < R; ++r) {
       const T* xr = x + r * S; const T* gr = dy + r * S;
       const A mu = mean[r], inv = invs[r];
@@ -528,11 +536,14 @@ void bwd_rows(const T* dy, const T* x, T* dx, int64_t R, int64_t S,
         s3 += (double)l3;
       }
       if (dw) {
+        // γ and β gradients: summed in A over blocks of FLUSH rows (vectorised), then into the
+        // thread's double sums, so long columns keep double accuracy at float speed.
 #pragma omp simd
         for (int64_t i = 0; i < S; ++i) {
           A g = IO<T>::ld(gr, i);
-          tw[i] += (double)(g * (IO<T>::ld(xr, i) - mu) * inv); tb[i] += (double)g;
+          fw[i] += g * (IO<T>::ld(xr, i) - mu) * inv; fb[i] += g;
         }
+        if (++pending == FLUSH) flush();
       }
       if (!dx) continue;
       const double M = (double)inv * s2 / (double)n;
@@ -579,6 +590,7 @@ void bwd_rows(const T* dy, const T* x, T* dx, int64_t R, int64_t S,
         }
       }
     }
+    if (dw && pending) flush();
   }
   if (dw) {
     for (int64_t i = 0; i < S; ++i) {
