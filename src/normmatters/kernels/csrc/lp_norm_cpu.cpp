@@ -561,9 +561,26 @@ void bwd_rows(const T* dy, const T* x, T* dx, int64_t R, int64_t S,
         if (k == 1) {
           // L∞: the first position of the max or of the min of x, whichever deviates more
           // (the lower position on a tie), as select_topk would choose.
-          int64_t imx = 0, imn = 0;
-          while (imx < S - 1 && !(IO<T>::ld(xr, imx) == gmx)) ++imx;
-          while (imn < S - 1 && !(IO<T>::ld(xr, imn) == gmn)) ++imn;
+          // Both first positions in one pass over blocks of 16: a vectorised test per block,
+          // a scalar look only inside the (one or two) blocks that hold them.
+          int64_t imx = -1, imn = -1;
+          for (int64_t b0 = 0; b0 < S && (imx < 0 || imn < 0); b0 += 16) {
+            const int64_t l = std::min<int64_t>(16, S - b0);
+            int hit = 0;
+#pragma omp simd reduction(|:hit)
+            for (int64_t i = 0; i < l; ++i) {
+              const A v = IO<T>::ld(xr, b0 + i);
+              hit |= (v == gmx ? 1 : 0) | (v == gmn ? 2 : 0);
+            }
+            if (!hit) continue;
+            for (int64_t i = b0; i < b0 + l; ++i) {
+              const A v = IO<T>::ld(xr, i);
+              if (imx < 0 && v == gmx) imx = i;
+              if (imn < 0 && v == gmn) imn = i;
+            }
+          }
+          if (imx < 0) imx = S - 1;  // no match (NaN): as the scan to the end would leave it
+          if (imn < 0) imn = S - 1;
           const A up = gmx - mu, dn = mu - gmn;
           const bool take_up = up > dn || (up == dn && imx <= imn);
           const A d = take_up ? up : -dn;
