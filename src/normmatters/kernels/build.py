@@ -280,10 +280,12 @@ def load(name: str, tag: str, defines: dict[str, int],
 def _torch_flags() -> tuple[list[str], list[str], str]:
     """Compiler and linker flags for a library built against the installed torch, and a tag."""
     import torch  # the library is built for this torch: its headers, its ABI, its libraries
-    from torch.utils import cpp_extension
 
-    include = [f"-I{p}" for p in cpp_extension.include_paths()]
-    lib_dirs = cpp_extension.library_paths()
+    # What torch.utils.cpp_extension.include_paths() / library_paths() give on the CPU, without
+    # importing it (it needs setuptools, which newer Pythons' venvs lack).
+    root = Path(torch.__file__).resolve().parent
+    include = [f"-I{root / 'include'}", f"-I{root / 'include' / 'torch' / 'csrc' / 'api' / 'include'}"]
+    lib_dirs = [str(root / "lib")]
     abi = int(getattr(torch._C, "_GLIBCXX_USE_CXX11_ABI", 1))
     flags = ["-O2", "-fPIC", "-shared", "-std=c++17", f"-D_GLIBCXX_USE_CXX11_ABI={abi}", *include]
     libs = [*(f"-L{d}" for d in lib_dirs), "-lc10", "-ltorch_cpu", "-ltorch",
