@@ -201,12 +201,11 @@ template <typename A, typename F> inline double finite_or(A s, F again) {
 }
 
 // Top(k) of a short statistic (n <= SHORT values, e.g. a layer-norm row): the |x − mu| into a
-// scratch array, then one pass that keeps the k largest, ties to the lowest index (the tie rule).
+// scratch array, then k selections of the largest left, ties to the lowest index (the tie rule).
 // A NaN makes the sum NaN (as the reference's).
 template <typename T, typename A>
 double short_topk(const T* x, int64_t N, int64_t C, int64_t S, int64_t c, A mu, int k,
-                  int64_t* out_id, int* out_s, std::vector<A>& buf, std::vector<A>& buf2,
-                  std::vector<int64_t>& ibuf) {
+                  int64_t* out_id, int* out_s, std::vector<A>& buf, std::vector<A>& buf2) {
   const int64_t n = N * S;
   buf.resize((size_t)n);
   A* b = buf.data();
@@ -221,53 +220,45 @@ double short_topk(const T* x, int64_t N, int64_t C, int64_t S, int64_t c, A mu, 
     if (out_id) for (int j = 0; j < k; ++j) { out_id[j] = j; out_s[j] = 0; }
     return std::numeric_limits<double>::quiet_NaN();
   }
-  // Candidates first: with the values cut into nb >= k blocks, the smallest block maximum t is a
-  // lower bound of the k-th largest value (nb >= k blocks each hold a value >= t), so the top k
-  // lie among the values >= t, collected without branches in index order (about 2k–3k of them
-  // for most data). Then one pass over them keeps the k largest in a small array sorted by |d|
-  // descending: a value enters only if it beats the k-th kept one strictly, and goes behind the
-  // kept values it equals, so among equal |d| the lower index stays ahead (the tie rule).
-  std::vector<A>& bm = buf2;
-  bm.resize((size_t)k);
-  const int64_t B = std::max<int64_t>(1, n / (int64_t)k);
-  const int64_t nb = (n + B - 1) / B;
-  A t = std::numeric_limits<A>::infinity();
-  for (int64_t q = 0; q < nb; ++q) {
-    const int64_t l = std::min(B, n - q * B);
-    A mq = A(-1);
-    for (int64_t i = 0; i < l; ++i) mq = b[q * B + i] > mq ? b[q * B + i] : mq;
-    t = mq < t ? mq : t;
-  }
-  ibuf.resize((size_t)n);
-  int64_t* cand = ibuf.data();
-  int64_t nc = 0;
-  for (int64_t i = 0; i < n; ++i) { cand[nc] = i; nc += (b[i] >= t); }
-  A* top = bm.data();                         // kept |d|, descending
-  int64_t pos_local[64];                      // their positions (k <= MAX_K = 64)
-  int m = 0;
-  for (int64_t c2 = 0; c2 < nc; ++c2) {
-    const int64_t i = cand[c2];
-    const A a = b[i];
-    if (m == k && !(a > top[k - 1])) continue;
-    int j = m < k ? m++ : k - 1;
-    while (j > 0 && a > top[j - 1]) { top[j] = top[j - 1]; pos_local[j] = pos_local[j - 1]; --j; }
-    top[j] = a; pos_local[j] = i;
-  }
-  double s = 0.0;
-  for (int j = 0; j < m; ++j) {
-    s += (double)top[j];
-    if (out_id) {
-      const int64_t pos = pos_local[j];
-      const A d = IO<T>::ld(x, ((pos / S) * C + c) * S + pos % S) - mu;
-      out_id[j] = pos; out_s[j] = (d > 0) - (d < 0);
+  {
+    // k selections of the largest value left (its first position on a tie), each from the
+    // maxima of blocks of 16: one vectorised pass for the block maxima, then per selection a
+    // look at the blocks and one block.
+    const int64_t SB = 16, nb = (n + SB - 1) / SB;
+    std::vector<A>& bm = buf2;
+    bm.resize((size_t)nb);
+    for (int64_t q = 0; q < nb; ++q) {
+      const int64_t l = std::min(SB, n - q * SB);
+      A m = A(-1);
+#pragma omp simd reduction(max:m)
+      for (int64_t i = 0; i < l; ++i) m = b[q * SB + i] > m ? b[q * SB + i] : m;
+      bm[q] = m;
     }
+    double s = 0.0;
+    for (int j = 0; j < k; ++j) {
+      int64_t bb = 0;
+      for (int64_t q = 1; q < nb; ++q) if (bm[q] > bm[bb]) bb = q;
+      const A best = bm[bb];
+      const int64_t b0 = bb * SB, l = std::min(SB, n - b0);
+      int64_t pos = b0;
+      while (pos < b0 + l - 1 && !(b[pos] == best)) ++pos;
+      s += (double)best;
+      b[pos] = A(-1);  // |d| >= 0: never taken again
+      A m = A(-1);
+      for (int64_t i = b0; i < b0 + l; ++i) m = b[i] > m ? b[i] : m;
+      bm[bb] = m;
+      if (out_id) {
+        const A d = IO<T>::ld(x, ((pos / S) * C + c) * S + pos % S) - mu;
+        out_id[j] = pos; out_s[j] = (d > 0) - (d < 0);
+      }
+    }
+    return s;
   }
-  return s;
 }
 
 // Per-thread scratch of short_topk.
 template <typename A> struct TopScratch {
-  std::vector<A> buf, buf2; std::vector<int64_t> ibuf;
+  std::vector<A> buf, buf2;
   explicit TopScratch(int) {}
 };
 
@@ -331,7 +322,7 @@ void fwd_ncs(const T* x, T* y, int64_t N, int64_t C, int64_t S,
         const A up = gmx - mu, dn = mu - gmn;
         sig = cst * (double)(up > dn ? up : dn);
       } else if (short_rows) {
-        sig = cst * short_topk<T, A>(x, N, C, S, c, mu, k, nullptr, nullptr, ts.buf, ts.buf2, ts.ibuf) / (double)k;
+        sig = cst * short_topk<T, A>(x, N, C, S, c, mu, k, nullptr, nullptr, ts.buf, ts.buf2) / (double)k;
       } else {
         pieces.finish(x, k, *hi, *lo);
         sig = cst * select_topk<A>(&hi, &lo, 1, k, mu, nullptr, nullptr, buf) / (double)k;
@@ -446,7 +437,7 @@ void bwd_ncs(const T* dy, const T* x, T* dx, int64_t N, int64_t C, int64_t S,
         }
       } else {
         if (short_rows) {
-          short_topk<T, A>(x, N, C, S, c, mu, k, tid.data(), tsg.data(), ts.buf, ts.buf2, ts.ibuf);
+          short_topk<T, A>(x, N, C, S, c, mu, k, tid.data(), tsg.data(), ts.buf, ts.buf2);
         } else {
           pieces.finish(x, k, *hi, *lo);
           select_topk<A>(&hi, &lo, 1, k, mu, tid.data(), tsg.data(), buf);
@@ -587,7 +578,7 @@ void bwd_rows(const T* dy, const T* x, T* dx, int64_t R, int64_t S,
           tid[0] = take_up ? imx : imn; tsg[0] = (d > 0) - (d < 0);
         } else {
           if (short_rows) {
-            short_topk<T, A>(xr, 1, 1, S, 0, mu, k, tid.data(), tsg.data(), ts.buf, ts.buf2, ts.ibuf);
+            short_topk<T, A>(xr, 1, 1, S, 0, mu, k, tid.data(), tsg.data(), ts.buf, ts.buf2);
           } else {
             pieces.finish(xr, k, *hi, *lo);
             select_topk<A>(&hi, &lo, 1, k, mu, tid.data(), tsg.data(), buf);
