@@ -53,7 +53,7 @@ from .enums import Affine, Layout, Mode
 
 __all__ = ["batch_norm", "batch_norm_eval", "layer_norm", "group_norm", "rms_norm", "MAX_K",
            "prepare_input", "backend_for", "register_backend", "lp_norm_fwd", "lp_norm_bwd",
-           "eager_op", "compiled_cpu_ops"]
+           "eager_op", "eager_norm", "eager_bn_eval", "compiled_cpu_ops"]
 
 #: Largest k the fused Top(k) kernels take; larger k (rare) runs the reference.
 MAX_K = 64
@@ -292,17 +292,17 @@ def _lp_norm(x: Tensor, weight: Tensor | None, bias: Tensor | None, layout: int,
     statistics dtype) and afterwards otherwise."""
     tracked = running_mean is not None or running_var is not None
     impl = _BACKENDS[x.device.type]
-    if torch.compiler.is_compiling() and impl is cpu and compiled_cpu_ops(x.dtype):
-        # The C++ operators: the compiled graph calls them without Python around the kernel.
-        out = torch.ops.normmatters.cpu_lp_norm_fwd(x, weight, bias, layout, mode, k, constant,
-                                                    eps, center, affine)
-        if tracked:
-            update_running(running_mean, running_var, out[1], out[3], x.shape[0] * x.shape[2], momentum)
-        return out[0]
-    if torch.compiler.is_compiling() or not getattr(impl, "PACKED", False):
-        out = (lp_norm_fwd(x, weight, bias, layout, mode, k, constant, eps, center, affine)
-               if torch.compiler.is_compiling() or _needs_grad(x, weight, bias)
-               else _fwd_impl(x, weight, bias, layout, mode, k, constant, eps, center, affine))
+    compiling = torch.compiler.is_compiling()
+    if compiling or not getattr(impl, "PACKED", False):
+        if compiling:
+            # On the CPU the C++ twin: the compiled graph calls it without Python around the kernel.
+            op = (torch.ops.normmatters.cpu_lp_norm_fwd if impl is cpu and compiled_cpu_ops(x.dtype)
+                  else lp_norm_fwd)
+            out = op(x, weight, bias, layout, mode, k, constant, eps, center, affine)
+        elif _needs_grad(x, weight, bias):
+            out = lp_norm_fwd(x, weight, bias, layout, mode, k, constant, eps, center, affine)
+        else:
+            out = _fwd_impl(x, weight, bias, layout, mode, k, constant, eps, center, affine)
         if tracked:
             update_running(running_mean, running_var, out[1], out[3], x.shape[0] * x.shape[2], momentum)
         return out[0]
@@ -336,23 +336,24 @@ def eager_op(x: Tensor) -> bool:
             and not torch.compiler.is_compiling())
 
 
-_compiled_ops: dict[str, bool] = {}
+_compiled_ops_registered = False
 
 
 def compiled_cpu_ops(dtype: torch.dtype) -> bool:
     """Whether ``normmatters::cpu_lp_norm_fwd`` / ``cpu_lp_norm_bwd`` (the C++ twins of
     :func:`lp_norm_fwd` / :func:`lp_norm_bwd`) serve CPU tensors of ``dtype``; registers their
     fake implementations and autograd formula on first use."""
+    global _compiled_ops_registered
     if not cpu.eager_ops(dtype):
         return False
-    if "done" not in _compiled_ops:
+    if not _compiled_ops_registered:
         torch.library.register_fake("normmatters::cpu_lp_norm_fwd")(_fwd_fake)
         torch.library.register_fake("normmatters::cpu_lp_norm_bwd")(_bwd_fake)
         torch.library.register_autograd(
             "normmatters::cpu_lp_norm_fwd",
             functools.partial(_backward, bwd=torch.ops.normmatters.cpu_lp_norm_bwd),
             setup_context=_setup_context)
-        _compiled_ops["done"] = True
+        _compiled_ops_registered = True
     return True
 
 
@@ -360,11 +361,22 @@ def compiled_cpu_ops(dtype: torch.dtype) -> bool:
 compiled_cpu_ops._dynamo_marked_constant = True  # type: ignore[attr-defined]
 
 
-def _EAGER(*args):  # noqa: N802 - resolved on first use: the operators exist once cpu loads them
-    return torch.ops.normmatters.eager_norm(*args)
+_eager_call = None
 
 
-def _EAGER_EVAL(*args):  # noqa: N802
+def eager_norm(*args):
+    """``torch.ops.normmatters.eager_norm`` (see ``csrc/lp_norm_op.cpp``; it exists once
+    :func:`cpu.eager_ops` has loaded the operators)."""
+    global _eager_call
+    if _eager_call is None:
+        overload = torch.ops.normmatters.eager_norm.default
+        # The overload's C++ callable itself where torch exposes it: a Python frame less per call.
+        _eager_call = getattr(overload, "_op", overload)
+    return _eager_call(*args)
+
+
+def eager_bn_eval(*args):
+    """``torch.ops.normmatters.eager_bn_eval`` (see ``csrc/lp_norm_op.cpp``)."""
     return torch.ops.normmatters.eager_bn_eval(*args)
 
 
@@ -389,7 +401,7 @@ def batch_norm(input: Tensor, running_mean: Tensor | None, running_var: Tensor |
     """
     if eager_op(input):
         mode, kk = _mode(p, k)
-        return _EAGER(input, weight, bias, running_mean, running_var, 0, 0, mode, kk, constant,
+        return eager_norm(input, weight, bias, running_mean, running_var, 0, 0, mode, kk, constant,
                       float(eps), momentum)
     n_, c_ = input.shape[0], input.shape[1]
     x3, layout = prepare_input(input.reshape(n_, c_, -1))
@@ -408,7 +420,7 @@ def batch_norm_eval(input: Tensor, running_mean: Tensor, running_var: Tensor,
     if impl is None or not hasattr(impl, "evaluate") or _needs_grad(input, weight, bias):
         return None
     if eager_op(input):
-        return _EAGER_EVAL(input, running_mean, running_var, weight, bias, float(eps))
+        return eager_bn_eval(input, running_mean, running_var, weight, bias, float(eps))
     n_, c_ = input.shape[0], input.shape[1]
     x3, layout = prepare_input(input.reshape(n_, c_, -1))
     if not impl.supports(x3.dtype, layout, Affine.CHANNEL):
@@ -439,7 +451,7 @@ def layer_norm(input: Tensor, normalized_shape: Sequence[int], weight: Tensor | 
     backend supports per-position affine, by torch ops otherwise)."""
     mode, kk = _mode(p, k)
     if eager_op(input):
-        return _EAGER(input, weight, bias, None, None, 1, len(normalized_shape), mode, kk,
+        return eager_norm(input, weight, bias, None, None, 1, len(normalized_shape), mode, kk,
                       constant, float(eps), 0.0)
     x3 = _rows(input, len(normalized_shape))
     if _position_affine(_BACKENDS[input.device.type], x3):
@@ -460,7 +472,7 @@ def group_norm(input: Tensor, num_groups: int, weight: Tensor | None, bias: Tens
     """Fused Lp group norm: statistics per sample and group; per-channel affine by torch ops."""
     mode, kk = _mode(p, k)
     if eager_op(input):
-        return _EAGER(input, weight, bias, None, None, 2, num_groups, mode, kk, constant,
+        return eager_norm(input, weight, bias, None, None, 2, num_groups, mode, kk, constant,
                       float(eps), 0.0)
     x3 = input.contiguous().view(1, input.shape[0] * num_groups, -1)
     xhat = _lp_norm(x3, None, None, NCS, mode, kk, constant, float(eps), True)
@@ -478,7 +490,7 @@ def rms_norm(input: Tensor, normalized_shape: Sequence[int], weight: Tensor | No
     """Fused Lp RMS norm (no centring: σ̂ of x itself)."""
     mode, kk = _mode(p, k)
     if eager_op(input):
-        return _EAGER(input, weight, None, None, None, 3, len(normalized_shape), mode, kk,
+        return eager_norm(input, weight, None, None, None, 3, len(normalized_shape), mode, kk,
                       constant, float(eps), 0.0)
     x3 = _rows(input, len(normalized_shape))
     if _position_affine(_BACKENDS[input.device.type], x3):
@@ -500,15 +512,4 @@ _LIB.define("closed_form_grads(Tensor x, Tensor? weight, Tensor grad, int layout
             "float constant, float eps, bool center, int affine) -> (Tensor, Tensor, Tensor)")
 
 
-def _closed_form_grads(x: Tensor, weight: Tensor | None, grad: Tensor, layout: int, mode: int,
-                       k: int, constant: float, eps: float, center: bool, affine: int
-                       ) -> tuple[Tensor, Tensor, Tensor]:
-    dx, dw, db = _double_backward_grads(x, weight, grad, layout, mode, k, constant, eps, center,
-                                        affine)
-    return dx, dw, db
-
-
-_LIB.impl("closed_form_grads", _closed_form_grads, "CompositeImplicitAutograd")
-
-
-_eager_op = eager_op
+_LIB.impl("closed_form_grads", _double_backward_grads, "CompositeImplicitAutograd")

@@ -229,6 +229,31 @@ def _unload(lib: ctypes.CDLL) -> None:
         pass
 
 
+def _ensure_built(target: Path, cxx: list[str] | None, src_path: Path, defines: dict[str, int],
+                  problem: str | None, what: str, announce: str, flags: Sequence[str] = _FLAGS,
+                  libs: Sequence[str] = ()) -> None:
+    """Build ``target`` if it is missing or ``problem`` (from :func:`verify`) says it is damaged,
+    announcing a first build with ``announce``; raises unless the result verifies."""
+    if target.exists() and problem is None:
+        return
+    if cxx is None:
+        raise RuntimeError("no C++ compiler found (set CXX)")
+    if problem is not None:
+        logger.warning("normmatters: the cached %s %s fails verification (%s); rebuilding it.",
+                       what, target, problem)
+    else:
+        logger.warning("%s", announce)
+    t0 = time.perf_counter()
+    digest = _build(target, cxx, src_path, defines, flags, libs)
+    logger.info("normmatters: %s compiled in %.1f s", what, time.perf_counter() - t0)
+    problem = verify(target)
+    if problem is not None and _sha256(target) != digest:
+        time.sleep(0.2)  # another builder's library and record are being installed right now
+        problem = verify(target)
+    if problem is not None:
+        raise RuntimeError(f"the freshly built {target} fails verification ({problem})")
+
+
 def load(name: str, tag: str, defines: dict[str, int],
          symbols: Sequence[str] = SYMBOLS) -> ctypes.CDLL:
     """Compile ``csrc/<name>`` with ``defines`` (once per machine, cached), verify and ``dlopen`` it.
@@ -246,26 +271,10 @@ def load(name: str, tag: str, defines: dict[str, int],
     abi = _abi_version(text)
     problem = verify(target) if target.exists() else None
     for attempt in range(2):
-        if not target.exists() or problem is not None:
-            if cxx is None:
-                raise RuntimeError("no C++ compiler found (set CXX)")
-            if problem is not None:
-                logger.warning("normmatters: the cached kernel library %s fails verification "
-                               "(%s); rebuilding it.", target, problem)
-            else:
-                logger.warning("normmatters: compiling the fused CPU normalization kernels (%s) "
-                               "once (a few seconds); cached in %s. Set "
-                               "NORMMATTERS_KERNELS=reference to skip.", tag, target.parent)
-            t0 = time.perf_counter()
-            digest = _build(target, cxx, src_path, defines)
-            logger.info("normmatters: kernels compiled in %.1f s", time.perf_counter() - t0)
-            problem = verify(target)
-            if problem is not None and _sha256(target) != digest:
-                # Another builder's library and record are being installed right now.
-                time.sleep(0.2)
-                problem = verify(target)
-            if problem is not None:
-                raise RuntimeError(f"the freshly built {target} fails verification ({problem})")
+        _ensure_built(target, cxx, src_path, defines, problem, "kernel library",
+                      f"normmatters: compiling the fused CPU normalization kernels ({tag}) once (a "
+                      f"few seconds); cached in {target.parent}. Set NORMMATTERS_KERNELS=reference "
+                      f"to skip.")
         lib = ctypes.CDLL(str(target))
         problem = _check_library(lib, symbols, abi, defines)
         if problem is None:
@@ -309,25 +318,10 @@ def load_op_library(name: str) -> Path:
     key = hashlib.sha256("\0".join([text, " ".join(flags), " ".join(libs), tag,
                                     " ".join(cxx or []), platform.machine()]).encode()).hexdigest()[:16]
     target = kernel_dir() / f"{Path(name).stem}_{key}.so"
-    problem = verify(target) if target.exists() else None
-    if not target.exists() or problem is not None:
-        if cxx is None:
-            raise RuntimeError("no C++ compiler found (set CXX)")
-        if problem is not None:
-            logger.warning("normmatters: the cached operator library %s fails verification (%s); "
-                           "rebuilding it.", target, problem)
-        else:
-            logger.warning("normmatters: compiling the eager CPU operators against %s once (about "
-                           "half a minute); cached in %s. Set NORMMATTERS_KERNELS=reference to "
-                           "skip.", tag, target.parent)
-        t0 = time.perf_counter()
-        digest = _build(target, cxx, src_path, {}, flags, libs)
-        logger.info("normmatters: operators compiled in %.1f s", time.perf_counter() - t0)
-        problem = verify(target)
-        if problem is not None and _sha256(target) != digest:
-            time.sleep(0.2)  # another builder's library and record are being installed right now
-            problem = verify(target)
-        if problem is not None:
-            raise RuntimeError(f"the freshly built {target} fails verification ({problem})")
+    _ensure_built(target, cxx, src_path, {}, verify(target) if target.exists() else None,
+                  "operator library",
+                  f"normmatters: compiling the eager CPU operators against {tag} once (about half "
+                  f"a minute); cached in {target.parent}. Set NORMMATTERS_KERNELS=reference to "
+                  f"skip.", flags, libs)
     torch.ops.load_library(str(target))
     return target

@@ -24,8 +24,8 @@ from torch import Tensor
 from . import build
 from .enums import DTYPE_CODES, Affine, Layout
 
-__all__ = ["library", "supports", "forward", "backward", "evaluate", "eager_ops", "set_op_kernels", "DTYPE_CODES",
-           "SMALL"]
+__all__ = ["library", "supports", "forward", "backward", "evaluate", "eager_ops", "set_op_kernels",
+           "DTYPE_CODES", "SMALL"]
 
 logger = logging.getLogger("normmatters.kernels")
 
@@ -64,7 +64,7 @@ def library(dtype: torch.dtype = torch.float32) -> ctypes.CDLL | None:
 # The eager operators of csrc/lp_norm_op.cpp (torch ops with their autograd node in C++), loaded
 # once per process; False when they cannot be built (the Python path of .autograd runs instead).
 # NORMMATTERS_CPU_OP=0 turns them off.
-_op: dict[str, object] = {}
+_op_loaded: bool | None = None
 _registered: dict[torch.dtype, bool] = {}
 
 
@@ -87,18 +87,18 @@ def eager_ops(dtype: torch.dtype) -> bool:
 
 
 def _register(dtype: torch.dtype) -> bool:
-    lib = library(dtype)
-    if lib is None or not _op_enabled():
+    global _op_loaded
+    if library(dtype) is None or not _op_enabled():
         return False
-    if "loaded" not in _op:
+    if _op_loaded is None:
         try:
             build.load_op_library("lp_norm_op.cpp")
-            _op["loaded"] = True
+            _op_loaded = True
         except Exception as exc:  # any failure: the Python path, which is just slower
             logger.warning("normmatters: the eager CPU operators are unavailable (%s); using the "
                            "Python path around the same kernels", exc)
-            _op["loaded"] = False
-    if not _op["loaded"]:
+            _op_loaded = False
+    if not _op_loaded:
         return False
     set_op_kernels(dtype)
     return True

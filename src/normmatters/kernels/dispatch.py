@@ -254,8 +254,7 @@ def eager_args(p: float, k: int | None, constant: str, n: int, eps: float
         if p == 2.0 or not eps > 0 or n < 1 or (k is not None and (k > autograd.MAX_K or k > n)):
             args = None
         else:
-            args = (1, 1) if p == 1.0 else (2, 1 if k is None else k)
-            args = (*args, lp_constant(p, k, n, constant))
+            args = (*autograd._mode(p, k), _constant(p, k, n, constant))
         _eager_args[key] = args
     return args
 
@@ -282,22 +281,9 @@ def eager_ready(input: Tensor, layout: int) -> bool:
     return ok
 
 
-def eager_norm(*args):
-    """``torch.ops.normmatters.eager_norm`` (see ``csrc/lp_norm_op.cpp``)."""
-    global _eager_call
-    if _eager_call is None:
-        overload = torch.ops.normmatters.eager_norm.default
-        # The overload's C++ callable itself where torch exposes it: a Python frame less per call.
-        _eager_call = getattr(overload, "_op", overload)
-    return _eager_call(*args)
-
-
-_eager_call = None
-
-
-def eager_bn_eval(*args):
-    """``torch.ops.normmatters.eager_bn_eval`` (see ``csrc/lp_norm_op.cpp``)."""
-    return torch.ops.normmatters.eager_bn_eval(*args)
+# The operators themselves (the modules call them after eager_ready / eager_args).
+eager_norm = autograd.eager_norm
+eager_bn_eval = autograd.eager_bn_eval
 
 
 fn.install_dispatcher(batch=batch_norm, layer=layer_norm, group=group_norm, rms=rms_norm)

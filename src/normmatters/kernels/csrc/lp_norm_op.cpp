@@ -127,27 +127,49 @@ Tensor fix_layout(const Tensor& g, int layout) {
   return g.transpose(1, 2).contiguous().transpose(1, 2);
 }
 
+// One forward kernel call on the dense [N, C, S] x3 in `layout`, writing y and the three statistics
+// (mean, 1/(σ̂ + eps), σ̂) at the given addresses; rm / rv (may be undefined) updated in place with
+// the Bessel factor n/(n − 1).
+void call_forward(const Tensor& x3, const Tensor& y, int layout, int affine, bool center,
+                  const Tensor& w, const Tensor& b, int64_t mode, int64_t k, double constant,
+                  double eps, void* mean, void* inv, void* sigma, const Tensor& rm, const Tensor& rv,
+                  double momentum) {
+  const int64_t N = x3.size(0), C = x3.size(1), S = x3.size(2), n = N * S;
+  const int rc = kernels_for(x3).fwd(dtype_code(x3.scalar_type()), layout, x3.data_ptr(),
+                                     y.data_ptr(), N, C, S, ptr(w), ptr(b), affine, (int)mode,
+                                     (int)k, constant, eps, center ? 1 : 0, mean, inv, sigma,
+                                     mptr(rm), mptr(rv), momentum,
+                                     n > 1 ? (double)n / (double)(n - 1) : 1.0, threads(x3));
+  TORCH_CHECK(rc == 0, "normmatters CPU forward kernel failed with code ", rc);
+  if (rm.defined()) rm.unsafeGetTensorImpl()->bump_version();
+  if (rv.defined()) rv.unsafeGetTensorImpl()->bump_version();
+}
+
+// One closed-form backward kernel call: dx, dw, db (each may be undefined: not computed) from the
+// gradient g3 (in x3's layout) and the saved mean and 1/(σ̂ + eps).
+void call_backward(const Tensor& g3, const Tensor& x3, const Tensor& dx, int layout, int affine,
+                   bool center, const Tensor& w, const void* mean, const void* inv, int64_t mode,
+                   int64_t k, double constant, const Tensor& dw, const Tensor& db) {
+  const int rc = kernels_for(x3).bwd(dtype_code(x3.scalar_type()), layout, g3.data_ptr(),
+                                     x3.data_ptr(), mptr(dx), x3.size(0), x3.size(1), x3.size(2),
+                                     ptr(w), affine, mean, inv, (int)mode, (int)k, constant,
+                                     center ? 1 : 0, mptr(dw), mptr(db), threads(x3));
+  TORCH_CHECK(rc == 0, "normmatters CPU backward kernel failed with code ", rc);
+}
+
 // The fused forward: {y (x's sizes), stats} with stats the [3, C] rows mean, 1/(σ̂ + eps), σ̂;
 // rm / rv (may be undefined) are updated in the kernel.
 std::pair<Tensor, Tensor> forward_kernel(const Tensor& x, const View3& v, const Tensor& w,
                                          const Tensor& b, const Tensor& rm, const Tensor& rv,
                                          int64_t mode, int64_t k, double constant, double eps,
                                          double momentum) {
-  const Tensor& x3 = v.x3;
-  const Kernels& kern = kernels_for(x3);
-  const int64_t N = x3.size(0), C = x3.size(1), S = x3.size(2);
+  const int64_t C = v.x3.size(1);
   Tensor y = like(x, v);
-  Tensor stats = at::empty({3, C}, x3.options().dtype(stat_type(x3)));
-  const int64_t n = N * S;
+  Tensor stats = at::empty({3, C}, v.x3.options().dtype(stat_type(v.x3)));
   char* sp = static_cast<char*>(stats.data_ptr());
   const int64_t step = C * stats.element_size();
-  const int rc = kern.fwd(dtype_code(x3.scalar_type()), v.layout, x3.data_ptr(), y.data_ptr(),
-                          N, C, S, ptr(w), ptr(b), v.affine, (int)mode, (int)k, constant, eps,
-                          v.center ? 1 : 0, sp, sp + step, sp + 2 * step, mptr(rm), mptr(rv),
-                          momentum, n > 1 ? (double)n / (double)(n - 1) : 1.0, threads(x3));
-  TORCH_CHECK(rc == 0, "normmatters CPU forward kernel failed with code ", rc);
-  if (rm.defined()) rm.unsafeGetTensorImpl()->bump_version();
-  if (rv.defined()) rv.unsafeGetTensorImpl()->bump_version();
+  call_forward(v.x3, y, v.layout, v.affine, v.center, w, b, mode, k, constant, eps, sp,
+               sp + step, sp + 2 * step, rm, rv, momentum);
   return {y, stats};
 }
 
@@ -210,7 +232,6 @@ struct LpNormFn : public torch::autograd::Function<LpNormFn> {
       dw = std::get<1>(r);
       db = std::get<2>(r);
     } else {
-      const Kernels& kern = kernels_for(x3);
       g3 = fix_layout(g3, v.layout);
       if (need_x) dx = like(x, v);
       const int64_t size = v.affine == AFF_POSITION ? S : C;
@@ -219,11 +240,8 @@ struct LpNormFn : public torch::autograd::Function<LpNormFn> {
         db = at::empty({size}, stats.options());
       }
       const char* sp = static_cast<const char*>(stats.data_ptr());
-      const int rc = kern.bwd(dtype_code(x3.scalar_type()), v.layout, g3.data_ptr(), x3.data_ptr(),
-                              mptr(dx), N, C, S, ptr(w), v.affine, sp,
-                              sp + C * stats.element_size(), mode, k, constant, v.center ? 1 : 0,
-                              mptr(dw), mptr(db), threads(x3));
-      TORCH_CHECK(rc == 0, "normmatters CPU backward kernel failed with code ", rc);
+      call_backward(g3, x3, dx, v.layout, v.affine, v.center, w, sp, sp + C * stats.element_size(),
+                    mode, k, constant, dw, db);
     }
     if (need_x) out[0] = dx;
     if (need_affine && has_w) out[1] = dw;
@@ -333,20 +351,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> cpu_lp_norm_fwd(
     int64_t layout, int64_t mode, int64_t k, double constant, double eps, bool center,
     int64_t affine) {
   TORCH_CHECK(x.dim() == 3 && x.device().is_cpu(), "normmatters::cpu_lp_norm_fwd: a [N, C, S] CPU tensor");
-  const Kernels& kern = kernels_for(x);
-  const int64_t N = x.size(0), C = x.size(1), S = x.size(2);
+  const int64_t C = x.size(1);
   Tensor y = at::empty_strided(x.sizes(), x.strides(), x.options());
   // Three allocations: the outputs of an operator may not alias each other.
   const auto so = x.options().dtype(stat_type(x));
   Tensor mean = at::empty({C}, so), inv = at::empty({C}, so), sigma = at::empty({C}, so);
-  const Tensor w = opt(weight), b = opt(bias);
-  const int64_t n = N * S;
-  const int rc = kern.fwd(dtype_code(x.scalar_type()), (int)layout, x.data_ptr(), y.data_ptr(), N,
-                          C, S, ptr(w), ptr(b), (int)affine, (int)mode, (int)k, constant, eps,
-                          center ? 1 : 0, mean.data_ptr(), inv.data_ptr(), sigma.data_ptr(),
-                          nullptr, nullptr, 0.0,
-                          n > 1 ? (double)n / (double)(n - 1) : 1.0, threads(x));
-  TORCH_CHECK(rc == 0, "normmatters CPU forward kernel failed with code ", rc);
+  call_forward(x, y, (int)layout, (int)affine, center, opt(weight), opt(bias), mode, k, constant,
+               eps, mean.data_ptr(), inv.data_ptr(), sigma.data_ptr(), Tensor(), Tensor(), 0.0);
   return {y, mean, inv, sigma};
 }
 
@@ -355,21 +366,16 @@ std::tuple<Tensor, Tensor, Tensor> cpu_lp_norm_bwd(
     const Tensor& inv, int64_t layout, int64_t mode, int64_t k, double constant, bool center,
     bool need_input, bool need_affine, int64_t affine) {
   TORCH_CHECK(x.dim() == 3 && x.device().is_cpu(), "normmatters::cpu_lp_norm_bwd: a [N, C, S] CPU tensor");
-  const Kernels& kern = kernels_for(x);
-  const int64_t N = x.size(0), C = x.size(1), S = x.size(2);
+  const int64_t C = x.size(1), S = x.size(2);
   const Tensor g = fix_layout(grad, (int)layout);
   const Tensor m = mean.contiguous(), iv = inv.contiguous();
-  const Tensor w = opt(weight);
   Tensor dx = need_input ? at::empty_strided(x.sizes(), x.strides(), x.options()) : x.new_empty({0});
   const int64_t size = affine == AFF_POSITION ? S : C;
   Tensor dw = need_affine ? at::empty({size}, m.options()) : m.new_empty({0});
   Tensor db = need_affine ? at::empty({size}, m.options()) : m.new_empty({0});
-  const int rc = kern.bwd(dtype_code(x.scalar_type()), (int)layout, g.data_ptr(), x.data_ptr(),
-                          need_input ? dx.data_ptr() : nullptr, N, C, S, ptr(w), (int)affine,
-                          m.data_ptr(), iv.data_ptr(), (int)mode, (int)k, constant, center ? 1 : 0,
-                          need_affine ? dw.data_ptr() : nullptr, need_affine ? db.data_ptr() : nullptr,
-                          threads(x));
-  TORCH_CHECK(rc == 0, "normmatters CPU backward kernel failed with code ", rc);
+  call_backward(g, x, need_input ? dx : Tensor(), (int)layout, (int)affine, center, opt(weight),
+                m.data_ptr(), iv.data_ptr(), mode, k, constant, need_affine ? dw : Tensor(),
+                need_affine ? db : Tensor());
   return {dx, dw, db};
 }
 
