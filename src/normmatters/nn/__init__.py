@@ -1,6 +1,7 @@
 """Normalization modules: Lp batch / layer / group / RMS norms, mean-only batch norm, a factory."""
 
 from .batchnorm import BatchNormBase, LpBatchNorm1d, LpBatchNorm2d, LpBatchNorm3d, LpBatchNormBase
+from .gated import LpGatedRMSNorm
 from .factory import create_norm_layer, get_norm_layer, norm_layer_names
 from .layernorm import LpGroupNorm, LpLayerNorm, LpRMSNorm
 from .meanbn import MeanOnlyBatchNorm1d, MeanOnlyBatchNorm2d, MeanOnlyBatchNorm3d
@@ -15,6 +16,7 @@ __all__ = [
     "LpLayerNorm",
     "LpGroupNorm",
     "LpRMSNorm",
+    "LpGatedRMSNorm",
     "MeanOnlyBatchNorm1d",
     "MeanOnlyBatchNorm2d",
     "MeanOnlyBatchNorm3d",
