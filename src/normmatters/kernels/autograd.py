@@ -431,9 +431,11 @@ def batch_norm_eval(input: Tensor, running_mean: Tensor, running_var: Tensor,
 
 
 def _flat_param(t: Tensor | None, x: Tensor) -> Tensor | None:
-    # The kernels read γ and β through their pointers: any contiguous tensor of the statistics
-    # dtype serves as the flat vector.
-    return _affine_param(t, x)
+    # The kernels read γ and β through their pointers as flat vectors, and their gradients come
+    # back flat: a γ of the normalized shape [5, 6] goes in as a view of 30 values, so autograd
+    # gives its gradient the shape [5, 6] again.
+    t = _affine_param(t, x)
+    return t.reshape(-1) if t is not None and t.dim() > 1 else t
 
 
 def _rows(input: Tensor, ndims: int) -> Tensor:

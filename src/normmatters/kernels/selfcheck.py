@@ -3,7 +3,8 @@ r"""The fused kernels prove themselves before they are trusted.
 On the first fused call for a (device, dtype, layout) — layout 0 is a contiguous ``[N, C, S]``
 tensor (NCHW), 1 is channels-last (NHWC) — :func:`trusted` runs the fused and the reference path
 of :mod:`normmatters.functional` on a small input of that device, dtype and layout and compares
-them: batch norm (and, for layout 0, layer, group and RMS norm) with p = 1, L∞ and Top(3); the
+them: batch norm (and, for layout 0, batch norm on a permuted input and layer, group and RMS
+norm) with p = 1, L∞ and Top(3); the
 output, the updated running statistics and the gradients of the input, weight and bias. Any
 difference beyond the tolerance of the dtype, and any exception (a failed Triton compile, a
 launch error, a kernel that reports an error code), makes the fused path untrusted for the rest
@@ -247,9 +248,17 @@ class _Case:
 
     def __init__(self, name: str, shape: tuple[int, ...], dims: tuple[int, ...], center: bool,
                  param: tuple[int, ...], bias: bool, call: Callable[..., Tensor],
-                 running: bool = False, grad: bool = True):
+                 running: bool = False, grad: bool = True, permuted: bool = False):
         self.name, self.shape, self.dims, self.center = name, shape, dims, center
         self.param, self.bias, self.call, self.running, self.grad = param, bias, call, running, grad
+        # A dense input that is neither contiguous nor channels-last (the last two axes swapped
+        # in memory): the fused path must copy or read it in place, never misplace its values.
+        self.permuted = permuted
+
+    def layout(self, t: Tensor, memory_format: torch.memory_format) -> Tensor:
+        if self.permuted:
+            return t.transpose(-1, -2).contiguous().transpose(-1, -2)
+        return t.contiguous(memory_format=memory_format) if t.dim() == 4 else t
 
 
 def _cases(layout: int) -> list[_Case]:
@@ -262,7 +271,9 @@ def _cases(layout: int) -> list[_Case]:
                 running=True, grad=False)]
     if layout != NCS:
         return bn
-    return bn + [
+    permuted = [_Case(c.name + ", permuted input", c.shape, c.dims, c.center, c.param, c.bias,
+                      c.call, running=c.running, grad=c.grad, permuted=True) for c in bn]
+    return bn + permuted + [
         _Case("layer norm", (4, 3, 16), (2,), True, (16,), True,
               lambda x, w, b, rm, rv, p, k: nmf.lp_layer_norm(x, (16,), w, b, 1e-5, p=p, k=k)),
         _Case("group norm", (3, 4, 5, 6), (2, 3), True, (4,), True,
@@ -325,11 +336,10 @@ def _compare(device: torch.device, dtype: torch.dtype, layout: int) -> str | Non
     memory_format = torch.channels_last if layout == NSC else torch.contiguous_format
     for case in _cases(layout):
         for p, k in _PK:
-            x = _sample(case.shape, case.dims, case.center, dtype, gen).to(device)
-            if x.dim() == 4:
-                x = x.contiguous(memory_format=memory_format)
+            x = case.layout(_sample(case.shape, case.dims, case.center, dtype, gen).to(device),
+                            memory_format)
             g = torch.randn(case.shape, generator=gen, dtype=torch.float64, device="cpu").to(device, dtype)
-            g = g.contiguous(memory_format=memory_format) if g.dim() == 4 else g
+            g = case.layout(g, memory_format)
             w = (torch.rand(case.param, generator=gen, dtype=torch.float64, device="cpu") + 0.5).to(device, dtype)
             b = torch.randn(case.param, generator=gen, dtype=torch.float64, device="cpu").to(device, dtype) if case.bias else None
             with kernels.use_backend("reference"):

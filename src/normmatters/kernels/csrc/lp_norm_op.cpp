@@ -92,20 +92,31 @@ Tensor as_stat(const Tensor& t, at::ScalarType st) {
   return t.to(st).contiguous();
 }
 
-// The dense [N, C, S] view of an input that the kernels take, its layout and where γ, β apply.
-// kind 0 batch norm: per channel (dim 1), NCS or NSC (channels-last) without a copy where the
-// memory allows (autograd.prepare_input); kind 1 / 3 layer / RMS norm: rows over the last `arg`
-// dims, γ and β per position; kind 2 group norm: rows of one (sample, group of `arg`), no affine.
+// The dense [N, C, S] tensor the kernels read, its layout and where γ, β apply. kind 0 batch
+// norm: per channel (dim 1), NCS or NSC (channels-last of any rank) without a copy where the
+// memory allows (autograd.prepare_input), else a contiguous copy; kind 1 / 3 layer / RMS norm:
+// rows over the last `arg` dims, γ and β per position; kind 2 group norm: rows of one (sample,
+// group of `arg`), no affine. `copied`: x3 is a copy, not a view of x's memory.
+//
+// x.reshape() copies silently when x's strides do not merge (a permuted, sliced or expanded
+// input); the copy is contiguous, so whatever reshape did, x3's own strides say which layout the
+// kernel reads, and outputs are allocated in that layout (like()), never in x's.
 struct View3 { Tensor x3; int layout; int affine; bool center; bool copied; };
+
+bool nsc_dense(const Tensor& x3) { return x3.transpose(1, 2).is_contiguous(); }
 
 View3 prepare(const Tensor& x, int64_t kind, int64_t arg, bool has_affine) {
   if (kind == 0) {
     const int64_t N = x.size(0), C = x.size(1);
     const int64_t S = x.numel() / (N * C);
     Tensor x3 = x.reshape({N, C, S});
-    if (x3.is_contiguous()) return {x3, S == 1 ? NSC : NCS, AFF_CHANNEL, true, false};
-    if (x3.transpose(1, 2).is_contiguous()) return {x3, NSC, AFF_CHANNEL, true, false};
-    return {x3.contiguous(), NCS, AFF_CHANNEL, true, true};
+    bool copied = !x3.is_alias_of(x);
+    if (!x3.is_contiguous() && !nsc_dense(x3)) {
+      x3 = x3.contiguous();
+      copied = true;
+    }
+    const int layout = x3.is_contiguous() ? (S == 1 ? NSC : NCS) : NSC;
+    return {x3, layout, AFF_CHANNEL, true, copied};
   }
   const bool copied = !x.is_contiguous();
   const Tensor xc = copied ? x.contiguous() : x;
@@ -115,9 +126,15 @@ View3 prepare(const Tensor& x, int64_t kind, int64_t arg, bool has_affine) {
   return {xc.view({1, -1, d}), NCS, has_affine ? AFF_POSITION : AFF_NONE, kind != 3, copied};
 }
 
-// An output (or input gradient) for x, stored in the memory order of the view v.
+// An output (or input gradient) with x's sizes, stored in the memory order in which the kernel
+// writes it: v.x3's layout (contiguous NCS, or NSC: channels-last). Splitting S back into x's
+// trailing sizes is always a view. This is torch's choice too: a contiguous result, except for a
+// channels-last input.
 Tensor like(const Tensor& x, const View3& v) {
-  return v.copied ? at::empty(x.sizes(), x.options()) : at::empty_like(x);
+  const int64_t N = v.x3.size(0), C = v.x3.size(1), S = v.x3.size(2);
+  const Tensor y3 = v.layout == NSC ? at::empty({N, S, C}, x.options()).transpose(1, 2)
+                                    : at::empty({N, C, S}, x.options());
+  return y3.view(x.sizes());
 }
 
 // A gradient in the layout of the saved input (autograd._fix_layout).
@@ -243,6 +260,13 @@ struct LpNormFn : public torch::autograd::Function<LpNormFn> {
       call_backward(g3, x3, dx, v.layout, v.affine, v.center, w, sp, sp + C * stats.element_size(),
                     mode, k, constant, dw, db);
     }
+    if (v.affine == AFF_POSITION) {
+      // γ and β have the normalized shape (e.g. [5, 6] for a layer norm over two axes); the
+      // kernels sum their gradients as flat vectors.
+      const auto shape = x.sizes().slice(x.dim() - arg);
+      if (dw.defined()) dw = dw.view(shape);
+      if (db.defined()) db = db.view(shape);
+    }
     if (need_x) out[0] = dx;
     if (need_affine && has_w) out[1] = dw;
     if (need_affine && has_b) out[2] = db;
@@ -342,6 +366,20 @@ Tensor eager_bn_eval(const Tensor& x, const Tensor& running_mean, const Tensor& 
   return y;
 }
 
+// The compiled graphs hand the twins below x dense in `layout` (autograd.prepare_input); a tensor
+// that is not (a graph that changed its strides) is made so first, and the result is returned in
+// x's strides, which the fake implementations promise. Never a kernel over the wrong memory order.
+Tensor dense_in(const Tensor& x, int layout) {
+  return (layout == NCS ? x.is_contiguous() : nsc_dense(x)) ? x : fix_layout(x, layout);
+}
+
+Tensor in_strides_of(const Tensor& y, const Tensor& x) {
+  if (y.strides() == x.strides() || !x.is_non_overlapping_and_dense()) return y;
+  Tensor out = at::empty_strided(x.sizes(), x.strides(), y.options());
+  out.copy_(y);
+  return out;
+}
+
 // The same kernels as operators on a prepared [N, C, S] tensor in `layout` (what
 // autograd.lp_norm_fwd / lp_norm_bwd compute), for graphs that torch.compile builds: their fake
 // implementations and autograd formula are registered from Python (autograd.py), so the graph
@@ -352,13 +390,14 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> cpu_lp_norm_fwd(
     int64_t affine) {
   TORCH_CHECK(x.dim() == 3 && x.device().is_cpu(), "normmatters::cpu_lp_norm_fwd: a [N, C, S] CPU tensor");
   const int64_t C = x.size(1);
-  Tensor y = at::empty_strided(x.sizes(), x.strides(), x.options());
+  const Tensor xx = dense_in(x, (int)layout);
+  Tensor y = at::empty_strided(x.sizes(), xx.strides(), x.options());
   // Three allocations: the outputs of an operator may not alias each other.
   const auto so = x.options().dtype(stat_type(x));
   Tensor mean = at::empty({C}, so), inv = at::empty({C}, so), sigma = at::empty({C}, so);
-  call_forward(x, y, (int)layout, (int)affine, center, opt(weight), opt(bias), mode, k, constant,
+  call_forward(xx, y, (int)layout, (int)affine, center, opt(weight), opt(bias), mode, k, constant,
                eps, mean.data_ptr(), inv.data_ptr(), sigma.data_ptr(), Tensor(), Tensor(), 0.0);
-  return {y, mean, inv, sigma};
+  return {in_strides_of(y, x), mean, inv, sigma};
 }
 
 std::tuple<Tensor, Tensor, Tensor> cpu_lp_norm_bwd(
@@ -368,15 +407,16 @@ std::tuple<Tensor, Tensor, Tensor> cpu_lp_norm_bwd(
   TORCH_CHECK(x.dim() == 3 && x.device().is_cpu(), "normmatters::cpu_lp_norm_bwd: a [N, C, S] CPU tensor");
   const int64_t C = x.size(1), S = x.size(2);
   const Tensor g = fix_layout(grad, (int)layout);
+  const Tensor xx = dense_in(x, (int)layout);
   const Tensor m = mean.contiguous(), iv = inv.contiguous();
-  Tensor dx = need_input ? at::empty_strided(x.sizes(), x.strides(), x.options()) : x.new_empty({0});
+  Tensor dx = need_input ? at::empty_strided(x.sizes(), xx.strides(), x.options()) : x.new_empty({0});
   const int64_t size = affine == AFF_POSITION ? S : C;
   Tensor dw = need_affine ? at::empty({size}, m.options()) : m.new_empty({0});
   Tensor db = need_affine ? at::empty({size}, m.options()) : m.new_empty({0});
-  call_backward(g, x, need_input ? dx : Tensor(), (int)layout, (int)affine, center, opt(weight),
+  call_backward(g, xx, need_input ? dx : Tensor(), (int)layout, (int)affine, center, opt(weight),
                 m.data_ptr(), iv.data_ptr(), mode, k, constant, need_affine ? dw : Tensor(),
                 need_affine ? db : Tensor());
-  return {dx, dw, db};
+  return {need_input ? in_strides_of(dx, x) : dx, dw, db};
 }
 
 void set_kernels(int64_t dtype, int64_t fwd, int64_t bwd, int64_t eval) {
