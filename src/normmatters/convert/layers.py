@@ -12,7 +12,9 @@ r"""The layers and bookkeeping the converters need beyond :mod:`normmatters.nn`.
 from __future__ import annotations
 
 import copy
+import inspect
 import math
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -22,7 +24,8 @@ from torch.nn import init
 
 from ..functional import lp_layer_norm, lp_rms_norm, normalize_p
 
-__all__ = ["ForeignLpNorm", "foreign_norm", "remember_original", "original_of", "restore_original", "update_transformer_fast_paths"]
+__all__ = ["ForeignLpNorm", "foreign_norm", "remember_original", "original_of", "restore_original",
+           "update_transformer_fast_paths", "move_hooks", "copy_attributes", "reads_eps_of"]
 
 
 def foreign_norm(input: Tensor, kind: str, axis: str, normalized_shape: tuple[int, ...],
@@ -206,3 +209,82 @@ def update_transformer_fast_paths(model: nn.Module) -> None:
                 m.use_nested_tensor = False
             elif _FAST in m.__dict__:
                 m.use_nested_tensor = m.__dict__.pop(_FAST)
+
+
+# ------------------------------------------------------------------------------------------
+# what a replacement takes over from the module it replaces
+# ------------------------------------------------------------------------------------------
+
+# Each is a dict of the module's hooks (and the flags that go with some of them): moved as the same
+# dict objects, so the handles the user holds still remove them from the replacement.
+_HOOK_DICTS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called",
+               "_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_backward_hooks", "_backward_pre_hooks",
+               "_state_dict_hooks", "_state_dict_pre_hooks", "_load_state_dict_pre_hooks",
+               "_load_state_dict_post_hooks")
+_SIMPLE = (int, float, str, bool, type(None))
+
+
+def move_hooks(old: nn.Module, new: nn.Module) -> nn.Module:
+    """Give ``new`` the hooks registered on ``old`` (forward, pre-forward, their ``with_kwargs`` and
+    ``always_call`` variants, backward and state-dict hooks), after any of its own; ``old`` keeps none."""
+    for name in _HOOK_DICTS:
+        theirs = old.__dict__.get(name)
+        if not theirs:
+            continue
+        own = new.__dict__.get(name)
+        if own:
+            merged = type(theirs)()
+            merged.update(own)
+            for key, value in theirs.items():
+                merged[key] = value
+            theirs.clear()
+            theirs.update(merged)
+        new.__dict__[name] = theirs
+        old.__dict__[name] = type(theirs)()
+    if old.__dict__.get("_is_full_backward_hook") is not None:
+        new.__dict__["_is_full_backward_hook"] = old.__dict__["_is_full_backward_hook"]
+    return new
+
+
+def copy_attributes(old: nn.Module, new: nn.Module) -> nn.Module:
+    """Copy ``old``'s plain public attributes (numbers, strings, tuples of them) that ``new`` lacks,
+    such as transformers' ``variance_epsilon`` or ``hidden_size``: read by parents, they must not
+    vanish. They are copies: the replacement computes with its own ``eps``."""
+    for key, value in old.__dict__.items():
+        if key.startswith("_") or key == "training" or key in new.__dict__ or hasattr(type(new), key):
+            continue
+        if isinstance(value, _SIMPLE) or (isinstance(value, tuple) and all(isinstance(v, _SIMPLE) for v in value)):
+            new.__dict__[key] = value
+    return new
+
+
+_EPS_READ: dict[tuple[type, str], str | None] = {}
+
+
+def reads_eps_of(parent: nn.Module, child: str) -> str | None:
+    """The attribute through which ``parent``'s class reads its child ``child``'s eps
+    (``self.<child>.variance_epsilon`` / ``.eps`` / ``.epsilon`` in its source), or ``None``.
+
+    A parent that reads a norm's eps computes that norm itself somewhere, as the fused training
+    kernel of Mamba2-style mixers does (``rmsnorm_weight=self.norm.weight, rmsnorm_eps=
+    self.norm.variance_epsilon``): it would bypass a converted norm. torch's Transformer layers are
+    not asked (their fast path is switched per instance, :func:`update_transformer_fast_paths`).
+    """
+    key = (type(parent), child)
+    if key in _EPS_READ:
+        return _EPS_READ[key]
+    found = None
+    pattern = re.compile(rf"self\.{re.escape(child)}\.(variance_epsilon|epsilon|eps)\b")
+    for cls in type(parent).__mro__:
+        if cls is nn.Module or cls.__module__.startswith("torch."):
+            break
+        try:
+            source = inspect.getsource(cls)
+        except (OSError, TypeError):
+            continue
+        match = pattern.search(source)
+        if match:
+            found = f"{cls.__name__} reads self.{child}.{match.group(1)}"
+            break
+    _EPS_READ[key] = found
+    return found

@@ -24,6 +24,7 @@ the names of its scale and shift parameters and whether the scale is stored as a
 from __future__ import annotations
 
 import copy
+import inspect
 import math
 import warnings
 from collections.abc import Callable
@@ -39,6 +40,7 @@ from ..nn import (
     LpBatchNorm2d,
     LpBatchNorm3d,
     LpBatchNormBase,
+    LpGatedRMSNorm,
     LpGroupNorm,
     LpLayerNorm,
     LpRMSNorm,
@@ -57,6 +59,7 @@ __all__ = [
     "unregister_norm",
     "registered_norm",
     "is_norm_like",
+    "call_form",
     "warn_left",
 ]
 
@@ -148,6 +151,10 @@ class NormSpec:
     :ivar offset: the scale is ``offset + weight`` (1 for Gemma's RMS norm).
     :ivar weight, bias: the names of its scale and shift parameters (``None``: absent).
     :ivar dims: batch norm: 1, 2 or 3 (``LpBatchNorm{dims}d``).
+    :ivar gate: gated RMS norm (``norm(x, gate)``): ``"before"`` (``norm(x·a(gate))``) or
+        ``"after"`` (``norm(x)·a(gate)``) the norm; ``None``: not gated.
+    :ivar activation: the gate's activation, ``"silu"`` or ``"sigmoid"``.
+    :ivar group_size: gated RMS norm: σ̂ per group of this many channels (``None``: one group).
     :ivar exact: the module is one of the classes the converters know (no probe was needed).
     """
 
@@ -166,6 +173,9 @@ class NormSpec:
     track_running_stats: bool = True
     num_groups: int | None = None
     options: dict[str, Any] = field(default_factory=dict)
+    gate: str | None = None
+    activation: str = "silu"
+    group_size: int | None = None
     exact: bool = False
 
     @property
@@ -178,6 +188,16 @@ class NormSpec:
             return False
         return names and self.axis == "last" and self.offset == 0.0
 
+    @property
+    def size(self) -> int | None:
+        """How many values each statistic is taken over, where the layer fixes it (layer, RMS and
+        gated RMS norms); ``None`` where it depends on the input (batch and group norms)."""
+        if self.kind in ("batch", "group"):
+            return None
+        if self.gate is not None and self.group_size is not None:
+            return self.group_size
+        return math.prod(self.shape)
+
     def describe(self) -> str:
         what = {"batch": f"batch norm ({self.dims}d)", "layer": "layer norm", "rms": "RMS norm",
                 "group": f"group norm ({self.num_groups} groups)"}[self.kind]
@@ -185,6 +205,11 @@ class NormSpec:
             what += " over the channel axis"
         if self.offset:
             what += f" with scale ({self.offset:g} + weight)"
+        if self.gate is not None:
+            what = (f"gated RMS norm ({self.activation} gate {self.gate} the norm"
+                    + (f", groups of {self.group_size}" if self.group_size else "") + ")")
+        if self.weight is None and self.bias is None:
+            what += " without parameters"
         return what
 
 
@@ -234,6 +259,11 @@ def exact_spec(module: nn.Module) -> NormSpec | None:
         if t is LpRMSNorm:
             spec.p, spec.k, spec.constant = float(module.p), module.k, module.constant
         return spec
+    if t is LpGatedRMSNorm:
+        return NormSpec("rms", tuple(module.normalized_shape), module.eps, p=float(module.p), k=module.k,
+                        constant=module.constant, weight="weight" if module.weight is not None else None,
+                        bias=None, gate="after" if module.norm_before_gate else "before",
+                        activation=module.activation, group_size=module.group_size, exact=True)
     if t is ForeignLpNorm:
         return NormSpec(module.kind, tuple(module.normalized_shape), module.eps, p=float(module.p),
                         k=module.k, constant=module.constant, axis=module.axis, offset=module.offset,
@@ -259,6 +289,9 @@ def build(spec: NormSpec, *, p: float | None = None, k: int | None = None, const
         cls = _LP_BN_BY_DIM[spec.dims]
         return cls(spec.shape[0], spec.eps, spec.momentum, affine, spec.track_running_stats,
                    bias=spec.bias is not None or not affine, **fk, **lp, **opts)
+    if spec.gate is not None:
+        return LpGatedRMSNorm(spec.shape[0], spec.eps, affine, group_size=spec.group_size,
+                              norm_before_gate=spec.gate == "after", activation=spec.activation, **fk, **lp)
     if spec.kind == "group":
         return LpGroupNorm(spec.num_groups, spec.shape[0], spec.eps, affine,
                            bias=spec.bias is not None or not affine, **fk, **lp)
@@ -301,35 +334,65 @@ def copy_into(src: nn.Module, spec: NormSpec, dst: nn.Module) -> nn.Module:
     return dst
 
 
-# ------------------------------------------------------------------------------------------
 # norm-like modules and their probe
 # ------------------------------------------------------------------------------------------
 
 _TORCH_NORMS = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.RMSNorm, nn.LocalResponseNorm,
                 nn.CrossMapLRN2d)
-_OUR_NORMS = (BatchNormBase, LpLayerNorm, LpGroupNorm, LpRMSNorm, ForeignLpNorm)
+_OUR_NORMS = (BatchNormBase, LpLayerNorm, LpGroupNorm, LpRMSNorm, LpGatedRMSNorm, ForeignLpNorm)
+# Never norms, whatever they hold (a weight-standardized convolution has an eps): skipped before any probe.
+_NOT_NORMS = (nn.modules.conv._ConvNd, nn.Linear, nn.Bilinear, nn.Embedding, nn.EmbeddingBag,
+              nn.modules.rnn.RNNBase, nn.modules.rnn.RNNCellBase, nn.MultiheadAttention)
 _EPS_NAMES = ("eps", "variance_epsilon", "epsilon")
+# The eps of a norm that keeps it in its code, not in an attribute (OLMo's layer norm: 1e-5):
+# each is tried, and only agreement on the probe (at the scale √eps, where it matters) decides.
+_EPS_GUESSES = (1e-5, 1e-6, 1e-12, 1e-8)
 _WEIGHT_NAMES = ("weight", "scale", "gamma")
 _BIAS_NAMES = ("bias", "beta")
+_ACTIVATION_NAMES = {"silu": "silu", "swish": "silu", "sigmoid": "sigmoid"}
 
 
 def _has_state(m: nn.Module) -> bool:
     return any(True for _ in m.parameters()) or any(True for _ in m.buffers())
 
 
+def _shape_attr(module: nn.Module) -> tuple[int, ...] | None:
+    s = module.__dict__.get("normalized_shape")
+    if isinstance(s, int) and not isinstance(s, bool):
+        return (s,)
+    if isinstance(s, (tuple, list, torch.Size)) and s and all(isinstance(v, int) for v in s):
+        return tuple(int(v) for v in s)
+    return None
+
+
 def is_norm_like(module: nn.Module) -> bool:
-    """A subclass of a norm class of torch or normmatters, or a module whose children hold no
-    state and which has its own tensors and an ``eps``-like attribute (or ``Norm`` in its name)."""
+    """Whether ``module`` could be a norm and is worth a probe.
+
+    A subclass of a norm class of torch or normmatters; never a convolution, linear layer,
+    embedding, recurrent layer or attention (weight-standardized convolutions included); otherwise a
+    module whose children hold no state and that has an ``eps``-like attribute or ``Norm`` in its
+    class name, and either its own floating tensors, none of them a matrix unless shaped as its
+    ``normalized_shape``, or no tensors and a ``normalized_shape`` (a norm without parameters, such
+    as OLMo's layer norm).
+    """
     if isinstance(module, _TORCH_NORMS + _OUR_NORMS + MEAN_ONLY):
         return True
+    if isinstance(module, _NOT_NORMS):
+        return False
     if any(_has_state(c) for c in module.children()):
         return False
-    own = list(module.parameters(recurse=False)) + list(module.buffers(recurse=False))
+    own = [t for t in list(module._parameters.values()) + list(module._buffers.values()) if t is not None]
+    has_eps = any(isinstance(module.__dict__.get(n), (int, float)) and not isinstance(module.__dict__.get(n), bool)
+                  for n in _EPS_NAMES)
+    named = "norm" in type(module).__name__.lower()
+    shape = _shape_attr(module)
+    if not own:
+        return shape is not None and (has_eps or named)
     if not any(t.is_floating_point() for t in own):
         return False
-    has_eps = any(isinstance(getattr(module, n, None), (int, float)) and not isinstance(getattr(module, n), bool)
-                  for n in _EPS_NAMES)
-    return has_eps or "norm" in type(module).__name__.lower()
+    if any(t.dim() >= 2 and tuple(t.shape) != shape for t in own):
+        return False
+    return has_eps or named
 
 
 def _eps_of(module: nn.Module) -> tuple[bool, float | None]:
@@ -341,12 +404,78 @@ def _eps_of(module: nn.Module) -> tuple[bool, float | None]:
     return False, None
 
 
-def _candidates(module: nn.Module) -> list[NormSpec] | str:
+_P = inspect.Parameter
+_FORMS: dict[type, tuple[str | None, bool] | str] = {}
+
+
+def call_form(module: nn.Module) -> tuple[str | None, bool] | str:
+    """How ``module`` is called, read from its ``forward``'s signature (never by calling it).
+
+    Returns ``(None, False)`` for one tensor argument, ``(name, default_none)`` for a tensor and a
+    second argument ``name`` (a gate candidate; ``default_none``: it may be left out), or a string
+    saying which call a replacement could not take.
+    """
+    cls = type(module)
+    if cls in _FORMS:
+        return _FORMS[cls]
+    try:
+        params = list(inspect.signature(cls.forward).parameters.values())[1:]
+    except (TypeError, ValueError):  # a builtin or an odd wrapper: assume the usual one input
+        params = [_P("input", _P.POSITIONAL_OR_KEYWORD)]
+    positional = [q for q in params if q.kind in (_P.POSITIONAL_ONLY, _P.POSITIONAL_OR_KEYWORD)]
+    rest = [q for q in params if q not in positional]
+    form: tuple[str | None, bool] | str
+    names = "(" + ", ".join(str(q) for q in params) + ")"
+    if rest:
+        form = f"its forward{names} takes more than the tensor (and gate) a replacement can take"
+    elif len(positional) == 1:
+        form = (None, False)
+    elif len(positional) == 2:
+        form = (positional[1].name, positional[1].default is None)
+    else:
+        form = f"its forward{names} takes more than the tensor (and gate) a replacement can take"
+    _FORMS[cls] = form
+    return form
+
+
+def _gate_options(module: nn.Module, size: int) -> tuple[list[str], list[str], list[int | None]] | str:
+    """Placements, activations and group sizes a gated norm could have, narrowed by its attributes."""
+    d = module.__dict__
+    places = ["before", "after"]
+    if isinstance(d.get("norm_before_gate"), bool):
+        places = ["after" if d["norm_before_gate"] else "before"]
+    acts = ["silu", "sigmoid"]
+    if isinstance(d.get("activation"), str):
+        act = _ACTIVATION_NAMES.get(d["activation"].lower())
+        if act is None:
+            return f"its gate activation {d['activation']!r} is neither SiLU nor the sigmoid"
+        acts = [act]
+    groups: list[int | None] = [None]
+    gs = d.get("group_size")
+    ng = next((d[n] for n in ("n_groups", "ngroups", "num_groups") if isinstance(d.get(n), int)), None)
+    if isinstance(gs, int) and not isinstance(gs, bool) and 0 < gs < size and size % gs == 0:
+        groups = [gs]
+    elif isinstance(ng, int) and 1 < ng <= size and size % ng == 0:
+        groups = [size // ng]
+    return places, acts, groups
+
+
+def _candidates(module: nn.Module, gated: bool) -> list[NormSpec] | str:
     """The specs ``module`` might compute, most likely first, or why it cannot be any."""
     if isinstance(module, nn.modules.instancenorm._InstanceNorm):
         return "normmatters has no Lp instance norm"
     if isinstance(module, (nn.LocalResponseNorm, nn.CrossMapLRN2d)):
         return "normmatters has no Lp local response norm"
+    form = call_form(module)
+    if isinstance(form, str):
+        return form
+    gate_name, _ = form
+    if gate_name is not None and not gated:
+        return f"it takes a second argument {gate_name!r} (a gated norm, norm(x, {gate_name})); only " \
+               "convert_norms builds gated norms"
+    if gate_name is not None and gate_name != "gate":
+        return f"its gate argument is named {gate_name!r}; LpGatedRMSNorm's is 'gate', and a caller passing " \
+               f"{gate_name}=... could not call the replacement"
     frozen = [n for n in _WEIGHT_NAMES + _BIAS_NAMES if module._buffers.get(n) is not None]
     if frozen:
         return f"its {'/'.join(frozen)} are buffers, not parameters (a frozen norm: unfreeze it first)"
@@ -357,8 +486,6 @@ def _candidates(module: nn.Module) -> list[NormSpec] | str:
     if other:
         return f"it has parameters {other} that no norm formula uses"
     found, eps = _eps_of(module)
-    if not found:
-        return "it has no eps attribute (eps, variance_epsilon, epsilon) to build a norm from"
     w = params.get(weight)
     rm = getattr(module, "running_mean", None)
     lp = {}
@@ -366,7 +493,9 @@ def _candidates(module: nn.Module) -> list[NormSpec] | str:
         lp = {"p": float(module.p), "k": module.k, "constant": module.constant}
     batch_like = isinstance(module, (nn.modules.batchnorm._BatchNorm, BatchNormBase)) or isinstance(rm, Tensor) \
         or hasattr(module, "track_running_stats")
-    if batch_like:
+    if gate_name is None and batch_like:
+        if not found:
+            return "it has no eps attribute (eps, variance_epsilon, epsilon) to build a batch norm from"
         if eps is None:
             return "a batch norm with eps=None"
         c = getattr(module, "num_features", None) or (w.numel() if w is not None else None) or \
@@ -382,28 +511,38 @@ def _candidates(module: nn.Module) -> list[NormSpec] | str:
                         momentum=getattr(module, "momentum", 0.1),
                         track_running_stats=isinstance(rm, Tensor), options=options, **lp)
         return [replace(base, dims=d) for d in ((dims,) if dims else (2, 1, 3))]
-    if isinstance(module, (nn.GroupNorm, LpGroupNorm)) or hasattr(module, "num_groups"):
+    if gate_name is None and (isinstance(module, (nn.GroupNorm, LpGroupNorm)) or hasattr(module, "num_groups")):
         c = getattr(module, "num_channels", None) or (w.numel() if w is not None else None)
         g = getattr(module, "num_groups", None)
-        if not isinstance(c, int) or not isinstance(g, int) or eps is None:
+        if not isinstance(c, int) or not isinstance(g, int) or not found or eps is None:
             return "a group norm whose num_groups / num_channels / eps cannot be read"
         return [NormSpec("group", (c,), eps, num_groups=g, weight=weight, bias=bias, **lp)]
-    shape = getattr(module, "normalized_shape", None)
+    shape = _shape_attr(module)
     if shape is None and w is not None:
         shape = tuple(w.shape)
     if shape is None:
         return "it has no weight and no normalized_shape to tell which axes it normalizes"
-    shape = (int(shape),) if isinstance(shape, int) else tuple(int(s) for s in shape)
     if w is not None and tuple(w.shape) != shape:
         return f"its weight has shape {tuple(w.shape)}, not its normalized_shape {shape}"
+    epss: tuple[float | None, ...] = (eps,) if found else _EPS_GUESSES
+    if gate_name is not None:
+        if len(shape) != 1 or bias is not None or weight not in ("weight", None):
+            return "a gated norm other than an RMS norm over the last axis with a scale named weight"
+        options = _gate_options(module, shape[0])
+        if isinstance(options, str):
+            return options
+        places, acts, groups = options
+        return [NormSpec("rms", shape, e, weight=weight, bias=None, gate=place, activation=act, group_size=gs)
+                for e in epss for place in places for act in acts for gs in groups]
     kinds = ["rms", "layer"] if isinstance(module, (nn.RMSNorm, LpRMSNorm)) else ["layer", "rms"]
     out = []
     for axis in ("last", "channels_first") if len(shape) == 1 else ("last",):
         for kind in kinds:
-            if kind == "layer" and eps is None:
-                continue
-            for offset in (0.0, 1.0) if w is not None else (0.0,):
-                out.append(NormSpec(kind, shape, eps, axis=axis, offset=offset, weight=weight, bias=bias, **lp))
+            for e in epss + ((None,) if kind == "rms" and not found else ()):
+                if kind == "layer" and e is None:
+                    continue
+                for offset in (0.0, 1.0) if w is not None else (0.0,):
+                    out.append(NormSpec(kind, shape, e, axis=axis, offset=offset, weight=weight, bias=bias, **lp))
     return out
 
 
@@ -425,6 +564,28 @@ def _randomize(module: nn.Module, gen: torch.Generator) -> None:
             # (copy_ moves the CPU values to the module's device)
 
 
+_HOOK_DICTS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks",
+               "_forward_pre_hooks_with_kwargs", "_backward_hooks", "_backward_pre_hooks", "_state_dict_hooks",
+               "_state_dict_pre_hooks", "_load_state_dict_pre_hooks", "_load_state_dict_post_hooks")
+
+
+def _probe_copy(module: nn.Module) -> nn.Module:
+    """A float64 copy of ``module`` for the probe: its own tensors cloned, its attributes shared,
+    no hooks. Never a deep copy: a hook's closure may hold a whole model (or a logger)."""
+    cand = copy.copy(module)
+    cand._parameters = {n: None if t is None else nn.Parameter(t.detach().to(torch.float64, copy=True),
+                                                                  requires_grad=False)
+                        for n, t in module._parameters.items()}
+    cand._buffers = {n: None if t is None else t.detach().to(torch.float64 if t.is_floating_point() else t.dtype,
+                                                             copy=True)
+                     for n, t in module._buffers.items()}
+    cand._modules = {n: None if c is None else _probe_copy(c) for n, c in module._modules.items()}
+    for name in _HOOK_DICTS:
+        if name in module.__dict__:
+            cand.__dict__[name] = type(module.__dict__[name])()
+    return cand
+
+
 def _probe_shapes(spec: NormSpec) -> list[tuple[int, ...]]:
     c = spec.shape[0]
     spatial = [s for s in (3, 5, 7, 2) if s != c][:2]
@@ -443,76 +604,99 @@ def _tensors(obj: Any) -> list[Tensor]:
     return []
 
 
-def _disagreement(module: nn.Module, spec: NormSpec) -> str | None:
-    """``None`` when ``module`` computes ``spec`` on the probe inputs, else what differs."""
+def _disagreement(module: nn.Module, spec: NormSpec, gate_optional: bool = False) -> tuple[str, float] | None:
+    """``None`` when ``module`` computes ``spec`` on the probe inputs, else what differs and by how
+    much (the largest difference over the tolerance; ``inf`` for a refused input or a wrong shape).
+
+    The module's ``forward`` is called directly, never ``__call__``: its hooks do not run.
+    """
     gen = torch.Generator().manual_seed(0)
     tensors = list(module.parameters()) + list(module.buffers())
     device = tensors[0].device if tensors else torch.device("cpu")
     if device.type == "meta":
-        return "it is on the meta device: there are no values to probe it with"
+        return "it is on the meta device: there are no values to probe it with", math.inf
     try:
-        cand = copy.deepcopy(module).to(torch.float64)
+        cand = _probe_copy(module)
         ref = build(spec, dtype=torch.float64, device=device)
     except Exception as exc:  # noqa: BLE001 - a module we cannot copy is a module we cannot probe
-        return f"it could not be probed ({type(exc).__name__}: {exc})"
+        return f"it could not be probed ({type(exc).__name__}: {exc})", math.inf
     _randomize(cand, gen)
     ref.load_state_dict(state_of(cand, spec), strict=False)
-    start_c = copy.deepcopy(cand.state_dict())
+    start_c = {n: t.clone() for n, t in list(cand._parameters.items()) + list(cand._buffers.items()) if t is not None}
     start_r = copy.deepcopy(ref.state_dict())
     scales = [1.0] + ([math.sqrt(spec.eps)] if spec.eps else [])
+    gates = [True] + ([False] if gate_optional else []) if spec.gate is not None else [False]
+    forward = type(cand).forward
     for training in (True, False):
         for shape in _probe_shapes(spec):
             for scale in scales:
-                x = ((torch.randn(shape, generator=gen, dtype=torch.float64) +
-                      torch.randn(shape[-1], generator=gen, dtype=torch.float64)) * scale).to(device)
-                cand.load_state_dict(start_c)
-                ref.load_state_dict(start_r)
-                cand.train(training)
-                ref.train(training)
-                try:
-                    with torch.no_grad(), torch.random.fork_rng(devices=[] if device.type != "cuda" else [device]):
-                        y = cand(x.clone())
-                except Exception as exc:  # noqa: BLE001 - refusing the input is a disagreement
-                    return f"it refuses a {list(shape)} input ({type(exc).__name__})"
-                with torch.no_grad():
-                    r = ref(x.clone())
-                ys = _tensors(y)
-                if len(ys) != 1 or ys[0].shape != r.shape:
-                    return f"its output on a {list(shape)} input is not one tensor of that shape"
-                bound = 1e-4 * max(1.0, float(r.abs().max()))
-                diff = float((ys[0].double() - r).abs().max())
-                if not diff <= bound:
-                    mode = "training" if training else "evaluation"
-                    return f"in {mode} mode its output differs from a {spec.describe()} by {diff:.3g}"
-                if spec.kind == "batch" and training:
-                    for name in ("running_mean", "running_var"):
-                        a, b = getattr(cand, name, None), getattr(ref, name, None)
-                        if isinstance(a, Tensor) and isinstance(b, Tensor) and \
-                                not float((a.double() - b).abs().max()) <= 1e-6 * max(1.0, float(b.abs().max())):
-                            return f"it updates {name} unlike a batch norm"
+                for with_gate in gates:
+                    x = ((torch.randn(shape, generator=gen, dtype=torch.float64) +
+                          torch.randn(shape[-1], generator=gen, dtype=torch.float64)) * scale).to(device)
+                    args = (x, torch.randn(shape, generator=gen, dtype=torch.float64).to(device) * 2) \
+                        if with_gate else (x,)
+                    with torch.no_grad():
+                        for n, t in start_c.items():
+                            getattr(cand, n).copy_(t)
+                    ref.load_state_dict(start_r)
+                    cand.train(training)
+                    ref.train(training)
+                    try:
+                        with torch.no_grad(), torch.random.fork_rng(devices=[] if device.type != "cuda" else [device]):
+                            y = forward(cand, *(a.clone() for a in args))
+                    except Exception as exc:  # noqa: BLE001 - refusing the input is a disagreement
+                        return f"it refuses a {list(shape)} input ({type(exc).__name__})", math.inf
+                    with torch.no_grad():
+                        r = ref(*(a.clone() for a in args))
+                    ys = _tensors(y)
+                    if len(ys) != 1 or ys[0].shape != r.shape:
+                        return f"its output on a {list(shape)} input is not one tensor of that shape", math.inf
+                    bound = 1e-4 * max(1.0, float(r.abs().max()))
+                    diff = float((ys[0].double() - r).abs().max())
+                    if not diff <= bound:
+                        mode = "training" if training else "evaluation"
+                        return (f"in {mode} mode its output differs from a {spec.describe()} by {diff:.3g}",
+                                diff / bound if math.isfinite(diff) else math.inf)
+                    if spec.kind == "batch" and training:
+                        for name in ("running_mean", "running_var"):
+                            a, b = getattr(cand, name, None), getattr(ref, name, None)
+                            if isinstance(a, Tensor) and isinstance(b, Tensor) and \
+                                    not float((a.double() - b).abs().max()) <= 1e-6 * max(1.0, float(b.abs().max())):
+                                return f"it updates {name} unlike a batch norm", 1e6
     return None
 
 
-def recognise(module: nn.Module) -> NormSpec | str | None:
+def recognise(module: nn.Module, *, gated: bool = False) -> NormSpec | str | None:
     """What ``module`` computes.
+
+    Args:
+        module: any module; it is not run (its ``forward`` runs on a float64 copy without hooks).
+        gated: also recognise gated RMS norms (``norm(x, gate)``); their spec has ``gate`` set, and
+            only a converter that builds :class:`~normmatters.nn.LpGatedRMSNorm` asks for them.
 
     Returns:
         a :class:`NormSpec` for a module of a known class or one that agrees with a formula on
         the probe (module docstring); a string saying why a norm-like module cannot be
-        converted; ``None`` for a module that is not norm-like (its children may be).
+        converted (for an unrecognised one: its difference from the closest formula); ``None``
+        for a module that is not norm-like (its children may be).
     """
     spec = exact_spec(module)
     if spec is not None:
+        if spec.gate is not None and not gated:
+            return "a gated RMS norm (norm(x, gate)); only convert_norms builds gated norms"
         return spec
     if isinstance(module, MEAN_ONLY) or not is_norm_like(module):
         return None
-    cands = _candidates(module)
+    cands = _candidates(module, gated)
     if isinstance(cands, str):
         return cands
-    reasons = []
+    form = call_form(module)
+    gate_optional = not isinstance(form, str) and form[1]
+    closest: tuple[str, float] | None = None
     for spec in cands:
-        why = _disagreement(module, spec)
+        why = _disagreement(module, spec, gate_optional)
         if why is None:
             return spec
-        reasons.append(why)
-    return "it computes none of the norms normmatters can build: " + reasons[0]
+        if closest is None or why[1] < closest[1]:
+            closest = why
+    return "it computes none of the norms normmatters can build; closest: " + closest[0]
