@@ -8,9 +8,19 @@ the same ``libgomp`` that torch already loaded, so it shares torch's thread pool
 What is loaded is verified first: each build records the size and SHA-256 of the library in a
 sidecar file (``<name>.json``, written atomically next to it), and a cached library whose size
 or hash does not match — truncated, emptied, overwritten, or without its record — is rebuilt,
-never ``dlopen``-ed (mapping a truncated library kills the process with SIGBUS). After loading,
-the entry points (``nm_forward``, ``nm_backward``) and the ABI version the source declares
-(``nm_abi_version``) are checked; a library that fails is rebuilt once.
+never ``dlopen``-ed (mapping a truncated library kills the process with SIGBUS). Because a
+record can be rewritten with the file it describes, the file must also be an ELF library whose
+headers' extent fits in it. After loading, the entry points (``nm_forward``, ``nm_backward``) and
+the ABI version the source declares (``nm_abi_version``) are checked; a library that fails to
+load or fails these checks is rebuilt once, not given up on.
+
+One build per cache: build and install run under an exclusive lock (``<name>.lock``), so of the
+processes that start together on an empty cache (the ranks of a node) one compiles and the others
+wait, then load its library. The compiler runs at most :func:`build_timeout` seconds
+(``$NORMMATTERS_BUILD_TIMEOUT``, default 600): a compiler that hangs is stopped with a message,
+never blocks the first forward for ever. A cache that is not writable (a read-only home) builds in
+a per-user folder of the system's temporary directory, said once with how to choose a place
+(``$NORMMATTERS_CACHE_DIR``).
 
 The compiler: ``$CXX`` if set (an error if it is not found: no silent fall back to another
 compiler), else ``g++`` or ``c++`` from ``PATH``. Builds run in a temporary folder of the cache
@@ -35,14 +45,22 @@ import platform
 import re
 import shlex
 import shutil
+import signal
+import struct
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
+try:
+    import fcntl
+except ImportError:  # not POSIX: builds are not serialised (each builder installs atomically)
+    fcntl = None  # type: ignore[assignment]
+
 __all__ = ["cache_root", "cache_dir", "kernel_dir", "source", "load", "load_op_library", "verify",
-           "STALE_SECONDS", "SYMBOLS"]
+           "STALE_SECONDS", "SYMBOLS", "build_timeout"]
 
 logger = logging.getLogger("normmatters.kernels")
 
@@ -124,6 +142,61 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def build_timeout() -> float:
+    """Seconds one compiler run may take: ``$NORMMATTERS_BUILD_TIMEOUT``, default 600 (the
+    operator library takes about half a minute alone, a few minutes on a busy machine)."""
+    raw = os.environ.get("NORMMATTERS_BUILD_TIMEOUT", "").strip()
+    if not raw:
+        return 600.0
+    try:
+        value = float(raw)
+    except ValueError:
+        raise RuntimeError(f"NORMMATTERS_BUILD_TIMEOUT={raw!r} is not a number of seconds") from None
+    if not value > 0:
+        raise RuntimeError(f"NORMMATTERS_BUILD_TIMEOUT={raw!r} must be a positive number of seconds")
+    return value
+
+
+def _elf_problem(path: Path) -> str | None:
+    """What makes ``path`` unfit for ``dlopen`` as far as its ELF headers tell: not an ELF file, or
+    shorter than the extent its section and program headers describe (mapping a truncated
+    library kills the process with SIGBUS, whatever a build record says). ``None`` where the
+    headers are consistent, and on systems whose libraries are not ELF."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            ident = f.read(64)
+            if len(ident) < 52 or ident[:4] != b"\x7fELF":
+                return "not an ELF shared library"
+            is64, little = ident[4] == 2, ident[5] == 1
+            e = "<" if little else ">"
+            if is64:
+                phoff, shoff = struct.unpack_from(e + "QQ", ident, 32)
+                phentsize, phnum, shentsize, shnum = struct.unpack_from(e + "HHHH", ident, 54)
+            else:
+                phoff, shoff = struct.unpack_from(e + "II", ident, 28)
+                phentsize, phnum, shentsize, shnum = struct.unpack_from(e + "HHHH", ident, 42)
+            extent = max(phoff + phentsize * phnum, shoff + shentsize * shnum)
+            if extent > size:
+                return f"truncated: {size} bytes, its headers reach byte {extent}"
+            for i in range(phnum):  # every segment's file extent (what dlopen maps)
+                f.seek(phoff + i * phentsize)
+                entry = f.read(phentsize)
+                if len(entry) < phentsize:
+                    return f"truncated program header {i}"
+                if is64:
+                    offset, filesz = struct.unpack_from(e + "Q", entry, 8)[0], struct.unpack_from(e + "Q", entry, 32)[0]
+                else:
+                    offset, filesz = struct.unpack_from(e + "I", entry, 4)[0], struct.unpack_from(e + "I", entry, 16)[0]
+                if offset + filesz > size:
+                    return f"truncated: {size} bytes, segment {i} reaches byte {offset + filesz}"
+    except OSError as exc:
+        return f"unreadable ({exc})"
+    return None
+
+
 def _record_path(target: Path) -> Path:
     return target.with_suffix(".json")
 
@@ -148,7 +221,8 @@ def verify(target: Path) -> str | None:
             return "SHA-256 differs from the build record"
     except OSError as exc:
         return f"unreadable ({exc})"
-    return None
+    # A record can be rewritten along with a damaged file: the file must also hold itself together.
+    return _elf_problem(target)
 
 
 def _clean_stale(folder: Path) -> None:
@@ -182,9 +256,9 @@ def _build(target: Path, cxx: list[str], src_path: Path, defines: dict[str, int]
         out = Path(tmp) / target.name
         cmd = [*cxx, *flags, *(f"-D{k}={v}" for k, v in defines.items()), str(src_path), "-o",
                str(out), *libs]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-2000:]}")
+        returncode, stderr = _compile(cmd)
+        if returncode != 0:
+            raise RuntimeError(f"{' '.join(cmd)} failed:\n{stderr[-2000:]}")
         digest = _sha256(out)
         record = Path(tmp) / _record_path(target).name
         _write_record(record, {"size": out.stat().st_size, "sha256": digest, "compiler": cxx,
@@ -194,6 +268,105 @@ def _build(target: Path, cxx: list[str], src_path: Path, defines: dict[str, int]
         os.replace(out, target)
         os.replace(record, _record_path(target))
     return digest
+
+
+def _compile(cmd: list[str]) -> tuple[int, str]:
+    """Run the compiler with :func:`build_timeout`; on timeout kill it with its children (cc1plus,
+    the linker) and raise an error that says how to allow longer or skip the build."""
+    timeout = build_timeout()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        _, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except OSError:
+            proc.kill()
+        proc.communicate()
+        raise RuntimeError(
+            f"the C++ compiler ({cmd[0]}) did not finish within {timeout:g} s and was stopped; "
+            f"set NORMMATTERS_BUILD_TIMEOUT to a number of seconds to allow longer, or "
+            f"NORMMATTERS_KERNELS=reference to skip the fused kernels") from None
+    return proc.returncode, stderr
+
+
+def _writable(folder: Path) -> str | None:
+    """``None`` if builds can be installed in ``folder`` (created if needed), else why not."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=_TMP_PREFIX):
+            pass
+    except OSError as exc:
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
+_fallback_said: set[str] = set()
+
+
+def _build_folder(folder: Path) -> Path:
+    """Where a build for the cache folder ``folder`` goes: ``folder`` if writable, else a
+    per-user folder under the system's temporary directory (said once per process)."""
+    why = _writable(folder)
+    if why is None:
+        return folder
+    uid = os.getuid() if hasattr(os, "getuid") else os.getlogin()
+    alt = Path(tempfile.gettempdir()) / f"normmatters-{uid}" / folder.name
+    why_alt = _writable(alt)
+    if why_alt is not None:
+        raise RuntimeError(f"the kernel cache {folder} is not writable ({why}), nor is {alt} "
+                           f"({why_alt}); set NORMMATTERS_CACHE_DIR to a writable folder")
+    if str(folder) not in _fallback_said:
+        _fallback_said.add(str(folder))
+        logger.warning("normmatters: the kernel cache %s is not writable (%s); using %s instead, "
+                       "which the system may clear. Set NORMMATTERS_CACHE_DIR to a writable "
+                       "folder to keep the build.", folder, why, alt)
+    return alt
+
+
+class _BuildLock:
+    """An exclusive lock on ``<target>.lock`` for building and installing ``target``: of the
+    processes that start together on an empty cache (torchrun ranks on one node), one compiles
+    and the others wait, then load its library. The operating system releases the lock of a killed
+    process. Waiting is bounded by the compiler's timeout plus a margin."""
+
+    def __init__(self, target: Path):
+        self.path = target.with_suffix(".lock")
+        self.file = None
+
+    def __enter__(self) -> _BuildLock:
+        if fcntl is None:
+            return self
+        self.file = open(self.path, "a+")  # noqa: SIM115 - closed in __exit__
+        try:
+            fcntl.flock(self.file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return self
+        except BlockingIOError:
+            pass
+        logger.warning("normmatters: another process is building %s; waiting for it.",
+                       self.path.with_suffix(".so").name)
+        deadline = time.monotonic() + build_timeout() + 60.0
+        while True:
+            try:
+                fcntl.flock(self.file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return self
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    self.file.close()
+                    self.file = None
+                    raise RuntimeError(
+                        f"waited more than {build_timeout() + 60.0:g} s for another process's "
+                        f"build (lock {self.path}); remove the lock file if no build is running")
+                time.sleep(0.1)
+
+    def __exit__(self, *exc) -> None:
+        if self.file is not None:
+            try:
+                fcntl.flock(self.file.fileno(), fcntl.LOCK_UN)
+            finally:
+                self.file.close()
+                self.file = None
 
 
 def _abi_version(text: str) -> int | None:
@@ -229,29 +402,54 @@ def _unload(lib: ctypes.CDLL) -> None:
         pass
 
 
+def _identity(path: Path) -> tuple[int, int] | None:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_ino, st.st_mtime_ns
+
+
 def _ensure_built(target: Path, cxx: list[str] | None, src_path: Path, defines: dict[str, int],
                   problem: str | None, what: str, announce: str, flags: Sequence[str] = _FLAGS,
-                  libs: Sequence[str] = ()) -> None:
-    """Build ``target`` if it is missing or ``problem`` (from :func:`verify`) says it is damaged,
-    announcing a first build with ``announce``; raises unless the result verifies."""
+                  libs: Sequence[str] = ()) -> Path:
+    """The path of a verified ``target``: as it is if present and ``problem`` is ``None``, else
+    built. ``problem`` is what is wrong with the file now at ``target`` (from :func:`verify`, or
+    a failed load). One build per cache: under a lock, and a process that waited for another's
+    build takes the library that one installed. A read-only cache builds in a temporary folder
+    (:func:`_build_folder`). ``announce`` (with ``{folder}`` for the folder) says a first build is
+    starting; raises unless the result verifies."""
     if target.exists() and problem is None:
-        return
+        return target
     if cxx is None:
         raise RuntimeError("no C++ compiler found (set CXX)")
-    if problem is not None:
-        logger.warning("normmatters: the cached %s %s fails verification (%s); rebuilding it.",
-                       what, target, problem)
-    else:
-        logger.warning("%s", announce)
-    t0 = time.perf_counter()
-    digest = _build(target, cxx, src_path, defines, flags, libs)
-    logger.info("normmatters: %s compiled in %.1f s", what, time.perf_counter() - t0)
+    bad = _identity(target) if problem is not None else None
+    folder = _build_folder(target.parent)
+    if folder != target.parent:
+        target = folder / target.name
+        bad = None
+    with _BuildLock(target):
+        current = verify(target) if target.exists() else "missing"
+        if current is None and (bad is None or _identity(target) != bad):
+            return target  # intact, or installed by another process while this one waited
+        if current == "missing":
+            logger.warning("%s", announce.format(folder=target.parent))
+        elif current is not None:
+            logger.warning("normmatters: the cached %s %s fails verification (%s); rebuilding it.",
+                           what, target, current)
+        else:
+            logger.warning("normmatters: the cached %s %s is unusable (%s); rebuilding it.",
+                           what, target, problem)
+        t0 = time.perf_counter()
+        digest = _build(target, cxx, src_path, defines, flags, libs)
+        logger.info("normmatters: %s compiled in %.1f s", what, time.perf_counter() - t0)
     problem = verify(target)
     if problem is not None and _sha256(target) != digest:
         time.sleep(0.2)  # another builder's library and record are being installed right now
         problem = verify(target)
     if problem is not None:
         raise RuntimeError(f"the freshly built {target} fails verification ({problem})")
+    return target
 
 
 def load(name: str, tag: str, defines: dict[str, int],
@@ -270,19 +468,19 @@ def load(name: str, tag: str, defines: dict[str, int],
     target = kernel_dir() / f"{Path(name).stem}_{tag}_{key}.so"
     abi = _abi_version(text)
     problem = verify(target) if target.exists() else None
+    announce = (f"normmatters: compiling the fused CPU normalization kernels ({tag}) once (a few "
+                f"seconds); cached in {{folder}}. Set NORMMATTERS_KERNELS=reference to skip.")
     for attempt in range(2):
-        _ensure_built(target, cxx, src_path, defines, problem, "kernel library",
-                      f"normmatters: compiling the fused CPU normalization kernels ({tag}) once (a "
-                      f"few seconds); cached in {target.parent}. Set NORMMATTERS_KERNELS=reference "
-                      f"to skip.")
-        lib = ctypes.CDLL(str(target))
+        target = _ensure_built(target, cxx, src_path, defines, problem, "kernel library", announce)
+        try:
+            lib = ctypes.CDLL(str(target))
+        except OSError as exc:  # e.g. an ELF file of another machine that its record matches
+            problem = f"cannot be loaded ({exc})"
+            continue
         problem = _check_library(lib, symbols, abi, defines)
         if problem is None:
             return lib
         _unload(lib)
-        if attempt == 0:
-            logger.warning("normmatters: the cached kernel library %s is unusable (%s); "
-                           "rebuilding it.", target, problem)
     raise RuntimeError(f"the kernel library {target} is unusable after a rebuild ({problem})")
 
 
@@ -318,10 +516,15 @@ def load_op_library(name: str) -> Path:
     key = hashlib.sha256("\0".join([text, " ".join(flags), " ".join(libs), tag,
                                     " ".join(cxx or []), platform.machine()]).encode()).hexdigest()[:16]
     target = kernel_dir() / f"{Path(name).stem}_{key}.so"
-    _ensure_built(target, cxx, src_path, {}, verify(target) if target.exists() else None,
-                  "operator library",
-                  f"normmatters: compiling the eager CPU operators against {tag} once (about half "
-                  f"a minute); cached in {target.parent}. Set NORMMATTERS_KERNELS=reference to "
-                  f"skip.", flags, libs)
-    torch.ops.load_library(str(target))
-    return target
+    problem = verify(target) if target.exists() else None
+    announce = (f"normmatters: compiling the eager CPU operators against {tag} once (about half a "
+                f"minute); cached in {{folder}}. Set NORMMATTERS_KERNELS=reference to skip.")
+    for _ in range(2):
+        target = _ensure_built(target, cxx, src_path, {}, problem, "operator library", announce,
+                               flags, libs)
+        try:
+            torch.ops.load_library(str(target))
+            return target
+        except OSError as exc:  # a library that fails to load is rebuilt once, not given up on
+            problem = f"cannot be loaded ({exc})"
+    raise RuntimeError(f"the operator library {target} cannot be loaded after a rebuild ({problem})")

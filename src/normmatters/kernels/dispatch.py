@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
@@ -50,28 +51,41 @@ def parse_backend(name: str, where: str) -> str:
     return _ALIASES[name.strip().lower()]
 
 
+# The process default (set_backend, NORMMATTERS_KERNELS) and each thread's override (use_backend).
+# A thread-local rather than a context variable: torch.compile reads it (and guards on it) where
+# ContextVar.get is unsupported. A new thread starts without an override: one thread's block never
+# changes another thread's path, and the self-check's helper thread chooses its own.
 _state = {"backend": parse_backend(os.environ.get("NORMMATTERS_KERNELS", "auto"), "NORMMATTERS_KERNELS")}
+_local = threading.local()
+
+
+def _backend() -> str:
+    override = getattr(_local, "backend", None)
+    return _state["backend"] if override is None else override
 
 
 def set_backend(name: str) -> None:
-    """Select ``"auto"`` (fused kernels where they apply, the default) or ``"reference"``."""
+    """Select the process-wide default: ``"auto"`` (fused kernels where they apply, the default) or
+    ``"reference"``. A :func:`use_backend` block of a thread takes precedence in that thread."""
     _state["backend"] = parse_backend(name, "set_backend")
 
 
 def get_backend() -> str:
-    """The current backend name, ``"auto"`` or ``"reference"``."""
-    return _state["backend"]
+    """The backend this thread uses now, ``"auto"`` or ``"reference"``."""
+    return _backend()
 
 
 @contextmanager
 def use_backend(name: str) -> Iterator[None]:
-    """Context manager that selects a backend for its body and restores the previous one."""
-    previous = _state["backend"]
-    _state["backend"] = parse_backend(name, "use_backend")
+    """Context manager that selects a backend for its body, in this thread only, and restores the
+    previous choice of this thread on exit (blocks in other threads are independent)."""
+    chosen = parse_backend(name, "use_backend")
+    previous = getattr(_local, "backend", None)
+    _local.backend = chosen
     try:
         yield
     finally:
-        _state["backend"] = previous
+        _local.backend = previous
 
 
 _available: dict[tuple[str, torch.dtype], bool] = {}
@@ -130,7 +144,7 @@ def _constant(p: float, k: int | None, n: int, constant: str) -> float:
 
 def _fused(input: Tensor, layout: int, vectors: Sequence[Tensor | None]) -> bool:
     """Whether a fused backend may take this call (see the module docstring)."""
-    if _state["backend"] != "auto" or _exporting():
+    if _backend() != "auto" or _exporting():
         return False
     dev = input.device
     if not fused_available(dev.type, input.dtype):
@@ -268,7 +282,7 @@ def eager_ready(input: Tensor, layout: int) -> bool:
     """Whether the C++ eager CPU operators may take a call on ``input`` now: a non-empty CPU
     tensor of a dtype they serve, the ``"auto"`` backend, not compiling or exporting, and the
     self-check's trust for this dtype and layout (cached until a verdict changes)."""
-    if not input.is_cpu or _state["backend"] != "auto" or _is_compiling() or _is_exporting() \
+    if not input.is_cpu or _backend() != "auto" or _is_compiling() or _is_exporting() \
             or not input.numel():
         return False
     key = (input.dtype, layout)
