@@ -9,10 +9,11 @@ recognised by what they compute (:mod:`normmatters.convert.recognise`), or regis
 from .layers import ForeignLpNorm
 from .norms import convert_norms, to_torch_norms
 from .official import from_official_state_dict
+from .report import ConversionReport, ConversionRow
 from .recognise import NormConversionWarning, NormSpec, recognise, register_norm, unregister_norm
 from .sync import convert_sync_lp_batchnorm
 from .weight_norm import to_weight_normalized
 
 __all__ = ["convert_norms", "to_torch_norms", "convert_sync_lp_batchnorm", "from_official_state_dict",
            "to_weight_normalized", "register_norm", "unregister_norm", "recognise", "NormSpec",
-           "NormConversionWarning", "ForeignLpNorm"]
+           "NormConversionWarning", "ForeignLpNorm", "ConversionReport", "ConversionRow"]

@@ -278,13 +278,43 @@ def reads_eps_of(parent: nn.Module, child: str) -> str | None:
     for cls in type(parent).__mro__:
         if cls is nn.Module or cls.__module__.startswith("torch."):
             break
-        try:
-            source = inspect.getsource(cls)
-        except (OSError, TypeError):
-            continue
-        match = pattern.search(source)
-        if match:
-            found = f"{cls.__name__} reads self.{child}.{match.group(1)}"
+        for fn in _functions(cls):
+            # The names a function's code loads are a cheap first test; its source (not the whole
+            # module's, which inspect would parse for a class) confirms the attribute chain.
+            names = _code_names(fn.__code__)
+            hit = sorted(names & {"variance_epsilon", "epsilon", "eps"})
+            if child not in names or not hit:
+                continue
+            try:
+                match = pattern.search(inspect.getsource(fn))
+                attr = match.group(1) if match else None
+            except (OSError, TypeError):
+                attr = hit[0]
+            if attr:
+                found = f"{cls.__name__}.{fn.__name__} reads self.{child}.{attr}"
+                break
+        if found:
             break
     _EPS_READ[key] = found
     return found
+
+
+def _functions(cls: type) -> list[Any]:
+    out = []
+    for value in cls.__dict__.values():
+        if isinstance(value, (staticmethod, classmethod)):
+            value = value.__func__
+        elif isinstance(value, property):
+            value = value.fget
+        value = inspect.unwrap(value) if callable(value) else value
+        if inspect.isfunction(value):
+            out.append(value)
+    return out
+
+
+def _code_names(code: Any) -> set[str]:
+    names = set(code.co_names)
+    for const in code.co_consts:
+        if inspect.iscode(const):
+            names |= _code_names(const)
+    return names

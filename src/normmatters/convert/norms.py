@@ -161,6 +161,7 @@ def convert_norms(
     constant: str = "calibrated",
     kinds: tuple[str, ...] | list[str] = _KINDS,
     report: bool = False,
+    fused_parents: str = "leave",
     **layer_kwargs: Any,
 ) -> nn.Module | tuple[nn.Module, ConversionReport]:
     """Replace every batch / layer / group / RMS norm in ``model`` by the Lp kind ``p`` (and ``k``).
@@ -200,6 +201,11 @@ def convert_norms(
             (gated RMS norms are ``"rms"``).
         report: also return a :class:`~normmatters.convert.ConversionReport`: each norm's path,
             class, and what it became or why it was left (``print(report)`` shows the table).
+        fused_parents: what to do at p != 2 with a norm whose parent reads its eps to compute it
+            in a fused kernel of its own: ``"leave"`` it (default, with a warning), or
+            ``"convert"`` it anyway, for a run where that kernel is not installed (Mamba2-style
+            mixers call the norm module when ``mamba_ssm`` is absent, always on CPU): where the
+            kernel runs, it would compute L2 from the converted layer's ``weight`` and eps.
         layer_kwargs: further keyword options for the new batch norms (``ghost_batch_size``,
             ``compute_dtype``, ``accumulate_dtype``).
 
@@ -224,6 +230,8 @@ def convert_norms(
     unknown = set(kinds) - set(_KINDS)
     if unknown:
         raise ValueError(f"{where}: unknown kinds {sorted(unknown)}; choose from {_KINDS}")
+    if fused_parents not in ("leave", "convert"):
+        raise ValueError(f"{where}: fused_parents must be 'leave' or 'convert', got {fused_parents!r}")
 
     def decide(m: nn.Module, name: str) -> tuple[str, Any, str] | None:
         reg = registered_norm(m)
@@ -243,7 +251,7 @@ def convert_norms(
     plans, edges, others = _plan(model, decide)
 
     # A parent that computes the norm itself from its weight and eps would bypass an Lp replacement.
-    if p != 2.0:
+    if p != 2.0 and fused_parents == "leave":
         for plan in plans.values():
             if plan.action != "convert":
                 continue
@@ -255,7 +263,7 @@ def convert_norms(
                     plan.action, plan.why = "left", (
                         f"its parent {reads} to compute the norm itself (a fused kernel, e.g. Mamba2's "
                         f"training path with mamba_ssm), which would bypass an L{'inf' if p == math.inf else int(p)} "
-                        "replacement and compute L2")
+                        "replacement and compute L2; fused_parents='convert' converts it for runs without that kernel")
                     break
 
     if k is not None:
@@ -271,7 +279,7 @@ def convert_norms(
 
     new: dict[int, nn.Module] = {}
     for key, plan in plans.items():
-        m, name = plan.module, plan.paths[0]
+        m = plan.module
         if plan.action == "left":
             warn_left(where, ", ".join(plan.paths), m, plan.why)
             continue
@@ -293,7 +301,6 @@ def convert_norms(
             if isinstance(plan.spec, NormSpec) and (original_of(m) is not None or not plan.spec.exact):
                 remember_original(out, m)
         new[key] = out
-        del name
 
     out_model = _install(model, plans, edges, new)
     update_transformer_fast_paths(out_model)
