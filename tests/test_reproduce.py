@@ -185,10 +185,12 @@ def _c4(raw_fp16_l2, raw_l2_nonfinite, std_fp16_l2=(0.95, 0.95, 0.95)):
     rows = []
     spec = {"std-fp32-l2": (0.95, 0.95, 0.95), "std-fp32-l1": (0.95, 0.95, 0.95), "std-fp16-l1": (0.951, 0.949, 0.95),
             "std-fp16-l2": std_fp16_l2, "raw-fp32-l2": (0.95, 0.95, 0.95), "raw-fp32-l1": (0.95, 0.95, 0.95),
-            "raw-fp16-l1": (0.951, 0.949, 0.95), "raw-fp16-l2": raw_fp16_l2, "raw-int8-l1": (0.94, 0.945, 0.94)}
+            "raw-fp16-l1": (0.951, 0.949, 0.95), "raw-fp16-l2": raw_fp16_l2, "raw-int8-l1": (0.94, 0.945, 0.94),
+            "std-fp16mean16-l1": (0.95, 0.951, 0.949), "std-fp16mean16-l2": std_fp16_l2,
+            "raw-fp16mean16-l1": (0.949, 0.95, 0.951), "raw-fp16mean16-l2": raw_fp16_l2}
     for name, vals in spec.items():
         for s, v in enumerate(vals):
-            bad = raw_l2_nonfinite if name == "raw-fp16-l2" else 0
+            bad = raw_l2_nonfinite if name in ("raw-fp16-l2", "raw-fp16mean16-l2") else 0
             rows.append({"run": name, "seed": s, "test_acc": v, "nonfinite": bad})
     return rows
 
@@ -298,7 +300,7 @@ def test_reproduce_writes_report_reuses_finished_claims_and_isolates_failures(tm
     assert "92.40 / 92.05" in text               # and seed 003's
     assert "| bn-l1 | 1 | 90.40 |" in text       # measured, in percent
     assert "**Verdict: inconclusive (1 seed).**" in text   # one seed: no interval
-    assert "| bn-l1 vs bn-l2 | non-inferiority | +0.40 pt (1 seed) | 1 pt | inconclusive (1 seed) | yes |" in text
+    assert "| bn-l1 vs bn-l2 | non-inferiority | +0.40 pt (1 seed) | 1 | — | 1 pt | inconclusive (1 seed) | yes |" in text
     assert "![C2 curve](c2/curve.png)" in text   # the module's figure, relative to the report
     assert (tmp_path / "figures" / "c2_summary.png").is_file()
     for word in ("torch", "numpy", "python", "normmatters", "cpu_count"):
@@ -339,7 +341,9 @@ def test_report_shows_spread_over_seeds(tmp_path):
     text = (tmp_path / "REPORT.md").read_text()
     assert "| bn-l1 | 3 | 91.00 ± 1.00 |" in text
     # the summary shows the verdict, the paired interval and the margin: +1.00 pt ± 4.303 · 1.00 / √3
-    assert "| L1 batch norm as good as L2 | +1.00 pt [-1.48 pt, +3.48 pt] | 1 pt | inconclusive at this scale |" in text
+    # with its half-width and minimum detectable difference: (4.303 + 1.061) · 1.00 / √3 = 3.10
+    assert ("| L1 batch norm as good as L2 | +1.00 pt [-1.48 pt, +3.48 pt] | ±2.48 pt / 3.10 pt | 1 pt | "
+            "inconclusive at this scale |") in text
     data = json.loads((tmp_path / "results.json").read_text())
     check = data["claims"]["C2"]["verdict"]["checks"][0]
     assert check["diff"]["lo"] == pytest.approx(0.01 - 4.302652730 * 0.01 / math.sqrt(3))
@@ -376,7 +380,7 @@ def test_main_one_claim_ok_exits_zero(tmp_path, monkeypatch):
 def test_parser_defaults_and_flags():
     a = rp.build_parser().parse_args([])
     assert (a.scale, a.claims, a.out, a.seeds, a.force, a.progress, a.quick) == \
-        ("embedded", None, None, 3, False, True, False)
+        ("embedded", None, None, None, False, True, False)  # no --seeds: each claim's own number
     a = rp.build_parser().parse_args(["--scale", "paper", "--claims", "C2,C3", "--out", "x", "--seeds", "3",
                                       "--data-root", "/d", "--force", "--no-progress"])
     assert (a.scale, a.claims, a.out, a.seeds, a.data_root, a.force, a.progress) == \
@@ -397,7 +401,7 @@ def test_default_out_dir_is_reports_scale(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert rp.main(["--no-progress"]) == 0
     assert seen["out"] == Path("reports") / "embedded"
-    assert seen["claims"] == list(CLAIMS) and seen["seeds"] == [0, 1, 2] and seen["scale"] == "embedded"
+    assert seen["claims"] == list(CLAIMS) and seen["seeds"] is None and seen["scale"] == "embedded"
     assert seen["jobs"] == "auto"
     rp.main(["--scale", "paper", "--seeds", "2"])
     assert seen["out"] == Path("reports") / "paper" and seen["seeds"] == [0, 1]

@@ -37,11 +37,11 @@ import os
 import sys
 import tempfile
 import time
-import tomllib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from .config import tomllib  # the standard library's, or the tomli backport on Python 3.10
 from .errors import ConfigError, InputError
 
 __all__ = ["main", "train_main", "build_train_parser"]

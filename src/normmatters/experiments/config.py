@@ -23,12 +23,16 @@ import copy
 import dataclasses
 import json
 import math
-import tomllib
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+try:  # Python 3.11+
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10: the backport, a dependency there
+    import tomli as tomllib
 
 from .errors import ConfigError
 

@@ -2,14 +2,16 @@
 
 ::
 
-    normmatters reproduce                                   # every claim, 3 seeds, embedded scale, reports/embedded
+    normmatters reproduce                                   # every claim, its own seeds (C2 5, the others 3)
     normmatters reproduce --quick                           # one seed: minutes, every verdict inconclusive
     normmatters reproduce --claims C2,C3 --seeds 5          # two claims, five seeds each
     normmatters reproduce --scale paper --data-root /data   # the paper's configurations where data is present
 
 The embedded scale (default) trains on data that needs no network (MNIST-1D, scikit-learn's
-digits, CPython's pydoc text) and is sized so that three seeds finish within 15 minutes on a
-2-core CPU (one seed in about 5). Verdicts come from paired comparisons over the seeds (see
+digits, CPython's pydoc text) and is sized so that the default run finishes within 15 minutes on
+a 2-core CPU (one seed in about 5). Each claim runs the seeds its verdict needs (``ClaimInfo.seeds``:
+5 for C2, whose core comparisons are designed to be decided, 3 for the others) unless ``--seeds N``
+gives every claim N. Verdicts come from paired comparisons over the seeds (see
 :mod:`normmatters.experiments.claims.verdicts`); with one seed there is no interval and every
 comparison is inconclusive. The paper scale trains the paper's networks on CIFAR-10, ImageNet and
 a text corpus found under ``--data-root`` and lists what is missing, with how to provide it.
@@ -74,7 +76,7 @@ RESULT_NAME = "result.json"
 RUN_CACHE = "runs"
 #: The file that marks a folder as a reproduce report (written before anything else).
 MARKER_NAME = ".normmatters-reproduce"
-#: Seeds per configuration by default: the fewest that give a t interval with some power.
+#: Seeds per configuration of a claim that does not ask for more (``ClaimInfo.seeds``).
 DEFAULT_SEEDS = 3
 
 
@@ -92,8 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--claims", default=None, metavar="C1,C2,...",
                    help=f"comma-separated claims to run (default: all of {','.join(CLAIMS)})")
     p.add_argument("--out", default=None, metavar="DIR", help="report folder (default: reports/<scale>)")
-    p.add_argument("--seeds", type=int, default=DEFAULT_SEEDS, metavar="N",
-                   help=f"seeds per configuration, 0..N-1 (default {DEFAULT_SEEDS}); verdicts compare runs of the "
+    p.add_argument("--seeds", type=int, default=None, metavar="N",
+                   help="seeds per configuration, 0..N-1, for every claim (default: each claim's own, "
+                        + ", ".join(f"{c} {i.seeds}" for c, i in CLAIMS.items()) + "); verdicts compare runs of the "
                         "same seed and need N >= 2 for an interval")
     p.add_argument("--quick", action="store_true",
                    help="one seed (same as --seeds 1): about a third of the time, every verdict inconclusive")
@@ -329,9 +332,10 @@ def _worker(cid: str, root: str, kwargs: dict[str, Any], threads: int | None, ve
         _teardown_logging(handler)
 
 
-def _run_parallel(ids: list[str], root: Path, jobs: int, kwargs: dict[str, Any], verbose: bool,
-                  results: dict[str, dict[str, Any]]) -> None:
-    """Run the claims ``ids`` in ``jobs`` processes, costliest first; fill ``results`` as they finish."""
+def _run_parallel(ids: list[str], root: Path, jobs: int, kwargs: dict[str, Any], seeds: dict[str, list[int]],
+                  verbose: bool, results: dict[str, dict[str, Any]]) -> None:
+    """Run the claims ``ids`` (claim ``c`` with ``seeds[c]``) in ``jobs`` processes, costliest first;
+    fill ``results`` as they finish."""
     import concurrent.futures as cf
     import multiprocessing as mp
 
@@ -347,7 +351,8 @@ def _run_parallel(ids: list[str], root: Path, jobs: int, kwargs: dict[str, Any],
                dynamic_ncols=True)
     kw = {k: v for k, v in kwargs.items() if k != "progress_bar"}
     pool = cf.ProcessPoolExecutor(max_workers=jobs, mp_context=ctx)
-    futures = {pool.submit(_worker, cid, str(root), kw, threads, verbose): cid for cid in order}
+    futures = {pool.submit(_worker, cid, str(root), dict(kw, seeds=seeds[cid]), threads, verbose): cid
+               for cid in order}
     try:
         for fut in cf.as_completed(futures):
             cid = futures[fut]
@@ -355,7 +360,7 @@ def _run_parallel(ids: list[str], root: Path, jobs: int, kwargs: dict[str, Any],
                 rec = fut.result()
             except Exception as exc:  # the worker process died (out of memory, killed)
                 rec = {"claim": cid, "status": "error", "error": f"worker failed: {_one_line(exc)}",
-                       "wall_time": None, "seeds": kw["seeds"], "scale": kw["scale"]}
+                       "wall_time": None, "seeds": seeds[cid], "scale": kw["scale"]}
             results[cid] = rec
             bar.update(1)
             _log_done(cid, rec)
@@ -381,7 +386,7 @@ def reproduce(
     *,
     claims: Sequence[str] | None = None,
     scale: str = "embedded",
-    seeds: Sequence[int] = tuple(range(DEFAULT_SEEDS)),
+    seeds: Sequence[int] | None = None,
     data_root: str | None = None,
     progress: bool = True,
     force: bool = False,
@@ -395,7 +400,8 @@ def reproduce(
     :param out_dir: the report folder: new, empty, or one this command wrote (see :func:`check_out_dir`).
     :param claims: claim ids (default all).
     :param scale: ``"embedded"`` or ``"paper"``.
-    :param seeds: the seeds every configuration runs with.
+    :param seeds: the seeds every configuration of every claim runs with; ``None``: claim ``c`` runs
+        seeds ``0 .. CLAIMS[c].seeds − 1``.
     :param data_root: paper-scale data folder.
     :param progress: tqdm bars.
     :param force: run claims again even if finished.
@@ -412,14 +418,17 @@ def reproduce(
     if scale not in SCALES:
         raise ConfigError(f"--scale: expected one of {', '.join(SCALES)}, got {scale!r}")
     ids = parse_claims(claims)
-    seeds = [int(s) for s in seeds]
-    if not seeds:
-        raise ConfigError("--seeds: expected at least one seed")
+    if seeds is not None:
+        seeds = [int(s) for s in seeds]
+        if not seeds:
+            raise ConfigError("--seeds: expected at least one seed")
+    claim_seeds = {cid: list(seeds) if seeds is not None else list(range(CLAIMS[cid].seeds)) for cid in ids}
+    seeds = seeds if seeds is not None else sorted({s for ss in claim_seeds.values() for s in ss})
     n_jobs = resolve_jobs(jobs, len(ids))
     if runners and n_jobs > 1:
         raise ConfigError("reproduce: runners= replaces claim modules in this process and needs jobs=1")
     root = check_out_dir(out_dir)
-    meta: dict[str, Any] = {"scale": scale, "seeds": seeds, "claims": ids,
+    meta: dict[str, Any] = {"scale": scale, "seeds": seeds, "claim_seeds": claim_seeds, "claims": ids,
                             "command": command or f"normmatters reproduce --scale {scale} --out {root}"}
     _claim_out_dir(root, meta)
     if scale == "paper":
@@ -439,20 +448,20 @@ def reproduce(
         if n_jobs == 1:
             for i, cid in enumerate(ids, 1):
                 log.info("%s [%d/%d]: %s", cid, i, len(ids), CLAIMS[cid].title)
-                rec = run_claim(cid, root, scale=scale, seeds=seeds, progress=progress, data_root=data_root,
+                rec = run_claim(cid, root, scale=scale, seeds=claim_seeds[cid], progress=progress, data_root=data_root,
                                 force=force, runner=(runners or {}).get(cid))
                 results[cid] = rec
                 _log_done(cid, rec)
         else:
             log.info("running %d claims in %d processes: %s", len(ids), n_jobs, ", ".join(ids))
-            _run_parallel(ids, root, n_jobs, {"scale": scale, "seeds": seeds, "progress": False,
-                                              "data_root": data_root, "force": force, "progress_bar": progress},
-                          verbose, results)
+            _run_parallel(ids, root, n_jobs, {"scale": scale, "progress": False, "data_root": data_root,
+                                              "force": force, "progress_bar": progress}, claim_seeds, verbose, results)
     except KeyboardInterrupt:
         interrupted = True
         for cid in ids:
             results.setdefault(cid, {"claim": cid, "status": "error", "error": "interrupted; run the same command "
-                                     "again to continue", "wall_time": None, "seeds": seeds, "scale": scale})
+                                     "again to continue", "wall_time": None, "seeds": claim_seeds[cid],
+                                     "scale": scale})
     results = {cid: results[cid] for cid in ids if cid in results}  # report in claim order
     meta["wall_time"] = time.perf_counter() - t0
     meta["claim_wall_time_total"] = sum((r.get("wall_time") or 0.0) for r in results.values())
@@ -466,15 +475,15 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handler = _setup_logging(args.verbose)
     try:
-        if args.seeds < 1:
+        if args.seeds is not None and args.seeds < 1:
             raise ConfigError(f"--seeds: expected a number of seeds >= 1, got {args.seeds}")
-        if args.quick and args.seeds not in (1, DEFAULT_SEEDS):
+        if args.quick and args.seeds not in (None, 1):
             raise ConfigError(f"--quick runs one seed; it contradicts --seeds {args.seeds}")
         n_seeds = 1 if args.quick else args.seeds
         claims = parse_claims(args.claims)
         out = Path(args.out) if args.out else Path("reports") / args.scale
         command = "normmatters reproduce " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[2:]))
-        out_info = reproduce(out, claims=claims, scale=args.scale, seeds=list(range(n_seeds)),
+        out_info = reproduce(out, claims=claims, scale=args.scale, seeds=None if n_seeds is None else list(range(n_seeds)),
                              data_root=args.data_root, progress=args.progress, force=args.force,
                              command=command.strip(), jobs=args.jobs, verbose=args.verbose)
     except InputError as exc:

@@ -83,8 +83,11 @@ class ClaimInfo:
     :ivar embedded: what the embedded scale trains.
     :ivar paper: what the paper scale trains.
     :ivar paper_data: dataset names (keys of :func:`paper_data`) the paper scale needs.
-    :ivar cost: rough CPU minutes per seed at the embedded scale (measured); ``reproduce --jobs``
-        starts the costliest claims first so that parallel workers finish together.
+    :ivar cost: rough CPU minutes of its default run at the embedded scale (measured);
+        ``reproduce --jobs`` starts the costliest claims first so that parallel workers finish together.
+    :ivar seeds: the seeds ``normmatters reproduce`` gives it when ``--seeds`` is not given: the
+        number its verdict needs (C2's core comparisons are designed for 5, see
+        :data:`~normmatters.experiments.claims.c2.DESIGN`); ``--seeds N`` sets every claim's.
     """
 
     id: str
@@ -94,6 +97,7 @@ class ClaimInfo:
     paper: str
     paper_data: tuple[str, ...]
     cost: float = 1.0
+    seeds: int = 3
 
 
 _PKG = __name__
@@ -115,6 +119,7 @@ CLAIMS: dict[str, ClaimInfo] = {
         "ResNet-56 on CIFAR-10, ResNet-18/50 on ImageNet, Transformer LM on a text corpus",
         ("cifar10", "imagenet", "text"),
         cost=2.8,
+        seeds=5,
     ),
     "C3": ClaimInfo(
         "C3", f"{_PKG}.c3",

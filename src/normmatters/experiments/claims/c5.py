@@ -21,6 +21,15 @@ Two models, each trained from the same seed in every variant:
   code's BWN (``lstm-bounded-bwn``, learned gain of bounded norm) on every input and recurrent
   weight, reported in test bits per character.
 
+Equal effort for the LSTM arms. A weight of fixed norm has its own effective learning rate
+(η/‖w‖², claim C1), so the learning rate tuned for plain weights is not BWN's. Every LSTM arm gets
+the same small search: each learning rate of :data:`LSTM_LRS` (the plain LSTM's former setting in
+the middle, a factor of √10 either side) is trained with the first seed on the training text minus
+a validation split carved from its end (``val_fraction``), and each arm keeps the rate with the
+lowest validation bits per character; the other seeds train the chosen rate. The test text is
+never used for the choice. The report lists every arm's validation curve over the grid and the
+rate it got.
+
 Each run also records, every epoch, how far the normalized weights have moved from their initial
 scale (``w_norm_ratio`` = mean over layers of ‖W‖_F / ‖W₀‖_F: WN's weights are free to grow, BWN's
 are held) and, for BWN, the largest relative deviation of any channel's norm from ρ
@@ -36,6 +45,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -78,10 +88,12 @@ SETTINGS: dict[str, dict[str, _Setting]] = {
         ),
         "lstm": _Setting(
             "lstm_lm", "2-layer LSTM LM, pydoc text",
+            # the first 100 k characters: 59.5 k to train on, the next 10.5 k to validate, the last 30 k to test
             dict(model="lstm_lm", dataset="text", epochs=3, batch_size=16, optimizer="adamw", lr=1e-2,
                  weight_decay=0.0, lr_schedule="cosine", grad_clip=1.0, eval_batch_size=256,
                  model_kwargs={"embed_size": 48, "hidden_size": 96, "dropout": 0.0},
-                 dataset_kwargs={"block_size": 32, "max_chars": 60000}),
+                 dataset_kwargs={"block_size": 32, "max_chars": 100_000, "test_fraction": 0.3,
+                                 "val_fraction": 0.15}),
         ),
     },
     "paper": {
@@ -95,7 +107,7 @@ SETTINGS: dict[str, dict[str, _Setting]] = {
             "lstm_lm", "2-layer LSTM LM, lm_corpus.txt",
             dict(model="lstm_lm", dataset="text", epochs=20, batch_size=64, optimizer="adamw", lr=2e-3,
                  weight_decay=0.0, lr_schedule="cosine", grad_clip=1.0,
-                 dataset_kwargs={"block_size": 128}),
+                 dataset_kwargs={"block_size": 128, "val_fraction": 0.05}),
         ),
     },
 }
@@ -120,19 +132,25 @@ RUNS: dict[str, tuple[str, str | None]] = {
 #: the verdict, only with the first seed, which keeps three seeds within the embedded time budget.
 VOTED = (CNN_BN, CNN_WN, CNN_BWN, LSTM_PLAIN, LSTM_WN, LSTM_BWN)
 
+#: The learning rates (AdamW, per batch, cosine to 0) every LSTM arm is tried with, per scale: the
+#: plain LSTM's setting and a factor of √10 either side (see the module docstring).
+LSTM_LRS: dict[str, tuple[float, ...]] = {"embedded": (3e-3, 1e-2, 3e-2), "paper": (6e-4, 2e-3, 6e-3)}
+
 #: Rows of (setting, the paper's number, the independent reproduction's (seed 003) number).
 PAPER: list[tuple[str, str, str]] = [
     ("ResNet-56, CIFAR-10: BN / WN / BWN (top-1 %)", "93.03 / 92.5 / 92.88", "92.40 / — / 92.37"),
     ("ResNet-50, ImageNet: BN / WN / BWN (top-1 %)", "75.3 / 67 / 73.8", "—"),
     ("Transformer, WMT14: LN / BWN (BLEU)", "27.3 / 26.5", "—"),
-    ("2-layer LSTM, WMT14: baseline / BWN (BLEU)", "21.5 / 21.2", "—"),
+    ("2-layer LSTM, WMT14: baseline / BWN (BLEU; BWN with the baseline's hyperparameters, the official "
+     "code's learned gain of bounded norm)", "21.5 / 21.2", "—"),
 ]
 
 RULE = (f"BWN (ρ fixed at its initial value, Hoffer et al. 2018, Sec. 5) is as good as its baseline in both models: "
         f"non-inferiority of the paired per-seed difference (95% t interval over seeds), in the CNN against batch "
         f"norm with δ = {100 * ACC_MARGIN:g} point of test accuracy, in the LSTM language model against plain "
-        f"weights with δ = {100 * BPC_MARGIN:g}% of the baseline's test bits per character. WN and the official "
-        "code's bounded-gain BWN are reported beside them, not voted.")
+        f"weights with δ = {100 * BPC_MARGIN:g}% of the baseline's test bits per character, each LSTM arm at the "
+        "learning rate that won its own search on the validation split (the same grid for every arm). WN and the "
+        "official code's bounded-gain BWN are reported beside them, not voted.")
 
 
 def verdict(rows: list[dict[str, Any]]) -> Verdict:
@@ -154,10 +172,12 @@ def verdict(rows: list[dict[str, Any]]) -> Verdict:
 
 
 def _config(setting: _Setting, wn: str | None, seed: int, data_root: str | None,
-            epochs: int | None = None) -> TrainConfig:
+            epochs: int | None = None, lr: float | None = None) -> TrainConfig:
     cfg = dict(setting.config, seed=seed, amp=False, plots=False)
     if epochs is not None:
         cfg["epochs"] = int(epochs)
+    if lr is not None:
+        cfg["lr"] = float(lr)
     if setting.input_shape is None:  # the LM: the model builds its own (B)WN
         cfg["norm"] = {None: "none", "wn": "wn", "bwn": "bwn", "bwn-bounded": "bwn_bounded"}[wn]
         if data_root is not None and cfg["dataset"] == "text":
@@ -212,6 +232,34 @@ class _NormLog:
         state.metrics["w_norm_ratio"] = sum(ratios) / len(ratios)
         if devs:
             state.metrics["rho_dev"] = max(devs)
+
+
+class _ValLog:
+    """Callback: after the last epoch, the bits per character on the validation split (``val_bpc``)."""
+
+    def on_epoch_end(self, state) -> None:
+        config = state.config
+        if state.epoch != config.epochs and not state.should_stop:
+            return
+        from torch.utils.data import DataLoader
+
+        from ..data import get_dataset
+        from ..trainer import evaluate
+
+        kw = {k: v for k, v in (config.dataset_kwargs or {}).items() if k != "split"}
+        val = get_dataset(config.dataset, root=config.data_root, split="val", **kw)
+        loader = DataLoader(val, batch_size=config.eval_batch_size, shuffle=False)
+        state.metrics["val_bpc"] = evaluate(state.model, loader, state.device, config)["loss"] / math.log(2)
+
+
+def _test_examples(config: TrainConfig) -> int | None:
+    """The size of a classifier's test split (one example = the step of its accuracy)."""
+    from ..data import get_dataset_info
+
+    try:
+        return int(get_dataset_info(config.dataset, root=config.data_root, **(config.dataset_kwargs or {})).test_size)
+    except Exception:  # the size only refines the report; never fail a finished run over it
+        return None
 
 
 def _train(config: TrainConfig, run_dir: Path, cache_dir: str | None, variant: str, progress: bool, **kw):
@@ -269,40 +317,65 @@ def run(
 
     rows: list[dict[str, Any]] = []
     histories: dict[str, list[dict[str, Any]]] = {}
+    done: dict[tuple[str, int, float | None], dict[str, Any]] = {}
     t0 = time.perf_counter()
+
+    def one(name: str, seed: int, lr: float | None = None) -> dict[str, Any]:
+        """Train (or reuse) run ``name`` with ``seed`` (LSTM arms: at ``lr``) and return its row."""
+        if (name, seed, lr) in done:
+            return done[(name, seed, lr)]
+        key, wn = RUNS[name]
+        setting = settings[key]
+        config = _config(setting, wn, seed, data_root, epochs, lr)
+        transform = _transform(setting, wn)
+        callbacks: list[Any] = [_NormLog()]
+        if setting.input_shape is None and (config.dataset_kwargs or {}).get("val_fraction"):
+            callbacks.append(_ValLog())
+        folder = out / (f"{name}-lr{lr:g}-s{seed}" if lr is not None else f"{name}-s{seed}")
+        summary = _train(config, folder, cache_dir, f"c5-{wn}" if transform else "", progress,
+                         callbacks=callbacks, model_transform=transform)
+        run_dir = summary.get("run_dir") or summary.get("out_dir") or str(folder)
+        hist = _history(run_dir)
+        last = hist[-1] if hist else {}
+        row: dict[str, Any] = {"run": name, "model": setting.model, "seed": seed}
+        if setting.input_shape is None:
+            row["test_bpc"] = summary.get("final_test_bpc")
+            row["test_loss"] = summary.get("final_test_loss")
+            row["val_bpc"] = last.get("val_bpc")
+            row["lr"] = config.lr
+        else:
+            row["test_acc"] = summary.get("final_test_acc")
+            row["best_test_acc"] = summary.get("best_test_acc")
+            row["test_examples"] = _test_examples(config)
+        row["final_train_loss"] = summary.get("final_train_loss")
+        if last.get("w_norm_ratio") is not None:
+            row["w_norm_ratio"] = last["w_norm_ratio"]
+        if last.get("rho_dev") is not None:
+            row["rho_dev"] = last["rho_dev"]
+        row["wall_time"] = summary.get("wall_time")
+        histories[f"{name}-s{seed}" + (f"-lr{lr:g}" if lr is not None else "")] = hist
+        log.info("C5 %s seed %d%s: %s", name, seed, f" lr {lr:g}" if lr is not None else "",
+                 {k: v for k, v in row.items() if k in ("test_acc", "test_bpc", "val_bpc", "w_norm_ratio")})
+        done[(name, seed, lr)] = row
+        return row
+
+    # The LSTM arms' learning-rate search: every rate of the grid with the first seed, the lowest
+    # validation bits per character wins (a run that ends non-finite never does).
+    search: list[dict[str, Any]] = []
+    chosen: dict[str, float] = {}
+    for name in (n for n in names if RUNS[n][0] == "lstm"):
+        tried = [one(name, seeds[0], lr) for lr in LSTM_LRS[scale]]
+        search += tried
+        finite = [r for r in tried if isinstance(r.get("val_bpc"), (int, float)) and math.isfinite(r["val_bpc"])]
+        chosen[name] = min(finite, key=lambda r: r["val_bpc"])["lr"] if finite else settings["lstm"].config["lr"]
     for i, seed in enumerate(seeds):
         for name in (names if i == 0 else [n for n in names if n in VOTED]):
-            key, wn = RUNS[name]
-            setting = settings[key]
-            config = _config(setting, wn, seed, data_root, epochs)
-            transform = _transform(setting, wn)
-            cb = _NormLog()
-            summary = _train(config, out / f"{name}-s{seed}", cache_dir, f"c5-{wn}" if transform else "",
-                             progress, callbacks=[cb], model_transform=transform)
-            run_dir = summary.get("run_dir") or summary.get("out_dir") or str(out / f"{name}-s{seed}")
-            hist = _history(run_dir)
-            histories[f"{name}-s{seed}"] = hist
-            last = hist[-1] if hist else {}
-            row: dict[str, Any] = {"run": name, "model": setting.model, "seed": seed}
-            if setting.input_shape is None:
-                row["test_bpc"] = summary.get("final_test_bpc")
-                row["test_loss"] = summary.get("final_test_loss")
-            else:
-                row["test_acc"] = summary.get("final_test_acc")
-                row["best_test_acc"] = summary.get("best_test_acc")
-            row["final_train_loss"] = summary.get("final_train_loss")
-            if last.get("w_norm_ratio") is not None:
-                row["w_norm_ratio"] = last["w_norm_ratio"]
-            if last.get("rho_dev") is not None:
-                row["rho_dev"] = last["rho_dev"]
-            row["wall_time"] = summary.get("wall_time")
-            rows.append(row)
-            log.info("C5 %s seed %d: %s", name, seed,
-                     {k: v for k, v in row.items() if k in ("test_acc", "test_bpc", "w_norm_ratio")})
+            rows.append(one(name, seed, chosen.get(name)))
     figures = _figures(histories, out)
     table = _table(rows)
-    notes = _notes(rows, settings, scale, time.perf_counter() - t0, epochs)
-    result = {"claim": "C5", "rows": rows, "figures": figures, "notes": notes, "table": table}
+    notes = _notes(rows, settings, scale, time.perf_counter() - t0, epochs, search, chosen)
+    result = {"claim": "C5", "rows": rows, "figures": figures, "notes": notes, "table": table,
+              "lr_search": search, "lr_chosen": chosen}
     atomic_write_text(out / "c5.json", json.dumps(result, indent=1, default=str) + "\n")
     atomic_write_text(out / "c5.md", f"# Claim C5\n\n{table}\n\n{notes}\n")
     return result
@@ -356,7 +429,8 @@ def _mean_std(vals: list[float]) -> str:
 
 
 def _notes(rows: list[dict[str, Any]], settings: dict[str, _Setting], scale: str, wall: float,
-           epochs: int | None = None) -> str:
+           epochs: int | None = None, search: list[dict[str, Any]] | None = None,
+           chosen: dict[str, float] | None = None) -> str:
     cnn, lstm = settings["cnn"], settings["lstm"]
     c, lm = dict(cnn.config), dict(lstm.config)
     if epochs is not None:
@@ -370,12 +444,19 @@ def _notes(rows: list[dict[str, Any]], settings: dict[str, _Setting], scale: str
             "BWN networks are the batch-norm network of the same seed converted by to_weight_normalized "
             "(conv → BN becomes (B)WN conv → mean-only BN), so all start from the same weights.")
     if "lstm" in present:
+        dk = lm.get("dataset_kwargs", {})
         parts.append(
-            f"LSTM LM: {lstm.label}; {lm['optimizer']} lr {lm['lr']}, grad clip {lm['grad_clip']}, batch "
+            f"LSTM LM: {lstm.label}; {lm['optimizer']} (cosine), grad clip {lm['grad_clip']}, batch "
             f"{lm['batch_size']}, {lm['epochs']} epochs; WN/BWN on every input and recurrent weight; the baseline "
             "has plain weights (an LSTM has no batch norm). lstm-bwn has no learned gain at all (ρ fixed per "
             "matrix, nothing after the gates to rescale them); lstm-bounded-bwn keeps the official code's learned "
-            "gain of bounded norm.")
+            "gain of bounded norm. Equal effort: every arm tried the learning rates "
+            f"{', '.join(f'{lr:g}' for lr in LSTM_LRS[scale])} with the first seed, trained on the training text "
+            f"minus its last {100 * dk.get('val_fraction', 0):g}% (the validation split), and kept the rate with the "
+            "lowest validation bits per character; the test text (the corpus's last "
+            f"{100 * dk.get('test_fraction', 0.1):g}%) played no part in the choice. The paper trained its BWN "
+            "LSTM with the baseline's hyperparameters (WMT14: baseline 21.5, BWN 21.2 BLEU); the former embedded "
+            f"run gave every arm the plain LSTM's rate {lm['lr']:g}.")
     parts.append("Reported: final-epoch test accuracy (CNN) and test bits per character (LM), one number per "
                  "seed. The official code's BWN runs (*-bounded-bwn), which do not vote, use the first seed only.")
     if scale == "embedded":
@@ -394,4 +475,25 @@ def _notes(rows: list[dict[str, Any]], settings: dict[str, _Setting], scale: str
     if devs:
         parts.append(f"BWN channel norms stayed at ρ to within {max(devs):.1e} (relative) after training.")
     parts.append(f"Wall time {wall:.0f} s.")
-    return " ".join(parts)
+    text = " ".join(parts)
+    if search:
+        text += "\n\n" + _search_table(search, chosen or {})
+    return text
+
+
+def _search_table(search: list[dict[str, Any]], chosen: dict[str, float]) -> str:
+    """The LSTM arms' learning-rate search: validation (and, for reference, test) bits/char per rate."""
+    lrs = sorted({r["lr"] for r in search})
+    lines = ["**LSTM learning-rate search** (first seed; validation bits/char, the choice's criterion; test "
+             "bits/char in brackets, not used for the choice):", "",
+             "| arm | " + " | ".join(f"lr {lr:g}" for lr in lrs) + " | chosen lr |",
+             "|---|" + "---|" * len(lrs) + "---|"]
+    for name in dict.fromkeys(r["run"] for r in search):
+        cells = []
+        for lr in lrs:
+            r = next((r for r in search if r["run"] == name and r["lr"] == lr), None)
+            v, t = (r or {}).get("val_bpc"), (r or {}).get("test_bpc")
+            cell = "—" if v is None else f"{v:.4f} ({_fmt(t, '.4f')})"
+            cells.append(f"**{cell}**" if r is not None and chosen.get(name) == lr else cell)
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {_fmt(chosen.get(name), 'g')} |")
+    return "\n".join(lines)

@@ -22,17 +22,17 @@ import logging
 import math
 import os
 import time
-import tomllib
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from ..config import tomllib  # the standard library's, or the tomli backport on Python 3.10
 from ..io import atomic_write_bytes, atomic_write_text
 from . import CLAIMS, claim_module, verdict_for
 from . import speed as speed_mod
 from .env import environment
 from .stats import Agg, aggregate
-from .verdicts import ACC_MARGIN, BPC_MARGIN, SPEED_MARGIN, Check, Verdict, fmt_interval, fmt_margin
+from .verdicts import ACC_MARGIN, BPC_MARGIN, SPEED_MARGIN, Check, Verdict, fmt_interval, fmt_margin, fmt_power
 
 __all__ = [
     "primary_metric",
@@ -105,9 +105,11 @@ def _check_cells(c: Check) -> tuple[str, str, str]:
 
 def summary_table(results: dict[str, dict[str, Any]], verdicts: dict[str, Verdict],
                   speed: Verdict | None = None) -> str:
-    """One line per voting check: claim, verdict, check, paired difference [95% interval], δ, outcome."""
-    lines = ["| claim | verdict | check (voting) | mean paired difference [95% CI] | δ | outcome | wall time |",
-             "|---|---|---|---|---|---|---|"]
+    """One line per voting check: claim, verdict, check, paired difference [95% interval], its half-width and
+    minimum detectable difference, δ, outcome."""
+    lines = ["| claim | verdict | check (voting) | mean paired difference [95% CI] | half-width / MDD | δ | outcome "
+             "| wall time |",
+             "|---|---|---|---|---|---|---|---|"]
     sections = [(cid, verdicts[cid], results[cid]) for cid in results]
     if speed is not None:
         sections.append(("Speed", speed, None))
@@ -118,22 +120,24 @@ def summary_table(results: dict[str, dict[str, Any]], verdicts: dict[str, Verdic
             wall = _fmt_seconds(res.get("wall_time")) + (" (reused)" if res.get("reused") else "")
         core = v.core
         if not core:
-            lines.append(f"| {anchor} | {v.verdict} | — | — | — | — | {wall} |")
+            lines.append(f"| {anchor} | {v.verdict} | — | — | — | — | — | {wall} |")
             continue
         for i, c in enumerate(core):
             diff, margin, outcome = _check_cells(c)
             head = f"{anchor} | **{v.verdict}**" if i == 0 else " | "
-            lines.append(f"| {head} | {c.name} | {diff} | {margin} | {outcome} | {wall if i == 0 else ''} |")
+            lines.append(f"| {head} | {c.name} | {diff} | {fmt_power(c)} | {margin} | {outcome} | "
+                         f"{wall if i == 0 else ''} |")
     return "\n".join(lines)
 
 
 def _checks_table(v: Verdict) -> str:
-    lines = ["| check | runs (a vs b) | rule | mean paired difference [95% CI] | δ | outcome | votes |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| check | runs (a vs b) | rule | mean paired difference [95% CI] | seeds | half-width / MDD | δ | "
+             "outcome | votes |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for c in v.checks:
         diff, margin, outcome = _check_cells(c)
-        lines.append(f"| {c.name} | {c.a} vs {c.b} | {c.rule} | {diff} | {margin} | {outcome} | "
-                     f"{'yes' if c.core else 'no'} |")
+        lines.append(f"| {c.name} | {c.a} vs {c.b} | {c.rule} | {diff} | {c.n} | {fmt_power(c)} | {margin} | "
+                     f"{outcome} | {'yes' if c.core else 'no'} |")
     return "\n".join(lines)
 
 
@@ -329,6 +333,21 @@ def _fmt_seconds(s: float | None) -> str:
     return f"{s:.0f} s ({s / 60:.1f} min)" if s >= 60 else f"{s:.1f} s"
 
 
+def _seeds_text(meta: dict[str, Any]) -> str:
+    """``0, 1, 2`` when every claim ran the same seeds, else ``C2 0–4; C1, C3–C5 0–2``-like groups."""
+    per = meta.get("claim_seeds") or {}
+    groups: dict[tuple[int, ...], list[str]] = {}
+    for cid, ss in per.items():
+        groups.setdefault(tuple(ss), []).append(cid)
+    if len(groups) <= 1:
+        return ", ".join(map(str, meta.get("seeds", [])))
+
+    def span(ss: tuple[int, ...]) -> str:
+        return f"{ss[0]}–{ss[-1]}" if len(ss) > 2 and list(ss) == list(range(ss[0], ss[-1] + 1)) else ", ".join(map(str, ss))
+
+    return "; ".join(f"{', '.join(cids)}: {span(ss)}" for ss, cids in sorted(groups.items(), key=lambda kv: -len(kv[0])))
+
+
 def render_report(results: dict[str, dict[str, Any]], meta: dict[str, Any], root: Path,
                   verdicts: dict[str, Verdict], figures: dict[str, list[str]],
                   configs: list[dict[str, Any]], speed: Verdict | None = None) -> str:
@@ -340,7 +359,7 @@ def render_report(results: dict[str, dict[str, Any]], meta: dict[str, Any], root
     L.append("")
     L.append(f"Command: `{meta.get('command', 'normmatters reproduce')}`  ")
     jobs = meta.get("jobs", 1)
-    L.append(f"Finished: {meta.get('finished', '—')}; seeds: {', '.join(map(str, seeds))}; "
+    L.append(f"Finished: {meta.get('finished', '—')}; seeds: {_seeds_text(meta)}; "
              f"{jobs} claim{'s' if jobs != 1 else ''} at a time"
              + (f" ({meta['threads_per_job']} torch thread(s) each)" if meta.get("threads_per_job") else "")
              + "; total wall time "
@@ -373,8 +392,12 @@ def render_report(results: dict[str, dict[str, Any]], meta: dict[str, Any], root
              "Undecided: *inconclusive (1 seed)* — one seed gives no interval —, *inconclusive at this scale* — "
              "the interval is wider than δ, so the runs cannot resolve a difference of the margin's size —, or "
              "*inconclusive* — a narrow interval across the margin. A claim is supported when every voting check "
-             "is; checks that do not vote are reported beside it.")
-    if len(seeds) < 2:
+             "is; checks that do not vote are reported beside it. *Half-width / MDD*: the interval's half-width and "
+             "the minimum detectable difference, (t₀.₉₇₅ + t₀.₈₀)·s/√n with n − 1 degrees of freedom — the true "
+             "difference this many seeds with this spread would show as an interval excluding zero four times in "
+             "five. A difference marked *identical in all seeds* had no observed spread; its interval uses one "
+             "test example's step as the standard deviation instead of a zero width.")
+    if max((len(v) for v in (meta.get("claim_seeds") or {}).values()), default=len(seeds)) < 2:
         L.append("")
         L.append("**One seed:** no interval can be computed, so every comparison is inconclusive by design; run "
                  "with `--seeds 3` (the default) for verdicts.")

@@ -12,6 +12,25 @@ same initialization and data order), seed by seed. With the per-seed paired diff
 with :math:`t_{q,\nu}` the q-quantile of Student's t distribution with ν degrees of freedom. With
 one seed there is no interval (:math:`s` is undefined).
 
+Power. A design of n seeds whose paired differences spread with standard deviation σ has the
+half-width :math:`h = t_{1-\alpha/2,\,n-1}\,\sigma/\sqrt n` and the *minimum detectable
+difference* (:func:`min_detectable_difference`)
+
+.. math::
+
+    \mathrm{MDD} = (t_{1-\alpha/2,\,n-1} + t_{\text{power},\,n-1})\,\sigma/\sqrt n,
+
+the true difference that a 95 % interval excludes zero for with probability ``power`` (80 % by
+default; the usual t-approximation of the power of a paired t test). :func:`seeds_for_half_width`
+turns a pilot's σ into the number of seeds that keeps h under a target, e.g. half a verdict's
+margin, so that a true difference of zero is declared non-inferior almost always.
+
+Identical differences. When every seed gives the same difference (possible when the metric moves
+in steps, e.g. one test example = 1/N of accuracy), the sample standard deviation is 0 and the t
+interval has zero width: the spread was not observed, not shown to be absent. Given the metric's
+``resolution`` (its step), :func:`mean_interval` then uses one step as the standard deviation (the
+smallest spread the data could have shown) and marks the interval ``degenerate``.
+
 The t distribution's CDF is computed from the regularized incomplete beta function,
 :math:`F_\nu(t) = 1 - \tfrac12 I_{\nu/(\nu+t^2)}(\nu/2, 1/2)` for t ≥ 0 (Abramowitz & Stegun
 26.7.1), evaluated by its continued fraction (Lentz's method), and inverted by bisection; no
@@ -25,7 +44,11 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["t_cdf", "t_quantile", "Interval", "mean_interval", "Agg", "aggregate"]
+__all__ = ["t_cdf", "t_quantile", "Interval", "mean_interval", "half_width", "min_detectable_difference",
+           "seeds_for_half_width", "Agg", "aggregate", "POWER"]
+
+#: The power of :func:`min_detectable_difference` (the conventional 80 %).
+POWER = 0.8
 
 
 def _betacf(a: float, b: float, x: float) -> float:
@@ -115,6 +138,8 @@ class Interval:
     :ivar n: the number of values.
     :ivar sd: the sample standard deviation (ddof = 1); ``None`` with fewer than 2 values.
     :ivar level: the confidence level, e.g. 0.95.
+    :ivar degenerate: every value was the same (n ≥ 2), so the sample standard deviation is 0;
+        ``sd`` then holds the floor used instead (one ``resolution`` step) or 0 without one.
     """
 
     mean: float
@@ -123,17 +148,65 @@ class Interval:
     n: int
     sd: float | None
     level: float = 0.95
+    degenerate: bool = False
 
     @property
     def half_width(self) -> float | None:
         return None if self.lo is None or self.hi is None else 0.5 * (self.hi - self.lo)
 
-    def to_dict(self) -> dict[str, float | int | None]:
-        return {"mean": self.mean, "lo": self.lo, "hi": self.hi, "n": self.n, "sd": self.sd, "level": self.level}
+    @property
+    def mdd(self) -> float | None:
+        """The minimum detectable difference of this design (:func:`min_detectable_difference`)."""
+        if self.sd is None or self.n < 2 or not math.isfinite(self.sd):
+            return None
+        return min_detectable_difference(self.sd, self.n, self.level)
+
+    def to_dict(self) -> dict[str, float | int | bool | None]:
+        return {"mean": self.mean, "lo": self.lo, "hi": self.hi, "n": self.n, "sd": self.sd, "level": self.level,
+                "half_width": self.half_width, "mdd": self.mdd, "degenerate": self.degenerate}
 
 
-def mean_interval(values: Sequence[float], level: float = 0.95) -> Interval:
-    """The mean of ``values`` and its t interval: mean ± t_{(1+level)/2, n−1} · sd / √n."""
+def half_width(sd: float, n: int, level: float = 0.95) -> float:
+    """The half-width t_{(1+level)/2, n−1} · sd / √n of the t interval of a mean of n values."""
+    if n < 2:
+        return math.inf
+    return t_quantile(0.5 + level / 2.0, n - 1) * sd / math.sqrt(n)
+
+
+def min_detectable_difference(sd: float, n: int, level: float = 0.95, power: float = POWER) -> float:
+    """(t_{(1+level)/2, n−1} + t_{power, n−1}) · sd / √n: the true mean difference that the
+    ``level`` interval of n paired differences of standard deviation ``sd`` excludes zero for with
+    probability ``power``.
+
+    >>> round(min_detectable_difference(1.0, 3), 4)  # (4.3027 + 1.0607) / √3
+    3.0966
+    """
+    if n < 2:
+        return math.inf
+    return (t_quantile(0.5 + level / 2.0, n - 1) + t_quantile(power, n - 1)) * sd / math.sqrt(n)
+
+
+def seeds_for_half_width(sd: float, target: float, level: float = 0.95, n_max: int = 1000) -> int:
+    """The fewest seeds n ≥ 2 whose interval half-width :func:`half_width` is at most ``target``.
+
+    :raises ValueError: ``target`` ≤ 0, or more than ``n_max`` seeds needed.
+    """
+    if not target > 0:
+        raise ValueError(f"seeds_for_half_width: target must be > 0, got {target}")
+    for n in range(2, n_max + 1):
+        if half_width(sd, n, level) <= target:
+            return n
+    raise ValueError(f"seeds_for_half_width: more than {n_max} seeds needed for sd {sd} and half-width {target}")
+
+
+def mean_interval(values: Sequence[float], level: float = 0.95, resolution: float | None = None) -> Interval:
+    """The mean of ``values`` and its t interval: mean ± t_{(1+level)/2, n−1} · sd / √n.
+
+    :param resolution: the step of the values (e.g. one test example's share of accuracy); when
+        all n ≥ 2 values are equal, the interval uses ``sd = resolution`` and is marked
+        ``degenerate`` (see the module docstring). Without it an all-equal sample keeps its
+        zero-width interval, still marked.
+    """
     vals = [float(v) for v in values]
     n = len(vals)
     if n == 0:
@@ -144,8 +217,12 @@ def mean_interval(values: Sequence[float], level: float = 0.95) -> Interval:
     if n < 2:
         return Interval(mean, None, None, n, None, level)
     sd = math.sqrt(math.fsum((v - mean) ** 2 for v in vals) / (n - 1))
-    half = t_quantile(0.5 + level / 2.0, n - 1) * sd / math.sqrt(n)
-    return Interval(mean, mean - half, mean + half, n, sd, level)
+    # equal up to the rounding of the subtraction that made them (0.98 − 0.97 ≠ 0.99 − 0.98 in floats)
+    degenerate = max(vals) - min(vals) <= 1e-9 * max(1.0, max(abs(v) for v in vals))
+    if degenerate:
+        sd = float(resolution) if resolution is not None and resolution > 0 else 0.0
+    half = half_width(sd, n, level)
+    return Interval(mean, mean - half, mean + half, n, sd, level, degenerate)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -25,6 +25,16 @@ margin δ:
 * **no slower** (:func:`no_slower`): the non-inferiority rule on the time ratio, margin δ
   (e.g. 5 %: the ratio's upper end ≤ 1.05).
 
+Identical differences. When every seed gives the same difference (an accuracy moves in steps of
+one test example, so a few seeds can agree exactly), the sample standard deviation is 0 and the t
+interval would have zero width. Rows that carry ``test_examples`` (N) give the step 1/N, and the
+interval then uses one step as its standard deviation (:func:`~.stats.mean_interval`); the check
+says so in its text and the report marks it.
+
+Power. Every check records its interval's half-width and its minimum detectable difference (the
+true difference its 95 % interval would exclude zero for four times in five, from the observed
+spread, :func:`~.stats.min_detectable_difference`); the report shows both beside δ.
+
 Inconclusive comes in three words: ``inconclusive (1 seed)`` (no interval without a second seed),
 ``inconclusive at this scale`` (the interval is wider than δ — 2δ for equivalence —, so the runs
 could not resolve a difference of the margin's size), and ``inconclusive`` (a narrow interval that
@@ -55,6 +65,7 @@ __all__ = [
     "decide",
     "fmt_interval",
     "fmt_margin",
+    "fmt_power",
     "SUPPORTED",
     "NOT_SUPPORTED",
     "ONE_SEED",
@@ -214,17 +225,49 @@ def fmt_interval(c: Check) -> str:
     mean = _fmt_diff(c.kind, c.metric, d.get("mean"))
     if d.get("lo") is None or d.get("hi") is None:
         return mean + (" (1 seed)" if c.n == 1 else "")
-    return f"{mean} [{_fmt_diff(c.kind, c.metric, d['lo'])}, {_fmt_diff(c.kind, c.metric, d['hi'])}]"
+    out = f"{mean} [{_fmt_diff(c.kind, c.metric, d['lo'])}, {_fmt_diff(c.kind, c.metric, d['hi'])}]"
+    if d.get("degenerate"):
+        out += (f" (identical in all {c.n} seeds; interval from a spread of one test example)" if d.get("sd")
+                else f" (identical in all {c.n} seeds: zero-width interval)")
+    return out
+
+
+def _fmt_size(kind: str, metric: str, v: float | None) -> str:
+    """An unsigned size in the difference's units (a ratio's as a percentage of 1)."""
+    if v is None or not math.isfinite(v):
+        return "—"
+    return f"{100 * v:.2f}%" if kind == "ratio" else _fmt_diff(kind, metric, v, signed=False)
+
+
+def fmt_power(c: Check) -> str:
+    """``±0.17 pt / 0.25 pt``: the interval's half-width and the minimum detectable difference."""
+    d = c.diff or {}
+    if d.get("half_width") is None:
+        return "—"
+    return f"±{_fmt_size(c.kind, c.metric, d['half_width'])} / {_fmt_size(c.kind, c.metric, d.get('mdd'))}"
+
+
+def _resolution(pairs, metric: str, kind: str) -> float | None:
+    """The step of an accuracy difference: one example of the smaller test set (rows' ``test_examples``)."""
+    if kind != "difference" or not metric.endswith("acc"):
+        return None
+    sizes = [_number(r.get("test_examples")) for _, ra, rb in pairs for r in (ra, rb)]
+    sizes = [n for n in sizes if math.isfinite(n) and n > 0]
+    return 1.0 / min(sizes) if sizes else None
 
 
 def _compare(rows: Sequence[dict[str, Any]], a: str, b: str, metric: str, kind: str):
     pairs = paired(rows, a, b, metric)
     seeds = [s for s, _, _ in pairs]
     diffs = [_diff(kind, _number(ra.get(metric)), _number(rb.get(metric))) for _, ra, rb in pairs]
+    return seeds, diffs, mean_interval(diffs, resolution=_resolution(pairs, metric, kind)), *_bad(pairs, metric)
+
+
+def _bad(pairs, metric: str) -> tuple[int, int, int]:
     bad = sum(1 for _, ra, _ in pairs if not math.isfinite(_number(ra.get(metric))) or _number(ra.get("nonfinite")) > 0)
     diverged = sum(1 for _, ra, _ in pairs if not math.isfinite(_number(ra.get(metric))))
     ref_bad = sum(1 for _, _, rb in pairs if not math.isfinite(_number(rb.get(metric))))
-    return seeds, diffs, mean_interval(diffs), bad, diverged, ref_bad
+    return bad, diverged, ref_bad
 
 
 def _missing(name: str, a: str, b: str, metric: str, rule: str, margin: float | None, kind: str, core: bool) -> Check:

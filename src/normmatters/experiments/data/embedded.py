@@ -22,8 +22,16 @@ from .transforms import RandomCrop
 __all__ = ["load_mnist1d", "load_digits", "mnist1d_arrays"]
 
 
-def mnist1d_arrays(root: str | Path | None = None, *, num_samples: int = 5000, seed: int = 42) -> dict[str, np.ndarray]:
-    """The MNIST-1D arrays ``x`` (N, 40), ``y``, ``x_test``, ``y_test``, generated or from cache."""
+def mnist1d_arrays(root: str | Path | None = None, *, num_samples: int = 5000, seed: int = 42,
+                   test_samples: int | None = None) -> dict[str, np.ndarray]:
+    """The MNIST-1D arrays ``x`` (N, 40), ``y``, ``x_test``, ``y_test``, generated or from cache.
+
+    :param num_samples: examples generated; the package's default split keeps 80 % for training.
+    :param test_samples: if given, ``num_samples`` are generated and the last ``test_samples`` of
+        them are the test split (a larger test set costs one generation, and evaluation is cheap).
+    """
+    if test_samples is not None and not 0 < int(test_samples) < int(num_samples):
+        raise ValueError(f"mnist1d: test_samples must be in (0, num_samples={num_samples}), got {test_samples}")
     try:
         from mnist1d.data import get_dataset_args, make_dataset
     except ImportError as exc:  # pragma: no cover - mnist1d is a dependency
@@ -32,6 +40,10 @@ def mnist1d_arrays(root: str | Path | None = None, *, num_samples: int = 5000, s
     def build() -> dict[str, np.ndarray]:
         args = get_dataset_args()
         args.num_samples, args.seed = int(num_samples), int(seed)
+        if test_samples is not None:
+            # make_dataset makes num_samples // 10 per class and splits at int(n · train_split)
+            n = (int(num_samples) // 10) * 10
+            args.train_split = (n - int(test_samples) + 0.5) / n  # + 0.5: int() must not round down
         # make_dataset seeds numpy's and Python's global generators; put them back afterwards so
         # loading data never changes a caller's random stream.
         np_state, py_state = np.random.get_state(), random.getstate()
@@ -42,17 +54,19 @@ def mnist1d_arrays(root: str | Path | None = None, *, num_samples: int = 5000, s
             random.setstate(py_state)
         return {k: np.asarray(d[k]) for k in ("x", "y", "x_test", "y_test")}
 
-    path = cache_dir(root, "mnist1d") / f"mnist1d_n{int(num_samples)}_seed{int(seed)}.npz"
+    tag = "" if test_samples is None else f"_test{int(test_samples)}"
+    path = cache_dir(root, "mnist1d") / f"mnist1d_n{int(num_samples)}{tag}_seed{int(seed)}.npz"
     return load_or_build_arrays(path, build)
 
 
 def load_mnist1d(root=None, *, train: bool = True, augment: bool = False, shift: int = 4, num_samples: int = 5000,
-                 seed: int = 42, download: bool = False):
+                 seed: int = 42, test_samples: int | None = None, download: bool = False):
     """MNIST-1D as an :class:`ArrayDataset` of ((1, 40) float tensors, int labels).
 
     :param augment: random shifts of up to ``shift`` samples (zero-padded) for training.
+    :param num_samples, seed, test_samples: the generation (see :func:`mnist1d_arrays`).
     """
-    a = mnist1d_arrays(root, num_samples=num_samples, seed=seed)
+    a = mnist1d_arrays(root, num_samples=num_samples, seed=seed, test_samples=test_samples)
     x, y = (a["x"], a["y"]) if train else (a["x_test"], a["y_test"])
     ds = ArrayDataset(
         torch.as_tensor(x, dtype=torch.float32).unsqueeze(1),
@@ -61,7 +75,7 @@ def load_mnist1d(root=None, *, train: bool = True, augment: bool = False, shift:
     )
     info = DatasetInfo("mnist1d", "classification", 10, (1, x.shape[-1]), 1, 1,
                        train_size=len(a["y"]), test_size=len(a["y_test"]),
-                       extra={"num_samples": num_samples, "seed": seed})
+                       extra={"num_samples": num_samples, "seed": seed, "test_samples": test_samples})
     return ds, info
 
 

@@ -8,7 +8,9 @@ SHA-256 is recorded in the dataset info, so a report says exactly what it traine
 
 Examples are consecutive, non-overlapping windows of ``block_size + 1`` tokens: input the first
 ``block_size``, target the last ``block_size`` (next-token prediction). The last
-``test_fraction`` of the corpus is the test split.
+``test_fraction`` of the corpus is the test split; with ``val_fraction`` > 0 the last
+``val_fraction`` of the text before it is a validation split (``split="val"``), carved from the
+training text, which then ends where it begins (hyperparameters chosen on it never see the test).
 """
 
 from __future__ import annotations
@@ -79,11 +81,18 @@ class TokenDataset(Dataset):
 
 def load_text(root=None, *, train: bool = True, path: str | os.PathLike | None = None, level: str = "char",
               block_size: int = 128, test_fraction: float = 0.1, max_chars: int | None = None,
+              train_chars: int | None = None, val_fraction: float = 0.0, split: str | None = None,
               augment: bool = False, download: bool = False):
     """A :class:`TokenDataset` over a UTF-8 file (``path``, or ``root`` if it names a file) or the default corpus.
 
     :param level: ``"char"`` (vocabulary = the corpus's characters) or ``"byte"`` (256 ids).
     :param max_chars: use only the first ``max_chars`` characters (quick runs).
+    :param test_fraction: the last part of the text held out as the test split.
+    :param train_chars: instead of ``test_fraction``: the first ``train_chars`` tokens are the
+        training text, everything after them the test split (a long test text is cheap to evaluate).
+    :param val_fraction: the part of the training text (its end) held out as the validation split.
+    :param split: ``"train"``, ``"val"`` or ``"test"``; overrides ``train`` (``None``: ``train``
+        chooses between the training and the test split).
     :param augment, download: accepted for a uniform interface; text has neither.
     """
     path = path if path is not None else (root if root is not None and Path(root).is_file() else None)
@@ -102,14 +111,31 @@ def load_text(root=None, *, train: bool = True, path: str | os.PathLike | None =
         text = text[: int(max_chars)]
     if not 0.0 < test_fraction < 1.0:
         raise ConfigError(f"text: test_fraction must be in (0, 1), got {test_fraction}")
+    if not 0.0 <= val_fraction < 1.0:
+        raise ConfigError(f"text: val_fraction must be in [0, 1), got {val_fraction}")
+    which = split if split is not None else ("train" if train else "test")
+    if which not in ("train", "val", "test"):
+        raise ConfigError(f"text: split must be 'train', 'val' or 'test', got {split!r}")
+    if which == "val" and not val_fraction:
+        raise ConfigError("text: split='val' needs val_fraction > 0")
     ids, vocab = encode_text(text, level)
-    split = int(len(ids) * (1.0 - test_fraction))
-    ds = TokenDataset(ids[:split] if train else ids[split:], block_size)
+    if train_chars is not None:
+        if not 0 < int(train_chars) < len(ids) - block_size:
+            raise ConfigError(f"text: train_chars must leave a test split of more than block_size = {block_size} "
+                              f"tokens in the {len(ids)} of the text, got {train_chars}")
+        test_start = int(train_chars)
+    else:
+        test_start = int(len(ids) * (1.0 - test_fraction))
+    val_start = test_start - int(test_start * val_fraction)
+    bounds = {"train": (0, val_start), "val": (val_start, test_start), "test": (test_start, len(ids))}
+    lo, hi = bounds[which]
+    ds = TokenDataset(ids[lo:hi], block_size)
     vocab_size = 256 if vocab is None else len(vocab)
     info = DatasetInfo(
         "text", "lm", vocab_size, (block_size,), 0, 0, vocab_size=vocab_size,
-        train_size=(split - 1) // block_size, test_size=(len(ids) - split - 1) // block_size,
+        train_size=(val_start - 1) // block_size, test_size=(len(ids) - test_start - 1) // block_size,
         extra={"source": source, "sha256": hashlib.sha256(text.encode("utf-8")).hexdigest(), "level": level,
-               "characters": len(text), "tokens": len(ids), "block_size": block_size},
+               "characters": len(text), "tokens": len(ids), "block_size": block_size,
+               "train_tokens": val_start, "val_tokens": test_start - val_start, "test_tokens": len(ids) - test_start},
     )
     return ds, info
