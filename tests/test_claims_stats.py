@@ -149,3 +149,67 @@ def test_decide_combines_core_checks_only():
     v = vd.decide([yes, check(vd.NOT_MEASURED, None)], "r").verdict
     assert v.startswith("supported") and "1 of 2" in v
     assert vd.decide([], "r").verdict == "inconclusive"
+
+
+# ---------------------------------------------------------------------------------------------
+# Power: half-width, minimum detectable difference, seeds for a target; identical differences
+# ---------------------------------------------------------------------------------------------
+def test_half_width_and_min_detectable_difference_against_t_tables():
+    # n = 3: t_{0.975,2} = 4.302652730, t_{0.80,2} = 1.060660172 (= 1.5/√2: F_2(t) = 1/2 + t/(2√(2+t²)))
+    assert stats.t_quantile(0.8, 2) == pytest.approx(1.5 / math.sqrt(2), abs=1e-10)
+    assert stats.half_width(0.6, 3) == pytest.approx(4.302652730 * 0.6 / math.sqrt(3), abs=1e-9)
+    assert stats.min_detectable_difference(0.6, 3) == pytest.approx((4.302652730 + 1.060660172) * 0.6 / math.sqrt(3),
+                                                                    abs=1e-9)
+    # n = 5: t_{0.975,4} = 2.776445105, t_{0.90,4} = 1.533206274 (power 90 %)
+    assert stats.min_detectable_difference(1.0, 5, power=0.9) == pytest.approx(
+        (2.776445105 + 1.533206274) / math.sqrt(5), abs=1e-8)
+    assert math.isinf(stats.half_width(1.0, 1)) and math.isinf(stats.min_detectable_difference(1.0, 1))
+    # the interval reports the same numbers
+    iv = stats.mean_interval([0.1, 0.4, -0.2])
+    assert iv.half_width == pytest.approx(stats.half_width(iv.sd, 3), rel=1e-12)
+    assert iv.mdd == pytest.approx(stats.min_detectable_difference(iv.sd, 3), rel=1e-12)
+    assert iv.to_dict()["mdd"] == iv.mdd and iv.to_dict()["degenerate"] is False
+
+
+def test_seeds_for_half_width_is_the_smallest_n_that_reaches_the_target():
+    for sd, target in ((0.0014, 0.005), (0.0077, 0.01), (1.0, 0.5), (0.3, 0.29)):
+        n = stats.seeds_for_half_width(sd, target)
+        assert stats.half_width(sd, n) <= target
+        assert n == 2 or stats.half_width(sd, n - 1) > target
+    assert stats.seeds_for_half_width(1.0, 0.5) == 18  # t_{0.975,17}/√18 = 0.4973; 17 seeds give 0.5141
+    with pytest.raises(ValueError):
+        stats.seeds_for_half_width(1.0, 0.0)
+
+
+def test_identical_differences_are_marked_and_floored_at_the_resolution():
+    # three seeds that each lost exactly 2 of 360 test images: the sample sd is 0
+    d = [(350 - 352) / 360, (351 - 353) / 360, (349 - 351) / 360]
+    bare = stats.mean_interval(d)
+    assert bare.degenerate and bare.sd == 0.0 and bare.half_width == 0.0  # no resolution: stays zero, but marked
+    iv = stats.mean_interval(d, resolution=1 / 360)
+    assert iv.degenerate and iv.mean == pytest.approx(-2 / 360)
+    assert iv.sd == pytest.approx(1 / 360)
+    assert iv.half_width == pytest.approx(4.302652730 / 360 / math.sqrt(3), rel=1e-9)
+    # a spread of one example in one seed is an ordinary interval
+    iv = stats.mean_interval([-2 / 360, -2 / 360, -1 / 360], resolution=1 / 360)
+    assert not iv.degenerate and iv.sd == pytest.approx(statistics.stdev([-2, -2, -1]) / 360)
+
+
+def test_checks_on_identical_accuracy_differences_use_one_test_example():
+    rows = []
+    for s in range(3):
+        rows += [{"run": "a", "seed": s, "test_acc": (350 + s - 2) / 360, "test_examples": 360},
+                 {"run": "b", "seed": s, "test_acc": (350 + s) / 360, "test_examples": 360}]
+    c = vd.non_inferior(rows, "a", "b", "a as good as b", metric="test_acc", margin=0.01)
+    assert c.diff["degenerate"] and c.diff["sd"] == pytest.approx(1 / 360)
+    assert c.diff["lo"] < c.diff["mean"] < c.diff["hi"]
+    assert "identical in all 3 seeds" in vd.fmt_interval(c) and "identical" in c.text
+    # worse end −0.56 − 0.69 = −1.25 pt: beyond δ = 1 pt, so not "supported" on a zero-width interval
+    assert c.outcome != vd.SUPPORTED
+    f = vd.fails(rows, "a", "b", "a fails", metric="test_acc", margin=0.01)
+    assert f.outcome != vd.FAILS  # [−1.25, +0.13] pt includes zero
+    # without test_examples the zero width is kept and said
+    bare = [{k: v for k, v in r.items() if k != "test_examples"} for r in rows]
+    c = vd.non_inferior(bare, "a", "b", "a as good as b", metric="test_acc", margin=0.01)
+    assert c.diff["half_width"] == 0.0 and "zero-width" in vd.fmt_interval(c)
+    assert vd.fmt_power(c).startswith("±0.00 pt")

@@ -127,7 +127,7 @@ RUNS: dict[str, tuple[str, str]] = {run_name(r, s): (r, s) for r, (_, settings) 
 
 #: The runs trained with every seed: the voted ones and L2 at standardized inputs; the other settings,
 #: reported beside the verdict, only with the first seed (the embedded time budget).
-VOTED = tuple(run_name(STD, s) for s in REGIMES[STD][1]) + tuple(
+VOTED = tuple(run_name(STD, s) for s in REGIMES[STD][1] if s != "fp16mean16-l2") + tuple(
     run_name(RAW, s) for s in ("fp32-l2", "fp32-l1", "fp16-l2", "fp16-l1", "fp16mean16-l2", "fp16mean16-l1",
                                "int8-l1"))
 
@@ -353,6 +353,7 @@ def run(
                 "test_examples": DIGITS_TEST,
                 "test_acc": summary.get("final_test_acc"), "best_test_acc": summary.get("best_test_acc"),
                 "final_train_loss": summary.get("final_train_loss"),
+                "final_train_acc": summary.get("final_train_acc"),
                 "nonfinite": sum(s["nonfinite"] for s in cb.steps),
                 "eval_nonfinite": cb.eval_nonfinite,
                 "first_nonfinite_step": cb.first_step,
@@ -460,6 +461,21 @@ def _notes(rows: list[dict[str, Any]], pm, map_time: float, epochs: int,
         c = next((c for c in v.checks if c.a == run_name(regime, "fp16-l2")), None)
         if c is not None and c.outcome != "not measured":
             parts.append(f"L2 in fp16 with float32 sums, {REGIMES[regime][0]}: {c.outcome} ({c.text}).")
+    # A run that fits its training data but tests at chance, with nothing non-finite: what broke is the
+    # evaluation with the running statistics, not the training (e.g. a running_var, σ̂² ≈ 1e5–1e6 in
+    # the raw regime, rounded to fp16 before its square root becomes inf, and every output 0).
+    eval_only = [r for r in rows if not r["nonfinite"] and isinstance(r.get("final_train_acc"), (int, float))
+                 and isinstance(r.get("test_acc"), (int, float)) and r["final_train_acc"] >= 0.9
+                 and r["test_acc"] < 0.5]
+    if eval_only:
+        parts.append("Trained but evaluated at chance, with no non-finite value in training: " + "; ".join(
+            f"{r['run']} (seed {r['seed']}): train acc {100 * r['final_train_acc']:.1f}%, test acc "
+            f"{100 * r['test_acc']:.1f}%" for r in eval_only)
+            + ". The failure is in evaluation with the running statistics, not in training: in the emulation "
+              "the running variance (σ̂², up to ~1e6 here) is rounded to the accumulation format before its "
+              "square root (normmatters.functional.emulated, evaluation path), so with fp16 accumulation it "
+              "becomes inf for every p once σ̂ > 256, and every output 0 — although L1 itself never squares "
+              "an activation. Hardware keeping the per-channel statistics in float32 would not see this.")
     for r in rows:
         if r["nonfinite"]:
             top = ", ".join(f"{k}: {v}" for k, v in list(r["nonfinite_by_stage"].items())[:3])
