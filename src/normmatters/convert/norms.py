@@ -101,10 +101,14 @@ def _plan(model: nn.Module, decide: Callable[[nn.Module, str], tuple[str, Any, s
     def visit(m: nn.Module, path: str, parent: nn.Module | None, name: str) -> None:
         nonlocal others
         plan = plans.get(id(m))
-        if plan is not None:
+        if plan is not None:  # reached again: one more place (for it and everything under it)
             plan.paths.append(path or "<root>")
             if parent is not None:
                 plan.parents.append((parent, name))
+            if not plan.action:
+                for child_name, child in m._modules.items():
+                    if child is not None:
+                        visit(child, f"{path}.{child_name}" if path else child_name, m, child_name)
             return
         decided = decide(m, path)
         action, spec, why = decided if decided is not None else ("", None, "")

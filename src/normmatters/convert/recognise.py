@@ -321,12 +321,27 @@ def state_of(module: nn.Module, spec: NormSpec) -> dict[str, Tensor]:
 
 
 def copy_into(src: nn.Module, spec: NormSpec, dst: nn.Module) -> nn.Module:
-    """Copy ``src``'s parameters, buffers, ``requires_grad`` and training flag into ``dst``."""
+    """Give ``dst`` ``src``'s parameters and buffers and its training flag.
+
+    The tensors themselves move where ``dst`` has one of the same shape, dtype and kind
+    (a parameter tied between modules stays tied, and an optimizer built before the conversion
+    still holds the parameters that train); otherwise their values are copied, with
+    ``requires_grad``.
+    """
     state = state_of(src, spec)
     with torch.no_grad():
         for name, value in state.items():
             target = getattr(dst, name, None)
-            if isinstance(target, Tensor):
+            if not isinstance(target, Tensor):
+                continue
+            same = target.shape == value.shape and target.dtype == value.dtype and target.device == value.device
+            if isinstance(target, nn.Parameter) and isinstance(value, nn.Parameter) and same \
+                    and name in dst._parameters:
+                dst._parameters[name] = value
+            elif not isinstance(target, nn.Parameter) and not isinstance(value, nn.Parameter) and same \
+                    and name in dst._buffers:
+                dst._buffers[name] = value
+            else:
                 target.copy_(value)
                 if isinstance(target, nn.Parameter):
                     target.requires_grad_(value.requires_grad)
@@ -373,7 +388,8 @@ def is_norm_like(module: nn.Module) -> bool:
     module whose children hold no state and that has an ``eps``-like attribute or ``Norm`` in its
     class name, and either its own floating tensors, none of them a matrix unless shaped as its
     ``normalized_shape``, or no tensors and a ``normalized_shape`` (a norm without parameters, such
-    as OLMo's layer norm).
+    as OLMo's layer norm) or both an eps and ``Norm`` in its name (then it is named in a warning
+    when its normalized axes cannot be told).
     """
     if isinstance(module, _TORCH_NORMS + _OUR_NORMS + MEAN_ONLY):
         return True
@@ -387,7 +403,7 @@ def is_norm_like(module: nn.Module) -> bool:
     named = "norm" in type(module).__name__.lower()
     shape = _shape_attr(module)
     if not own:
-        return shape is not None and (has_eps or named)
+        return (shape is not None and (has_eps or named)) or (has_eps and named)
     if not any(t.is_floating_point() for t in own):
         return False
     if any(t.dim() >= 2 and tuple(t.shape) != shape for t in own):
@@ -604,7 +620,8 @@ def _tensors(obj: Any) -> list[Tensor]:
     return []
 
 
-def _disagreement(module: nn.Module, spec: NormSpec, gate_optional: bool = False) -> tuple[str, float] | None:
+def _disagreement(module: nn.Module, spec: NormSpec, gate_optional: bool = False,
+                  post: Callable[[Tensor], Tensor] | None = None) -> tuple[str, float] | None:
     """``None`` when ``module`` computes ``spec`` on the probe inputs, else what differs and by how
     much (the largest difference over the tolerance; ``inf`` for a refused input or a wrong shape).
 
@@ -645,9 +662,13 @@ def _disagreement(module: nn.Module, spec: NormSpec, gate_optional: bool = False
                         with torch.no_grad(), torch.random.fork_rng(devices=[] if device.type != "cuda" else [device]):
                             y = forward(cand, *(a.clone() for a in args))
                     except Exception as exc:  # noqa: BLE001 - refusing the input is a disagreement
+                        if spec.gate is not None and not with_gate:
+                            continue  # a gate that defaults to None yet is required: taking more is no harm
                         return f"it refuses a {list(shape)} input ({type(exc).__name__})", math.inf
                     with torch.no_grad():
                         r = ref(*(a.clone() for a in args))
+                        if post is not None:
+                            r = post(r)
                     ys = _tensors(y)
                     if len(ys) != 1 or ys[0].shape != r.shape:
                         return f"its output on a {list(shape)} input is not one tensor of that shape", math.inf
@@ -735,11 +756,20 @@ def _recognise_by_probe(module: nn.Module, gated: bool) -> NormSpec | str:
         return cands
     form = call_form(module)
     gate_optional = not isinstance(form, str) and form[1]
-    closest: tuple[str, float] | None = None
+    closest: tuple[str, float, NormSpec] | None = None
     for spec in cands:
         why = _disagreement(module, spec, gate_optional)
         if why is None:
             return spec
         if closest is None or why[1] < closest[1]:
-            closest = why
+            closest = (*why, spec)
+    # A norm followed by an activation held as a child (BiT's BitGroupNormActivation, timm's
+    # BatchNormAct2d): say so, rather than quote a difference.
+    children = [(n, c) for n, c in module._modules.items() if c is not None]
+    if len(children) == 1 and closest[1] < math.inf:
+        name, act = children[0]
+        act64 = _probe_copy(act)
+        if _disagreement(module, closest[2], gate_optional, post=act64) is None:
+            return (f"it computes a {closest[2].describe()} followed by its {name!r} ({type(act).__name__}); "
+                    "normmatters' layers apply no activation")
     return "it computes none of the norms normmatters can build; closest: " + closest[0]
