@@ -169,3 +169,30 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path):
         assert torch.equal(a[k], b[k]), k
     lines = [json.loads(x) for x in metrics.read_text().splitlines()]
     assert [r["epoch"] for r in lines] == [1, 2, 3, 4]
+
+
+def test_toml_reading_keeps_the_python_310_promise(monkeypatch):
+    """tomllib is Python 3.11+: config.py falls back to the tomli backport (a dependency on 3.10), and
+    nothing else in the package imports tomllib itself."""
+    import sys
+    import types
+    from pathlib import Path
+
+    import normmatters
+    from normmatters.experiments import config
+
+    src = Path(config.__file__).read_text(encoding="utf-8")
+    start = src.index("try:  # Python 3.11+")
+    block = src[start: src.index("import tomli as tomllib", start) + len("import tomli as tomllib")]
+    fake = types.ModuleType("tomli")
+    monkeypatch.setitem(sys.modules, "tomllib", None)  # as on 3.10: the import fails
+    monkeypatch.setitem(sys.modules, "tomli", fake)
+    ns: dict = {}
+    exec(block, ns)
+    assert ns["tomllib"] is fake
+    root = Path(normmatters.__file__).parent
+    direct = [p.relative_to(root) for p in root.rglob("*.py") if p != Path(config.__file__)
+              and any(line.strip() == "import tomllib" for line in p.read_text(encoding="utf-8").splitlines())]
+    assert direct == []
+    pyproject = (root.parents[1] / "pyproject.toml").read_text(encoding="utf-8")
+    assert 'requires-python = ">=3.10"' in pyproject and "tomli>=1.1; python_version < \\\"3.11\\\"" in pyproject

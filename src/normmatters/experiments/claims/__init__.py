@@ -133,7 +133,8 @@ CLAIMS: dict[str, ClaimInfo] = {
         "C4", f"{_PKG}.c4",
         "L1 batch norm works in low precision where L2 fails; with 8-bit ops the network trains in int8.",
         "ResNet-8 on scikit-learn's digits, standardized and raw-intensity inputs side by side: fp32 vs emulated "
-        "fp16/fp8 L2 and L1 batch norm (float32 sums; fp16 sums as an option), and int8 training",
+        "fp16/fp8 L2 and L1 batch norm (float32 sums; fp16 sums, plain or as pairwise/blocked means that cannot "
+        "overflow), and int8 training",
         "ResNet-18 on ImageNet",
         ("imagenet",),
         cost=1.9,
@@ -142,7 +143,8 @@ CLAIMS: dict[str, ClaimInfo] = {
         "C5", f"{_PKG}.c5",
         "Bounded weight normalization (norm fixed at its initial value) is as good as batch norm where WN falls "
         "short.",
-        "ResNet-8 on scikit-learn's digits: BN vs WN vs BWN; 2-layer LSTM LM on the embedded text: plain vs WN vs BWN",
+        "ResNet-8 on scikit-learn's digits: BN vs WN vs BWN; 2-layer LSTM LM on the embedded text: plain vs WN vs BWN, "
+        "each at the learning rate that won the same search on a validation split",
         "ResNet-56 on CIFAR-10, ResNet-50 on ImageNet, 2-layer LSTM LM on a text corpus",
         ("cifar10", "imagenet", "text"),
         cost=0.9,
