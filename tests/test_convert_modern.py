@@ -491,6 +491,18 @@ def test_zamba2_shared_transformer_keeps_its_tied_norm_weights(p):
     assert layers[0].input_layernorm.weight is layers[1].input_layernorm.weight
 
 
+def test_the_sync_converter_keeps_shared_batch_norms_shared_and_their_hooks():
+    calls = []
+    bn = nn.BatchNorm1d(4)
+    bn.register_forward_hook(lambda m, a, o: calls.append(type(m).__name__))
+    model = nn.ModuleDict({"a": nn.Sequential(nn.Linear(4, 4), bn), "b": nn.Sequential(bn)})
+    out = nm.convert_sync_lp_batchnorm(model)
+    assert out["a"][1] is out["b"][0] and type(out["b"][0]) is nm.nn.SyncLpBatchNorm
+    assert calls == []
+    out["b"].eval()(torch.randn(3, 4))
+    assert calls == ["SyncLpBatchNorm"]
+
+
 def test_an_optimizer_built_before_conversion_still_trains_the_norms():
     model = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4))
     opt = torch.optim.SGD(model.parameters(), lr=0.1)

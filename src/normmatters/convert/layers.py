@@ -142,7 +142,13 @@ def remember_original(new: nn.Module, old: nn.Module) -> nn.Module:
     outside the module tree: no state-dict keys, no device moves)."""
     template = original_of(old)
     if template is None:
-        template = copy.deepcopy(old).to("meta")
+        hooks = {n: old.__dict__[n] for n in _HOOK_DICTS if old.__dict__.get(n)}
+        for n, d in hooks.items():  # a hook's closure may hold a whole model: never copied
+            old.__dict__[n] = type(d)()
+        try:
+            template = copy.deepcopy(old).to("meta")
+        finally:
+            old.__dict__.update(hooks)
         template.__dict__.pop(_ORIGINAL, None)
     new.__dict__[_ORIGINAL] = template
     return new

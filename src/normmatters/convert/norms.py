@@ -46,7 +46,7 @@ from .layers import (
 from .recognise import MEAN_ONLY, NormSpec, build, copy_into, recognise, registered_norm, warn_left
 from .report import ConversionReport, ConversionRow
 
-__all__ = ["convert_norms", "to_torch_norms"]
+__all__ = ["convert_norms", "to_torch_norms", "replace_modules"]
 
 _KINDS = ("batch", "layer", "group", "rms")
 
@@ -63,18 +63,6 @@ def factory_of(module: nn.Module) -> dict[str, Any]:
         return {}
     ref = next((t for t in tensors if t.is_floating_point()), tensors[0])
     return {"device": ref.device, "dtype": ref.dtype if ref.is_floating_point() else None}
-
-
-def walk(module: nn.Module, fn, name: str = "") -> nn.Module:
-    """Apply ``fn(module, qualified_name)`` top-down: a module returned stops the descent there."""
-    replaced = fn(module, name)
-    if replaced is not None:
-        return replaced
-    for child_name, child in module.named_children():
-        new_child = walk(child, fn, f"{name}.{child_name}" if name else child_name)
-        if new_child is not child:
-            module.add_module(child_name, new_child)
-    return module
 
 
 @dataclass
@@ -140,6 +128,26 @@ def _take_over(old: nn.Module, new: nn.Module) -> nn.Module:
     move_hooks(old, new)
     copy_attributes(old, new)
     return new
+
+
+def replace_modules(model: nn.Module, fn: Callable[[nn.Module, str], nn.Module | None]) -> nn.Module:
+    """Apply ``fn(module, qualified_name)`` top-down (``None``: descend into its children; a
+    module: stop there, replaced by it if it is another one), each module decided once, however many places it is reachable from; every replacement is
+    installed at all of them and takes over the original's hooks and plain attributes."""
+    results: dict[int, nn.Module] = {}
+
+    def decide(m: nn.Module, path: str) -> tuple[str, Any, str] | None:
+        out = fn(m, path)
+        if out is None:
+            return None
+        results[id(m)] = out
+        return "done", None, ""
+
+    plans, edges, _ = _plan(model, decide)
+    new = {key: out for key, out in results.items() if out is not plans[key].module}
+    for key, out in new.items():
+        _take_over(plans[key].module, out)
+    return _install(model, plans, edges, new)
 
 
 def _became(m: nn.Module) -> str:

@@ -14,7 +14,7 @@ from torch import nn
 
 from ..nn import SyncLpBatchNorm
 from .layers import original_of, remember_original
-from .norms import factory_of, walk
+from .norms import factory_of, replace_modules
 from .recognise import MEAN_ONLY, build, recognise, warn_left
 
 __all__ = ["convert_sync_lp_batchnorm"]
@@ -79,7 +79,9 @@ def convert_sync_lp_batchnorm(module: nn.Module, process_group: Any | None = Non
     :class:`~normmatters.convert.NormConversionWarning`: the kind of a layer never changes. ``eps``,
     ``momentum``, ``affine``, ``bias``, ``track_running_stats`` and the ``training`` flag carry
     over, and the parameters and buffers are the same tensors (shared, not copied), so the state
-    dict keeps its keys and loads into the unconverted model and back. Ghost-batch layers are
+    dict keeps its keys and loads into the unconverted model and back. A layer reachable at several
+    places is replaced once (the replacement is shared), and its hooks move to the replacement.
+    Ghost-batch layers are
     left as they are (their statistics are per virtual batch of one process by design; with a
     warning), and so are layer, group and RMS norms (per sample: nothing to synchronize) and
     mean-only batch norms (with a warning: their mean stays per process).
@@ -105,4 +107,4 @@ def convert_sync_lp_batchnorm(module: nn.Module, process_group: Any | None = Non
     """
     if not isinstance(module, nn.Module):
         raise TypeError(f"convert_sync_lp_batchnorm: expected an nn.Module, got {type(module).__name__}")
-    return walk(module, lambda m, name: _sync_from(m, process_group, name))
+    return replace_modules(module, lambda m, name: _sync_from(m, process_group, name))
