@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import normmatters as nm
-from normmatters.convert import ConversionReport, NormConversionWarning
+from normmatters.convert import ConversionReport, ForeignLpGatedRMSNorm, NormConversionWarning
 from normmatters.convert.recognise import is_norm_like
 from normmatters.nn import LpGatedRMSNorm, LpLayerNorm, LpRMSNorm
 
@@ -282,17 +282,41 @@ class NormWithResidual(nn.Module):
         return (y, x) if prenorm else y
 
 
-class GateNamedZ(nn.Module):
-    """mamba_ssm's form: ``norm(x, z=None)``."""
+class MambaSsmRMSNormGated(nn.Module):
+    """mamba_ssm's ``layernorm_gated.RMSNorm`` (its reference formula): ``norm(x, z=None)``, ``eps``,
+    ``group_size``, ``norm_before_gate``, a ``bias`` registered as None."""
 
-    def __init__(self, d):
+    def __init__(self, hidden_size, eps=1e-5, group_size=None, norm_before_gate=True):
         super().__init__()
-        self.weight = nn.Parameter(torch.ones(d))
-        self.eps = 1e-6
+        self.eps, self.group_size, self.norm_before_gate = eps, group_size, norm_before_gate
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.register_parameter("bias", None)
 
     def forward(self, x, z=None):
-        y = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
-        return y if z is None else y * F.silu(z)
+        if z is not None and not self.norm_before_gate:
+            x = x * F.silu(z)
+        g = x.unflatten(-1, (-1, self.group_size or x.shape[-1]))
+        y = (g * torch.rsqrt(g.pow(2).mean(-1, keepdim=True) + self.eps)).flatten(-2) * self.weight
+        return y * F.silu(z) if z is not None and self.norm_before_gate else y
+
+
+@pytest.mark.parametrize("before", [True, False])
+def test_a_gate_argument_under_another_name_keeps_its_name(before):
+    torch.manual_seed(0)
+    norm = MambaSsmRMSNormGated(32, group_size=8, norm_before_gate=before)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+    x, z = torch.randn(2, 5, 32), torch.randn(2, 5, 32)
+    two, left = _convert(copy.deepcopy(norm), p=2)
+    assert not left and type(two) is ForeignLpGatedRMSNorm and two.gate_name == "z" and two.group_size == 8
+    _signature_keeps_calls(type(norm), two)
+    for call in (lambda m: m(x, z), lambda m: m(x, z=z), lambda m: m(x)):
+        _same(call(two), call(norm), tol=1e-6)
+    with pytest.raises(TypeError, match="gate"):
+        two(x, gate=z)  # the original would refuse it too
+    one, _ = _convert(copy.deepcopy(norm), p=1)
+    assert float((one(x, z=z) - norm(x, z=z)).abs().max()) > 1e-2
+    assert type(nm.to_torch_norms(two)) is MambaSsmRMSNormGated
 
 
 class NormWithKwargs(nn.Module):
@@ -306,7 +330,7 @@ class NormWithKwargs(nn.Module):
 
 
 @pytest.mark.parametrize("cls, words", [(NormWithResidual, "forward(x, residual=None, prenorm=False)"),
-                                        (GateNamedZ, "named 'z'"), (NormWithKwargs, "**kwargs")])
+                                        (NormWithKwargs, "**kwargs")])
 def test_a_norm_whose_call_the_replacement_cannot_take_is_left_with_its_name(cls, words):
     model = nn.Sequential(nn.Linear(8, 8), cls(8), nn.LayerNorm(8))
     out, left = _convert(model, p=1)

@@ -6,7 +6,7 @@ recognised by what they compute (:mod:`normmatters.convert.recognise`), or regis
 :func:`register_norm`.
 """
 
-from .layers import ForeignLpNorm
+from .layers import ForeignLpGatedRMSNorm, ForeignLpNorm
 from .norms import convert_norms, to_torch_norms
 from .official import from_official_state_dict
 from .report import ConversionReport, ConversionRow
@@ -16,4 +16,4 @@ from .weight_norm import to_weight_normalized
 
 __all__ = ["convert_norms", "to_torch_norms", "convert_sync_lp_batchnorm", "from_official_state_dict",
            "to_weight_normalized", "register_norm", "unregister_norm", "recognise", "NormSpec",
-           "NormConversionWarning", "ForeignLpNorm", "ConversionReport", "ConversionRow"]
+           "NormConversionWarning", "ForeignLpNorm", "ForeignLpGatedRMSNorm", "ConversionReport", "ConversionRow"]

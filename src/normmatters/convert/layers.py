@@ -23,8 +23,9 @@ from torch import Tensor, nn
 from torch.nn import init
 
 from ..functional import lp_layer_norm, lp_rms_norm, normalize_p
+from ..nn import LpGatedRMSNorm
 
-__all__ = ["ForeignLpNorm", "foreign_norm", "remember_original", "original_of", "restore_original",
+__all__ = ["ForeignLpNorm", "ForeignLpGatedRMSNorm", "foreign_norm", "remember_original", "original_of", "restore_original",
            "update_transformer_fast_paths", "move_hooks", "copy_attributes", "reads_eps_of"]
 
 
@@ -128,6 +129,34 @@ class ForeignLpNorm(nn.Module):
         if self.offset:
             s += f", offset={self.offset:g}"
         return s
+
+
+class ForeignLpGatedRMSNorm(LpGatedRMSNorm):
+    """:class:`~normmatters.nn.LpGatedRMSNorm` called as another library's gated norm, whose gate
+    argument has another name (mamba_ssm's ``norm(x, z=None)``): ``forward(input, z)`` and
+    ``forward(input, z=...)`` both work, with ``gate_name="z"``.
+
+    Example::
+
+        >>> norm = ForeignLpGatedRMSNorm(64, 1e-5, gate_name="z", p=1)
+        >>> y = norm(torch.randn(2, 64), z=torch.randn(2, 64))
+    """
+
+    def __init__(self, *args: Any, gate_name: str = "z", **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if not gate_name.isidentifier() or gate_name == "input":
+            raise ValueError(f"ForeignLpGatedRMSNorm: gate_name must name an argument other than input, got {gate_name!r}")
+        self.gate_name = gate_name
+
+    def forward(self, input: Tensor, *args: Tensor | None, **kwargs: Tensor | None) -> Tensor:  # type: ignore[override]
+        if len(args) + len(kwargs) > 1 or (kwargs and set(kwargs) != {self.gate_name}):
+            given = [type(a).__name__ for a in args] + list(kwargs)
+            raise TypeError(f"{type(self).__name__}.forward() takes (input, {self.gate_name}=None), got extra {given}")
+        gate = args[0] if args else kwargs.get(self.gate_name)
+        return super().forward(input, gate)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", gate_name={self.gate_name!r}"
 
 
 # ------------------------------------------------------------------------------------------

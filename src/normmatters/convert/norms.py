@@ -34,6 +34,7 @@ from ..nn import (
     SyncLpBatchNorm,
 )
 from .layers import (
+    ForeignLpGatedRMSNorm,
     ForeignLpNorm,
     copy_attributes,
     move_hooks,
@@ -53,7 +54,7 @@ _KINDS = ("batch", "layer", "group", "rms")
 _LP_TO_TORCH = {LpBatchNorm1d: nn.BatchNorm1d, LpBatchNorm2d: nn.BatchNorm2d, LpBatchNorm3d: nn.BatchNorm3d,
                 SyncLpBatchNorm: nn.SyncBatchNorm, LpLayerNorm: nn.LayerNorm, LpGroupNorm: nn.GroupNorm,
                 LpRMSNorm: nn.RMSNorm}
-_OURS = tuple(_LP_TO_TORCH) + (ForeignLpNorm, LpGatedRMSNorm)
+_OURS = tuple(_LP_TO_TORCH) + (ForeignLpNorm, LpGatedRMSNorm, ForeignLpGatedRMSNorm)
 
 
 def factory_of(module: nn.Module) -> dict[str, Any]:
@@ -361,7 +362,7 @@ def to_torch_norms(model: nn.Module, *, strict: bool = True) -> nn.Module:
                 )
             if original_of(m) is not None:
                 return "convert", "original", ""
-            if t in (ForeignLpNorm, LpGatedRMSNorm):
+            if t in (ForeignLpNorm, LpGatedRMSNorm, ForeignLpGatedRMSNorm):
                 return "left", None, ("no torch layer computes a layer / RMS norm of this form "
                                       "and it keeps no original class")
             return "convert", "torch", ""

@@ -49,7 +49,7 @@ from ..nn import (
     MeanOnlyBatchNorm3d,
     SyncLpBatchNorm,
 )
-from .layers import ForeignLpNorm
+from .layers import ForeignLpGatedRMSNorm, ForeignLpNorm
 
 __all__ = [
     "NormConversionWarning",
@@ -155,6 +155,7 @@ class NormSpec:
         ``"after"`` (``norm(x)·a(gate)``) the norm; ``None``: not gated.
     :ivar activation: the gate's activation, ``"silu"`` or ``"sigmoid"``.
     :ivar group_size: gated RMS norm: σ̂ per group of this many channels (``None``: one group).
+    :ivar gate_name: the name of the gate argument of its ``forward``.
     :ivar exact: the module is one of the classes the converters know (no probe was needed).
     """
 
@@ -176,6 +177,7 @@ class NormSpec:
     gate: str | None = None
     activation: str = "silu"
     group_size: int | None = None
+    gate_name: str = "gate"
     exact: bool = False
 
     @property
@@ -259,11 +261,12 @@ def exact_spec(module: nn.Module) -> NormSpec | None:
         if t is LpRMSNorm:
             spec.p, spec.k, spec.constant = float(module.p), module.k, module.constant
         return spec
-    if t is LpGatedRMSNorm:
+    if t in (LpGatedRMSNorm, ForeignLpGatedRMSNorm):
         return NormSpec("rms", tuple(module.normalized_shape), module.eps, p=float(module.p), k=module.k,
                         constant=module.constant, weight="weight" if module.weight is not None else None,
                         bias=None, gate="after" if module.norm_before_gate else "before",
-                        activation=module.activation, group_size=module.group_size, exact=True)
+                        activation=module.activation, group_size=module.group_size,
+                        gate_name=getattr(module, "gate_name", "gate"), exact=True)
     if t is ForeignLpNorm:
         return NormSpec(module.kind, tuple(module.normalized_shape), module.eps, p=float(module.p),
                         k=module.k, constant=module.constant, axis=module.axis, offset=module.offset,
@@ -290,8 +293,10 @@ def build(spec: NormSpec, *, p: float | None = None, k: int | None = None, const
         return cls(spec.shape[0], spec.eps, spec.momentum, affine, spec.track_running_stats,
                    bias=spec.bias is not None or not affine, **fk, **lp, **opts)
     if spec.gate is not None:
-        return LpGatedRMSNorm(spec.shape[0], spec.eps, affine, group_size=spec.group_size,
-                              norm_before_gate=spec.gate == "after", activation=spec.activation, **fk, **lp)
+        gated = {"group_size": spec.group_size, "norm_before_gate": spec.gate == "after", "activation": spec.activation}
+        if spec.gate_name != "gate":
+            return ForeignLpGatedRMSNorm(spec.shape[0], spec.eps, affine, gate_name=spec.gate_name, **gated, **fk, **lp)
+        return LpGatedRMSNorm(spec.shape[0], spec.eps, affine, **gated, **fk, **lp)
     if spec.kind == "group":
         return LpGroupNorm(spec.num_groups, spec.shape[0], spec.eps, affine,
                            bias=spec.bias is not None or not affine, **fk, **lp)
@@ -489,9 +494,6 @@ def _candidates(module: nn.Module, gated: bool) -> list[NormSpec] | str:
     if gate_name is not None and not gated:
         return f"it takes a second argument {gate_name!r} (a gated norm, norm(x, {gate_name})); only " \
                "convert_norms builds gated norms"
-    if gate_name is not None and gate_name != "gate":
-        return f"its gate argument is named {gate_name!r}; LpGatedRMSNorm's is 'gate', and a caller passing " \
-               f"{gate_name}=... could not call the replacement"
     frozen = [n for n in _WEIGHT_NAMES + _BIAS_NAMES if module._buffers.get(n) is not None]
     if frozen:
         return f"its {'/'.join(frozen)} are buffers, not parameters (a frozen norm: unfreeze it first)"
@@ -548,7 +550,8 @@ def _candidates(module: nn.Module, gated: bool) -> list[NormSpec] | str:
         if isinstance(options, str):
             return options
         places, acts, groups = options
-        return [NormSpec("rms", shape, e, weight=weight, bias=None, gate=place, activation=act, group_size=gs)
+        return [NormSpec("rms", shape, e, weight=weight, bias=None, gate=place, activation=act, group_size=gs,
+                         gate_name=gate_name)
                 for e in epss for place in places for act in acts for gs in groups]
     kinds = ["rms", "layer"] if isinstance(module, (nn.RMSNorm, LpRMSNorm)) else ["layer", "rms"]
     out = []
