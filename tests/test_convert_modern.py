@@ -387,6 +387,10 @@ def test_parameter_free_norms_that_cannot_be_converted_are_named_in_the_error():
         with warnings.catch_warnings(record=True):
             warnings.simplefilter("always")
             nm.convert_norms(nn.Sequential(nn.Linear(4, 4), ShapelessNorm()), p=1)
+    with pytest.raises(ValueError) as info, warnings.catch_warnings():
+        warnings.simplefilter("ignore", NormConversionWarning)
+        nm.convert_norms(nn.Sequential(*[ShapelessNorm() for _ in range(7)]), p=1, report=True)
+    assert "and 2 more" in str(info.value) and len(info.value.report.left) == 7
     _, left = _convert(nn.Sequential(ShapelessNorm(), nn.LayerNorm(4)), p=1)
     assert len(left) == 1 and "(ShapelessNorm)" in left[0] and "normalized_shape" in left[0]
 

@@ -225,7 +225,8 @@ def convert_norms(
     Raises:
         ValueError: bad ``p`` / ``k`` / ``kinds``; ``k`` larger than the normalized size of a
             layer or RMS norm (naming the layers, their sizes and k); or a model with no norm
-            layer to convert (naming the modules left).
+            layer to convert (naming the modules left; with ``report=True`` the error's
+            ``report`` attribute holds the report).
 
     Example::
 
@@ -319,8 +320,13 @@ def convert_norms(
     update_transformer_fast_paths(out_model)
     if not new:
         left = [", ".join(pl.paths) + f" ({type(pl.module).__name__})" for pl in plans.values() if pl.action == "left"]
-        why = f" (left: {'; '.join(left)}; see the warnings)" if left else ""
-        raise ValueError(f"{where}: {type(model).__name__} has no {'/'.join(kinds)} norm layer to convert{why}")
+        shown = "; ".join(left[:5]) + (f"; and {len(left) - 5} more" if len(left) > 5 else "")
+        why = f" (left: {shown}; see the warnings" + ("; the error's .report lists them all)" if report else ")") \
+            if left else ""
+        error = ValueError(f"{where}: {type(model).__name__} has no {'/'.join(kinds)} norm layer to convert{why}")
+        if report:
+            error.report = _report(plans, new, others, start)  # type: ignore[attr-defined]
+        raise error
     if report:
         return out_model, _report(plans, new, others, start)
     return out_model
