@@ -754,6 +754,17 @@ def _probe_key(module: nn.Module, gated: bool) -> Any:
 
 
 def _recognise_by_probe(module: nn.Module, gated: bool) -> NormSpec | str:
+    # The probe's tensors are tiny: one thread avoids waking the intra-op pool for each call
+    # (on a loaded machine that costs milliseconds per call).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _probe_candidates(module, gated)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _probe_candidates(module: nn.Module, gated: bool) -> NormSpec | str:
     cands = _candidates(module, gated)
     if isinstance(cands, str):
         return cands
