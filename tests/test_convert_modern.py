@@ -369,6 +369,10 @@ def test_olmo_layer_norms_without_parameters_are_converted():
     assert float((_run(one, args) - ref).abs().max()) > 1e-3
     back = nm.to_torch_norms(lp)
     assert type(back.model.norm).__name__ == "OlmoLayerNorm"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", NormConversionWarning)
+        frozen = nm.freeze_norms(copy.deepcopy(model))  # the other converters know them too
+    _same(_run(frozen, args), ref)
 
 
 class ShapelessNorm(nn.Module):
@@ -415,6 +419,7 @@ def test_hooks_move_to_the_replacement_and_recognition_never_runs_them():
         norm.register_forward_hook(lambda m, a, out: calls.append("always"), always_call=True),
         norm.register_state_dict_post_hook(lambda m, sd, prefix, meta: calls.append("state")),
         norm.register_load_state_dict_post_hook(lambda m, keys: calls.append("load")),
+        norm.register_full_backward_hook(lambda m, gi, go: calls.append("bwd")),
     ]
     x = torch.randn(3, 8)
     y = model(x)
@@ -428,11 +433,34 @@ def test_hooks_move_to_the_replacement_and_recognition_never_runs_them():
     sd = out.state_dict()
     out.load_state_dict(sd)
     assert calls == ["state", "load"]
+    calls.clear()
+    out(x.requires_grad_()).sum().backward()
+    assert "bwd" in calls
     for h in handles:  # the user's handles remove them from the replacement
         h.remove()
     calls.clear()
     out(x), out.state_dict()
     assert calls == []
+
+
+class PrivateScaleRMS(nn.Module):
+    """Its formula depends on a private attribute: instances that differ in it are not alike."""
+
+    def __init__(self, d, scale):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(d))
+        self.eps = 1e-6
+        self._scale = scale
+
+    def forward(self, x):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight * self._scale
+
+
+def test_recognition_is_remembered_only_for_modules_alike_in_every_attribute():
+    model = nn.Sequential(PrivateScaleRMS(8, 1.0), PrivateScaleRMS(8, 1.0), PrivateScaleRMS(8, 3.0))
+    out, left = _convert(model, p=1)
+    assert isinstance(out[0], LpRMSNorm) and isinstance(out[1], LpRMSNorm)
+    assert len(left) == 1 and "'2' (PrivateScaleRMS)" in left[0]
 
 
 def test_a_hook_holding_the_model_is_not_copied():
@@ -449,7 +477,7 @@ def test_to_torch_norms_moves_hooks_back():
     model = nn.Sequential(nn.LayerNorm(4))
     model[0].register_forward_hook(lambda m, a, o: calls.append(type(m).__name__))
     back = nm.to_torch_norms(nm.convert_norms(model, p=2))
-    assert calls == []
+    assert calls == [] and not hasattr(back[0], "p")  # nothing of the Lp layer left on it
     back(torch.randn(2, 4))
     assert calls == ["LayerNorm"]
 

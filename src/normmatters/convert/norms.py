@@ -397,7 +397,6 @@ def to_torch_norms(model: nn.Module, *, strict: bool = True) -> nn.Module:
             out = plan.spec.to_torch(m)
         if out is not m:
             move_hooks(holder, out)
-            copy_attributes(m, out)
         else:
             move_hooks(holder, m)
         new[key] = out

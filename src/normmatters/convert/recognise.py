@@ -728,6 +728,9 @@ def recognise(module: nn.Module, *, gated: bool = False) -> NormSpec | str | Non
 # RMS norms of one class and configuration).
 _PROBED: dict[Any, NormSpec | str] = {}
 _KEY_TYPES = (int, float, str, bool, type(None))
+# nn.Module's own bookkeeping (hooks, registries, the training flag) and the converters' notes;
+# every other attribute, private ones included, may change what a forward computes.
+_MODULE_INTERNALS = frozenset(nn.Module().__dict__) | {"_normmatters_original", "_normmatters_fast_path"}
 
 
 def _probe_key(module: nn.Module, gated: bool) -> Any:
@@ -735,7 +738,7 @@ def _probe_key(module: nn.Module, gated: bool) -> Any:
     module holds attributes of other types (then it is probed every time)."""
     items = []
     for name, value in module.__dict__.items():
-        if name.startswith("_") or name == "training":
+        if name in _MODULE_INTERNALS:
             continue
         if isinstance(value, _KEY_TYPES) or (isinstance(value, (tuple, torch.Size))
                                              and all(isinstance(v, _KEY_TYPES) for v in value)):
