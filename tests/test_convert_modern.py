@@ -687,3 +687,43 @@ def test_report_lists_each_norm_what_it_became_or_why_it_was_left():
     _, kept = nm.convert_norms(nn.Sequential(nn.LayerNorm(4), nn.BatchNorm1d(4)), p=1, kinds=("layer",),
                                report=True)
     assert [r.outcome for r in kept.rows] == ["converted", "kept"]
+
+
+# ------------------------------------------------------------------------------------------
+# LpGatedRMSNorm itself
+# ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("p", [1, 2, "inf"])
+def test_gated_norm_without_a_gate_is_a_grouped_rms_norm(p):
+    torch.manual_seed(0)
+    norm = LpGatedRMSNorm(12, 1e-5, group_size=4, p=p)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+    x = torch.randn(3, 12)
+    ref = LpRMSNorm(4, 1e-5, elementwise_affine=False, p=p)(x.unflatten(-1, (3, 4))).flatten(-2) * norm.weight
+    _same(norm(x), ref, tol=1e-6)
+    g = torch.randn(3, 12)
+    after = LpGatedRMSNorm(12, 1e-5, group_size=4, p=p, norm_before_gate=True)
+    after.load_state_dict(norm.state_dict())
+    _same(after(x, g), ref * F.silu(g), tol=1e-6)
+    before = LpGatedRMSNorm(12, 1e-5, group_size=4, p=p, norm_before_gate=False, activation="sigmoid")
+    before.load_state_dict(norm.state_dict())
+    _same(before(x, g), norm(x * torch.sigmoid(g)), tol=1e-6)
+
+
+def test_gated_norm_half_precision_is_computed_in_float32_and_its_errors_name_it():
+    norm = LpGatedRMSNorm(8, p=1)
+    x, g = torch.randn(2, 8), torch.randn(2, 8)
+    y = norm(x.bfloat16(), g.bfloat16())
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), norm(x.bfloat16().float(), g.bfloat16().float()), rtol=1e-2, atol=1e-2)
+    with pytest.raises(ValueError, match="LpGatedRMSNorm: group_size=3 must divide normalized_shape=8"):
+        LpGatedRMSNorm(8, group_size=3)
+    with pytest.raises(ValueError, match="LpGatedRMSNorm: k=5 is larger than the 4 values"):
+        LpGatedRMSNorm(8, group_size=4, p="inf", k=5)
+    with pytest.raises(ValueError, match="activation"):
+        LpGatedRMSNorm(8, activation="gelu")
+    with pytest.raises(ValueError, match=r"last dimension is 8, got input of shape \[2, 6\]"):
+        norm(torch.randn(2, 6))
+    assert "group_size" not in repr(norm) and "p=1" in repr(norm)

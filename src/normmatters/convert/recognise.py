@@ -11,13 +11,21 @@ the names of its scale and shift parameters and whether the scale is stored as a
 
 * torch's own classes (``nn.BatchNorm{1,2,3}d``, ``nn.LayerNorm``, ``nn.GroupNorm``, ``nn.RMSNorm``)
   and normmatters' Lp layers are known by their exact class;
-* every other *norm-like* module — a subclass of those, or a module without children that hold
-  state, with its own weight / bias / running statistics and an ``eps``-like attribute
-  (``eps``, ``variance_epsilon``, ``epsilon``) — is probed: a copy in float64 with seeded random
-  parameters runs on seeded random inputs (at scale 1, and at scale √eps where the placement of
-  eps matters), in training and in evaluation mode, and its outputs (and, for batch norms, its
-  updated running statistics) are compared with those of each formula it could compute. It is
-  recognised only on agreement within ``1e-4 · max(1, max|y|)``;
+* convolutions (weight-standardized ones too), linear layers, embeddings, recurrent layers and
+  attention are never norms and are passed over before any probe (:func:`is_norm_like`);
+* every other *norm-like* module — a subclass of a norm class, or a module without children that
+  hold state, with per-channel tensors (or none, and a ``normalized_shape``: a norm without
+  parameters) and an ``eps``-like attribute (``eps``, ``variance_epsilon``, ``epsilon``) or ``Norm``
+  in its class name — is probed: its ``forward``'s signature says how it is called (one tensor, or
+  a tensor and a gate: ``norm(x, gate)``; anything more cannot be replaced), then a float64 copy
+  with seeded random parameters and no hooks runs its ``forward`` (never ``__call__``: user hooks do
+  not run) on seeded random inputs (at scale 1, and at scale √eps where the placement of eps
+  matters), in training and in evaluation mode, and its outputs (and, for batch norms, its updated
+  running statistics) are compared with those of each formula it could compute. It is recognised
+  only on agreement within ``1e-4 · max(1, max|y|)``; otherwise the reason quotes the closest
+  formula. An eps kept in code rather than an attribute (OLMo's layer norm) is found among common
+  values by the same probe. The outcome is remembered for modules alike in class, attributes and
+  tensor shapes (the probe sets the values), so a deep model pays for one probe per kind of norm;
 * classes registered with :func:`register_norm` are converted by the functions given there.
 """
 
