@@ -545,6 +545,9 @@ def test_zamba2_shared_transformer_keeps_its_tied_norm_weights(p):
     layers = [layer.shared_transformer for layer in out.model.layers if hasattr(layer, "shared_transformer")]
     assert isinstance(layers[0].input_layernorm, LpRMSNorm)
     assert layers[0].input_layernorm.weight is layers[1].input_layernorm.weight
+    if p == 2:
+        back = nm.to_torch_norms(out)
+        assert _ties(back) == ties and [type(m) for m in back.modules()] == [type(m) for m in model.modules()]
 
 
 def test_the_sync_converter_keeps_shared_batch_norms_shared_and_their_hooks():

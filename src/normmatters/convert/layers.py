@@ -200,6 +200,13 @@ def restore_original(module: nn.Module) -> nn.Module:
     if ref is not None:
         new = new.to(dtype=ref.dtype)
     new.load_state_dict(module.state_dict(), strict=True)
+    # The tensors themselves go back where they fit, as they came (ties and optimizers survive).
+    for registry, theirs in ((new._parameters, module._parameters), (new._buffers, module._buffers)):
+        for name, t in list(registry.items()):
+            src = theirs.get(name)
+            if t is not None and src is not None and src.shape == t.shape and src.dtype == t.dtype \
+                    and src.device == t.device and isinstance(src, nn.Parameter) == isinstance(t, nn.Parameter):
+                registry[name] = src
     for name, p in new.named_parameters():
         src = dict(module.named_parameters()).get(name)
         if src is not None:
