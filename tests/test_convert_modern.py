@@ -266,6 +266,13 @@ def test_hybrid_models_with_gated_norms(name):
     assert not left and float((_run(one, args) - ref).abs().max()) > 1e-3
     gated = [m for m in one.modules() if isinstance(m, LpGatedRMSNorm)]
     assert gated and all(m.p == 1 for m in gated)
+    one.load_state_dict(model.state_dict(), strict=True)  # checkpoints load both ways
+    model.load_state_dict(one.state_dict(), strict=True)
+    one.train()
+    loss = _first(one(*args)).float().pow(2).mean()
+    loss.backward()
+    grads = [q.grad for m in gated for q in m.parameters()]
+    assert all(g is not None and bool(torch.isfinite(g).all()) for g in grads) and any(float(g.abs().sum()) > 0 for g in grads)
 
 
 class NormWithResidual(nn.Module):
