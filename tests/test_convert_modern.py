@@ -173,7 +173,7 @@ def test_gated_norms_of_transformers_convert_with_their_gate(name):
     _same(back(x, g), norm(x, g), tol=0)
 
 
-def test_mamba2_p2_is_the_original_and_keeps_the_mixers_call():
+def test_mamba2_p2_is_the_original_and_keeps_the_mixers_call(monkeypatch):
     model, args = _model("mamba2")
     ref_eval, ref_train = _run(model, args), _run(model, args, training=True)
     lp, left = _convert(copy.deepcopy(model), p=2)
@@ -186,8 +186,17 @@ def test_mamba2_p2_is_the_original_and_keeps_the_mixers_call():
     # the attributes the mixer reads for its fused kernel keep their meaning at p=2
     mixer = lp.backbone.layers[0].mixer
     assert mixer.norm.variance_epsilon == model.backbone.layers[0].mixer.norm.variance_epsilon
-    assert mixer.norm.weight is dict(mixer.norm.named_parameters())["weight"]
     assert lp.state_dict().keys() == model.state_dict().keys()
+    # What the mixer's fused training kernel would be handed (it returns None on CPU: the mixer
+    # then calls its norm): the replacement's own weight and the original's eps.
+    import transformers.models.mamba2.modeling_mamba2 as mamba2
+
+    seen = []
+    monkeypatch.setattr(mamba2, "mamba2_split_conv1d_scan_combined",
+                        lambda *a, rmsnorm_weight=None, rmsnorm_eps=None, **k: seen.append((rmsnorm_weight, rmsnorm_eps)))
+    _run(lp, args, training=True)
+    assert [(w is layer.mixer.norm.weight, e) for (w, e), layer in zip(seen, lp.backbone.layers)] == \
+        [(True, model.backbone.layers[0].mixer.norm.variance_epsilon)] * 2
 
 
 def test_mamba2_gated_norms_are_left_at_p1_because_the_mixer_reads_their_eps():
@@ -737,3 +746,17 @@ def test_gated_norm_half_precision_is_computed_in_float32_and_its_errors_name_it
     with pytest.raises(ValueError, match=r"last dimension is 8, got input of shape \[2, 6\]"):
         norm(torch.randn(2, 6))
     assert "group_size" not in repr(norm) and "p=1" in repr(norm)
+
+
+def test_a_32_layer_llama_costs_one_probe_per_kind_of_norm(monkeypatch):
+    probed = []
+    real = rec._disagreement
+    monkeypatch.setattr(rec, "_disagreement", lambda m, *a, **k: (probed.append(type(m).__name__), real(m, *a, **k))[1])
+    rec._PROBED.clear()
+    cfg = T.LlamaConfig(vocab_size=99, hidden_size=16, intermediate_size=16, num_hidden_layers=32,
+                        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32)
+    torch.manual_seed(0)
+    model = T.LlamaForCausalLM(cfg)
+    out, report = nm.convert_norms(model, p=1, report=True)
+    assert len(report.converted) == 65 and report.skipped > 300
+    assert probed == ["LlamaRMSNorm"] * 2  # the layer-norm candidate, then the RMS norm: for all 65
