@@ -759,4 +759,6 @@ def test_a_32_layer_llama_costs_one_probe_per_kind_of_norm(monkeypatch):
     model = T.LlamaForCausalLM(cfg)
     out, report = nm.convert_norms(model, p=1, report=True)
     assert len(report.converted) == 65 and report.skipped > 300
-    assert probed == ["LlamaRMSNorm"] * 2  # the layer-norm candidate, then the RMS norm: for all 65
+    # the candidates of one configuration (layer norm, with and without an offset, then RMS norm),
+    # once for all 65 norms
+    assert set(probed) == {"LlamaRMSNorm"} and len(probed) <= 4
