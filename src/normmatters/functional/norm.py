@@ -52,7 +52,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .constants import lp_constant, parse_norm_options
+from .constants import C_L1, lp_constant, parse_norm_options, traced_constant
 
 __all__ = [
     "lp_dispersion",
@@ -86,17 +86,29 @@ FLOAT_TYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _FLOAT_TYPES = FLOAT_TYPES
 
 
-def _constant(p: float, k: int | None, n: int, constant: str) -> float:
-    # A Python float computed once per shape, which torch.compile must fold in as a constant.
+def _constant(p: float, k: int | None, n, constant: str,
+              device: torch.device | None = None) -> float | Tensor:
+    """The constant of a dispersion over n values: a Python float in eager mode (cached per n) and
+    wherever it does not depend on n (L1, L2, ``"none"``); while compiling or exporting, for L∞ and
+    Top(k), a 0-d tensor computed in the graph (:func:`traced_constant`), so that n may be
+    symbolic (dynamic shapes, a dynamic batch in ``torch.export``): never a Python float of a
+    symbolic size. (Dynamo shows a symbolic size to Python as an ``int``, so under torch.compile
+    the choice is made by mode, not by type; with static sizes inductor folds the expression.)"""
+    if p == 2.0 or constant == "none":
+        return 1.0
+    if p == 1.0:
+        return C_L1
+    if _dynamo_compiling() or not isinstance(n, int):
+        return traced_constant(p, k, n, constant, device)
     return lp_constant(p, k, n, constant)
 
 
-# What torch.compiler.assume_constant_result(_constant) does, without importing torch._dynamo at
-# import time (about 3 s per process, paid again by every worker torchrun starts). A test compiles
-# a model with fullgraph=True, so a change in torch's mechanism fails loudly.
-_constant._dynamo_marked_constant = True  # type: ignore[attr-defined]
+# Under dynamo a symbolic size looks like an int to Python; elsewhere (eager, non-strict export)
+# isinstance tells a symbolic size from a concrete one.
+_dynamo_compiling = getattr(torch.compiler, "is_dynamo_compiling", torch.compiler.is_compiling)
 
-#: The constant of a dispersion over n values, as a Python float (torch.compile folds it).
+
+#: The constant of a dispersion over n values (see :func:`_constant`).
 dispersion_constant = _constant
 
 
@@ -330,7 +342,7 @@ def lp_dispersion(
         n *= d.shape[i]
     if p == 2.0:
         return d.pow(2).mean(dims, keepdim=keepdim, dtype=_sum_dtype(d)).sqrt().to(d.dtype)
-    c = _constant(p, k, n, constant)
+    c = _constant(p, k, n, constant, d.device)
     if p == 1.0:
         s = d.abs().mean(dims, keepdim=keepdim, dtype=_sum_dtype(d)).to(d.dtype)
     else:
@@ -374,7 +386,9 @@ def update_running(
     if running_mean is not None:
         running_mean.mul_(1.0 - momentum).add_(mean.detach().flatten().to(running_mean.dtype), alpha=momentum)
     if running_var is not None:
-        unbiased = sigma.detach().flatten().to(running_var.dtype).pow(2) * (n / max(n - 1, 1))
+        # n may be symbolic (dynamic shapes): n / (n − 1) stays a symbolic expression.
+        bessel = n / (n - 1) if n > 1 else 1.0
+        unbiased = sigma.detach().flatten().to(running_var.dtype).pow(2) * bessel
         running_var.mul_(1.0 - momentum).add_(unbiased, alpha=momentum)
 
 

@@ -41,6 +41,7 @@ from types import ModuleType
 import torch
 from torch import Tensor
 
+from ..functional.constants import lp_constant
 from ..functional.norm import (
     closed_form_grad,
     closed_form_sums,
@@ -53,7 +54,8 @@ from .enums import Affine, Layout, Mode
 
 __all__ = ["batch_norm", "batch_norm_eval", "layer_norm", "group_norm", "rms_norm", "MAX_K",
            "prepare_input", "backend_for", "register_backend", "lp_norm_fwd", "lp_norm_bwd",
-           "eager_op", "eager_norm", "eager_bn_eval", "compiled_cpu_ops"]
+           "eager_op", "eager_norm", "eager_bn_eval", "compiled_cpu_ops", "RUNTIME_CONSTANT",
+           "resolve_constant"]
 
 #: Largest k the fused Top(k) kernels take; larger k (rare) runs the reference.
 MAX_K = 64
@@ -100,11 +102,26 @@ def prepare_input(x3: Tensor) -> tuple[Tensor, Layout]:
     return x3.contiguous(), NCS
 
 
+#: ``constant`` values that compiled graphs pass for L∞ / Top(k): the op computes C for the n of
+#: its call at run time (a graph traced with symbolic sizes has no Python float for C_k(n)).
+RUNTIME_CONSTANT = {"calibrated": -1.0, "paper": -2.0}
+_RUNTIME_NAMES = {1: "calibrated", 2: "paper"}
+
+
+def resolve_constant(constant: float, k: int, n) -> float | Tensor:
+    """The constant for a call over n values: ``constant`` itself, or for a run-time constant
+    (:data:`RUNTIME_CONSTANT`) C_k(n) of this n (a traced tensor if n is symbolic)."""
+    if constant >= 0:
+        return constant
+    return dispersion_constant(math.inf, k, n, _RUNTIME_NAMES[2 if constant < -1.5 else 1])
+
+
 def _fwd_impl(x: Tensor, weight: Tensor | None, bias: Tensor | None, layout: int, mode: int,
               k: int, constant: float, eps: float, center: bool, affine: int = Affine.CHANNEL,
               running_mean: Tensor | None = None, running_var: Tensor | None = None,
               momentum: float = 0.0) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     x = _fix_layout(x, layout)
+    constant = resolve_constant(constant, k, x.shape[0] * x.shape[2])
     impl = _BACKENDS[x.device.type]
     if running_mean is None and running_var is None:
         if affine == Affine.POSITION:
@@ -135,6 +152,7 @@ def _bwd_impl(grad: Tensor, x: Tensor, weight: Tensor | None, mean: Tensor, inv:
               ) -> tuple[Tensor, Tensor, Tensor]:
     x = _fix_layout(x, layout)
     grad = _fix_layout(grad, layout)
+    constant = resolve_constant(constant, k, x.shape[0] * x.shape[2])
     impl = _BACKENDS[x.device.type]
     args = (grad, x, layout, weight, mean, inv, mode, k, constant, center, need_input, need_affine)
     dx, dw, db = impl.backward(*args) if affine != Affine.POSITION else impl.backward(*args, affine)
@@ -182,6 +200,7 @@ def _double_backward_grads(x: Tensor, weight: Tensor | None, grad_y: Tensor, lay
     g = grad_y.to(stat)
     dims = (0, 2)
     n = xs.shape[0] * xs.shape[2]
+    constant = resolve_constant(constant, k, n)
     mean = xs.mean(dims, keepdim=True) if center else torch.zeros_like(xs[:1, :, :1])
     d = xs - mean
     if mode == Mode.L1:
@@ -515,3 +534,14 @@ _LIB.define("closed_form_grads(Tensor x, Tensor? weight, Tensor grad, int layout
 
 
 _LIB.impl("closed_form_grads", _double_backward_grads, "CompositeImplicitAutograd")
+
+# The run-time constant of the compiled graphs' C++ operators (see RUNTIME_CONSTANT): which 1 is
+# the calibrated C_k(n), 2 the paper's formula; cached by functional.constants and in C++.
+_LIB.define("runtime_constant(int n, int k, int which) -> float")
+
+
+def _runtime_constant(n: int, k: int, which: int) -> float:
+    return float(lp_constant(math.inf, k, n, _RUNTIME_NAMES[which]))
+
+
+_LIB.impl("runtime_constant", _runtime_constant, "CompositeExplicitAutograd")

@@ -20,6 +20,7 @@ Every decision is a dictionary lookup after the first call of a combination.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import threading
 from collections.abc import Iterator, Sequence
@@ -132,8 +133,12 @@ def _exporting() -> bool:
 _constants: dict[tuple[float, int | None, int, str], float] = {}
 
 
-def _constant(p: float, k: int | None, n: int, constant: str) -> float:
+def _constant(p: float, k: int | None, n, constant: str) -> float:
     if torch.compiler.is_compiling():
+        # While compiling, n may be symbolic: L∞ / Top(k) constants are left to the operator,
+        # which computes C_k(n) for the n of each call (autograd.RUNTIME_CONSTANT).
+        if p == math.inf and constant in autograd.RUNTIME_CONSTANT:
+            return autograd.RUNTIME_CONSTANT[constant]
         return fn.dispersion_constant(p, k, n, constant)
     key = (p, k, n, constant)
     c = _constants.get(key)
@@ -142,9 +147,15 @@ def _constant(p: float, k: int | None, n: int, constant: str) -> float:
     return c
 
 
+# torch.func transforms (vmap, grad, jacrev, per-sample gradients) run the reference path for that
+# call only: the fused operators' autograd nodes do not support them, and a transformed call is no
+# failure of the kernels (the fast path stays on for every other call).
+_transforms_active = getattr(torch._C, "_are_functorch_transforms_active", lambda: False)
+
+
 def _fused(input: Tensor, layout: int, vectors: Sequence[Tensor | None]) -> bool:
     """Whether a fused backend may take this call (see the module docstring)."""
-    if _backend() != "auto" or _exporting():
+    if _backend() != "auto" or _exporting() or _transforms_active():
         return False
     dev = input.device
     if not fused_available(dev.type, input.dtype):
@@ -178,11 +189,14 @@ def batch_norm(input: Tensor, running_mean: Tensor | None, running_var: Tensor |
             if ((ghost_batch_size is None or input.shape[0] <= ghost_batch_size)
                     and (k is None or k <= autograd.MAX_K)):
                 layout = _layout_of(input)
-                if _fused(input, layout, (weight, bias, running_mean, running_var)):
-                    n = input.numel() // input.shape[1]
+                n = input.numel() // input.shape[1]
+                # k > n: the reference path raises the error; a constant of a symbolic n (a
+                # tensor in the graph): the traced reference path.
+                c = _constant(p, k, n, constant) if k is None or k <= n else None
+                if isinstance(c, float) and _fused(input, layout, (weight, bias, running_mean, running_var)):
                     try:
                         return autograd.batch_norm(input, running_mean, running_var, weight, bias,
-                                                   momentum, eps, p, k, _constant(p, k, n, constant))
+                                                   momentum, eps, p, k, c)
                     except Exception as exc:  # noqa: BLE001 - any failure: the reference path
                         _failed(input, layout, exc)
         elif running_mean is not None and running_var is not None:
@@ -223,11 +237,11 @@ def layer_norm(input: Tensor, normalized_shape: tuple[int, ...], weight: Tensor 
 def group_norm(input: Tensor, num_groups: int, weight: Tensor | None, bias: Tensor | None,
                eps: float, p: float, k: int | None, constant: str) -> Tensor:
     """Group norm on checked arguments (those of :func:`normmatters.functional.lp_group_norm`)."""
-    if eps > 0 and input.dim() >= 2 and _rows_ok(input, p, k, (weight, bias)):
-        n = input[0].numel() // num_groups
+    n = input[0].numel() // num_groups if input.dim() >= 2 else 0
+    c = _constant(p, k, n, constant) if n >= 1 and (k is None or k <= n) else None
+    if eps > 0 and isinstance(c, float) and _rows_ok(input, p, k, (weight, bias)):
         try:
-            return autograd.group_norm(input, num_groups, weight, bias, eps, p, k,
-                                       _constant(p, k, n, constant))
+            return autograd.group_norm(input, num_groups, weight, bias, eps, p, k, c)
         except Exception as exc:  # noqa: BLE001
             _failed(input, Layout.NCS, exc)
     return fn.reference_group_norm(input, num_groups, weight, bias, eps, p, k, constant)
@@ -283,7 +297,7 @@ def eager_ready(input: Tensor, layout: int) -> bool:
     tensor of a dtype they serve, the ``"auto"`` backend, not compiling or exporting, and the
     self-check's trust for this dtype and layout (cached until a verdict changes)."""
     if not input.is_cpu or _backend() != "auto" or _is_compiling() or _is_exporting() \
-            or not input.numel():
+            or not input.numel() or _transforms_active():
         return False
     key = (input.dtype, layout)
     if _ready.get(key) == selfcheck.generation and autograd.backend_for(_CPU) is cpu \

@@ -31,6 +31,9 @@
 
 #include <array>
 #include <cstdint>
+#include <map>
+#include <mutex>
+#include <tuple>
 #include <stdexcept>
 #include <string>
 
@@ -144,6 +147,30 @@ Tensor fix_layout(const Tensor& g, int layout) {
   return g.transpose(1, 2).contiguous().transpose(1, 2);
 }
 
+// A constant left to run time: graphs that torch.compile traces with symbolic sizes pass
+// constant = -1 (the calibrated C_k(n)) or -2 (the paper's formula) for L∞ / Top(k), and the value
+// for this call's n (= N·S) comes from normmatters::runtime_constant (functional.constants through
+// Python, cached here per (n, k, which)). Eager calls pass the value itself.
+double resolve_constant(double constant, int64_t k, int64_t n) {
+  if (constant >= 0) return constant;
+  static std::mutex mu;
+  static std::map<std::tuple<int64_t, int64_t, int64_t>, double> cache;
+  const int64_t which = constant < -1.5 ? 2 : 1;
+  const auto key = std::make_tuple(n, k, which);
+  {
+    std::lock_guard<std::mutex> guard(mu);
+    auto it = cache.find(key);
+    if (it != cache.end()) return it->second;
+  }
+  static auto op = c10::Dispatcher::singleton()
+      .findSchemaOrThrow("normmatters::runtime_constant", "")
+      .typed<double(int64_t, int64_t, int64_t)>();
+  const double c = op.call(n, k, which);
+  std::lock_guard<std::mutex> guard(mu);
+  cache[key] = c;
+  return c;
+}
+
 // One forward kernel call on the dense [N, C, S] x3 in `layout`, writing y and the three statistics
 // (mean, 1/(σ̂ + eps), σ̂) at the given addresses; rm / rv (may be undefined) updated in place with
 // the Bessel factor n/(n − 1).
@@ -152,6 +179,7 @@ void call_forward(const Tensor& x3, const Tensor& y, int layout, int affine, boo
                   double eps, void* mean, void* inv, void* sigma, const Tensor& rm, const Tensor& rv,
                   double momentum) {
   const int64_t N = x3.size(0), C = x3.size(1), S = x3.size(2), n = N * S;
+  constant = resolve_constant(constant, k, n);
   const int rc = kernels_for(x3).fwd(dtype_code(x3.scalar_type()), layout, x3.data_ptr(),
                                      y.data_ptr(), N, C, S, ptr(w), ptr(b), affine, (int)mode,
                                      (int)k, constant, eps, center ? 1 : 0, mean, inv, sigma,
@@ -167,6 +195,7 @@ void call_forward(const Tensor& x3, const Tensor& y, int layout, int affine, boo
 void call_backward(const Tensor& g3, const Tensor& x3, const Tensor& dx, int layout, int affine,
                    bool center, const Tensor& w, const void* mean, const void* inv, int64_t mode,
                    int64_t k, double constant, const Tensor& dw, const Tensor& db) {
+  constant = resolve_constant(constant, k, x3.size(0) * x3.size(2));
   const int rc = kernels_for(x3).bwd(dtype_code(x3.scalar_type()), layout, g3.data_ptr(),
                                      x3.data_ptr(), mptr(dx), x3.size(0), x3.size(1), x3.size(2),
                                      ptr(w), affine, mean, inv, (int)mode, (int)k, constant,
