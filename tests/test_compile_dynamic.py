@@ -220,3 +220,32 @@ def test_vmap_over_evaluation_batch_norm_matches_a_loop():
     x = torch.randn(3, 2, 4, 5, 5)
     out = vmap(bn)(x)
     torch.testing.assert_close(out, torch.stack([bn(xi) for xi in x]))
+
+
+def test_autocast_bf16_fullgraph_with_changing_batch():
+    torch._dynamo.reset()
+    counters.clear()
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nm.LpBatchNorm2d(8, p=INF, k=3), nn.ReLU(),
+                        nm.LpGroupNorm(2, 8, p=1), nn.Flatten(2), nn.Linear(16, 16),
+                        nm.LpLayerNorm(16, p=INF), nm.LpRMSNorm(16, p=1))
+    eager = copy.deepcopy(net)
+    compiled = torch.compile(net, fullgraph=True, backend="aot_eager")
+    for b in (6, 5, 4):
+        x = torch.randn(b, 3, 4, 4)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y, ye = compiled(x), eager(x)
+        assert y.dtype == ye.dtype
+        torch.testing.assert_close(y.float(), ye.float(), atol=1e-2, rtol=1e-2)
+        y.float().sum().backward()
+    assert _graphs() <= 2
+
+
+def test_vmap_over_training_batch_norm_with_running_statistics_is_a_clear_error():
+    from torch.func import vmap
+
+    x = torch.randn(3, 4, 4, 5, 5)
+    with pytest.raises(RuntimeError, match="running statistics"):
+        vmap(nm.LpBatchNorm2d(4, p=1))(x)
+    free = nm.LpBatchNorm2d(4, p=1, track_running_stats=False)
+    torch.testing.assert_close(vmap(free)(x), torch.stack([free(xi) for xi in x]))

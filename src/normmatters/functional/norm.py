@@ -383,6 +383,7 @@ def update_running(
     momentum: float,
 ) -> None:
     """``running_mean ← (1−m)·running_mean + m·mean``, ``running_var ← (1−m)·running_var + m·σ̂²·n/(n−1)``."""
+    _refuse_batched_update(mean, running_mean, running_var)
     if running_mean is not None:
         running_mean.mul_(1.0 - momentum).add_(mean.detach().flatten().to(running_mean.dtype), alpha=momentum)
     if running_var is not None:
@@ -393,6 +394,20 @@ def update_running(
 
 
 _update_running = update_running
+
+_is_batched = getattr(getattr(torch._C, "_functorch", None), "is_batchedtensor", None)
+_transforms_active = getattr(torch._C, "_are_functorch_transforms_active", lambda: False)
+
+
+def _refuse_batched_update(mean: Tensor, *buffers: Tensor | None) -> None:
+    # What torch's batch norm says under torch.func.vmap, instead of a broadcasting error.
+    if _is_batched is None or not _transforms_active() or not _is_batched(mean):
+        return
+    if any(b is not None and not _is_batched(b) for b in buffers):
+        raise RuntimeError(
+            "lp_batch_norm: the input is batched by torch.func.vmap in training mode, but the running "
+            "statistics, which are updated in place, are not. As for torch's batch norm: use "
+            "track_running_stats=False, evaluation mode, or batched running statistics.")
 
 
 def eval_affine(running_mean: Tensor, running_var: Tensor, weight: Tensor | None,
