@@ -3,8 +3,8 @@ r"""The fused kernels prove themselves before they are trusted.
 On the first fused call for a (device, dtype, layout) — layout 0 is a contiguous ``[N, C, S]``
 tensor (NCHW), 1 is channels-last (NHWC) — :func:`trusted` runs the fused and the reference path
 of :mod:`normmatters.functional` on a small input of that device, dtype and layout and compares
-them: batch norm (and, for layout 0, batch norm on a permuted input and layer, group and RMS
-norm) with p = 1, L∞ and Top(3); the
+them: batch norm (and, for layout 0, batch norm on a permuted input — dense, but neither
+contiguous nor channels-last — and layer, group and RMS norm) with p = 1, L∞ and Top(3); the
 output, the updated running statistics and the gradients of the input, weight and bias. Any
 difference beyond the tolerance of the dtype, and any exception (a failed Triton compile, a
 launch error, a kernel that reports an error code), makes the fused path untrusted for the rest
