@@ -249,3 +249,44 @@ def test_vmap_over_training_batch_norm_with_running_statistics_is_a_clear_error(
         vmap(nm.LpBatchNorm2d(4, p=1))(x)
     free = nm.LpBatchNorm2d(4, p=1, track_running_stats=False)
     torch.testing.assert_close(vmap(free)(x), torch.stack([free(xi) for xi in x]))
+
+
+@pytest.mark.parametrize("which", ["calibrated", "paper"])
+def test_run_time_constant_through_the_operators(which):
+    """The compiled graphs' operators with a run-time constant: opcheck (schema, fake, autograd)
+    and the values of the same call with the constant as a number."""
+    from normmatters.kernels import autograd
+    from normmatters.kernels.autograd import lp_norm_fwd
+
+    sentinel = autograd.RUNTIME_CONSTANT[which]
+    x = torch.randn(3, 4, 6, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(4, dtype=torch.float64, requires_grad=True)
+    c = nm.functional.lp_constant(INF, 3, 18, which)
+    ops = [lp_norm_fwd]
+    if K.available("cpu") and autograd.compiled_cpu_ops(torch.float64):
+        ops.append(torch.ops.normmatters.cpu_lp_norm_fwd.default)
+    for op in ops:
+        torch.library.opcheck(op, (x, w, None, 0, 2, 3, sentinel, 1e-5, True))
+        got = op(x, w, None, 0, 2, 3, sentinel, 1e-5, True)
+        want = op(x, w, None, 0, 2, 3, c, 1e-5, True)
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b)
+        (ga,) = torch.autograd.grad(got[0].square().sum(), x)
+        (gb,) = torch.autograd.grad(want[0].square().sum(), x)
+        torch.testing.assert_close(ga, gb)
+
+
+def test_compiled_operator_takes_a_tensor_in_another_layout():
+    """A graph may hand the C++ twin a tensor that is not dense in the layout it names: the values
+    are those of the contiguous tensor, returned in the input's strides."""
+    from normmatters.kernels import autograd
+
+    if not (K.available("cpu") and autograd.compiled_cpu_ops(torch.float32)):
+        pytest.skip("no C++ operators")
+    op = torch.ops.normmatters.cpu_lp_norm_fwd.default
+    x = torch.randn(3, 6, 4).transpose(1, 2)  # [3, 4, 6], neither NCS- nor NSC-dense
+    y, mean, inv, sigma = op(x, None, None, 0, 1, 1, 1.25, 1e-5, True)
+    y2, mean2, _, _ = op(x.contiguous(), None, None, 0, 1, 1, 1.25, 1e-5, True)
+    torch.testing.assert_close(y, y2)
+    torch.testing.assert_close(mean, mean2)
+    assert y.stride() == x.stride()
