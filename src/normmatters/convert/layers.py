@@ -145,7 +145,8 @@ class ForeignLpGatedRMSNorm(LpGatedRMSNorm):
     def __init__(self, *args: Any, gate_name: str = "z", **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         if not gate_name.isidentifier() or gate_name == "input":
-            raise ValueError(f"ForeignLpGatedRMSNorm: gate_name must name an argument other than input, got {gate_name!r}")
+            raise ValueError("ForeignLpGatedRMSNorm: gate_name must name an argument other than input, "
+                             f"got {gate_name!r}")
         self.gate_name = gate_name
 
     def forward(self, input: Tensor, *args: Tensor | None, **kwargs: Tensor | None) -> Tensor:  # type: ignore[override]

@@ -133,8 +133,9 @@ def _take_over(old: nn.Module, new: nn.Module) -> nn.Module:
 
 def replace_modules(model: nn.Module, fn: Callable[[nn.Module, str], nn.Module | None]) -> nn.Module:
     """Apply ``fn(module, qualified_name)`` top-down (``None``: descend into its children; a
-    module: stop there, replaced by it if it is another one), each module decided once, however many places it is reachable from; every replacement is
-    installed at all of them and takes over the original's hooks and plain attributes."""
+    module: stop there, replaced by it if it is another one), each module decided once however
+    many places it is reachable from; every replacement is installed at all of them and takes
+    over the original's hooks and plain attributes."""
     results: dict[int, nn.Module] = {}
 
     def decide(m: nn.Module, path: str) -> tuple[str, Any, str] | None:
@@ -281,15 +282,14 @@ def convert_norms(
                     break
 
     if k is not None:
+        sized = [plan for plan in plans.values()
+                 if plan.action == "convert" and isinstance(plan.spec, NormSpec) and plan.spec.size is not None]
         small = [f"{', '.join(plan.paths)!r} ({type(plan.module).__name__}, {plan.spec.describe()}): "
-                 f"{plan.spec.size} values per statistic"
-                 for plan in plans.values()
-                 if plan.action == "convert" and isinstance(plan.spec, NormSpec) and plan.spec.size is not None
-                 and plan.spec.size < k]
+                 f"{plan.spec.size} values per statistic" for plan in sized if plan.spec.size < k]
         if small:
             raise ValueError(f"{where}: k={k} is larger than the normalized size of " + "; ".join(small)
-                             + f"; choose k <= {min(pl.spec.size for pl in plans.values() if pl.action == 'convert' and isinstance(pl.spec, NormSpec) and pl.spec.size is not None)} "
-                             "or leave these layers out (kinds=...)")
+                             + f"; choose k <= {min(plan.spec.size for plan in sized)} or leave these layers "
+                             "out (kinds=...)")
 
     new: dict[int, nn.Module] = {}
     for key, plan in plans.items():
