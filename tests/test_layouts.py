@@ -172,3 +172,24 @@ def test_the_reported_case():
         want = copy.deepcopy(bn)(x)
     torch.testing.assert_close(bn(x), want, atol=1e-5, rtol=1e-5)
     assert bn(x).is_contiguous()  # torch's BatchNorm2d gives a contiguous result here too
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_output_can_be_modified_in_place(channels_last):
+    """``ReLU(inplace=True)`` after the norm: the output is a tensor of its own, not a view."""
+    x = torch.randn(4, 3, 5, 6)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_(True)
+    for norm in (nm.LpBatchNorm2d(3, p=1), nm.LpGroupNorm(3, 3, p=1), nm.LpBatchNorm1d(3, p=1)):
+        net = nn.Sequential(norm, nn.ReLU(inplace=True))
+        inp = x if not isinstance(norm, nm.LpBatchNorm1d) else x.flatten(2)
+        net(inp).sum().backward()
+        ref = copy.deepcopy(nn.Sequential(norm, nn.ReLU()))
+        x2 = inp.detach().clone(memory_format=torch.preserve_format).requires_grad_(True)
+        with K.use_backend("reference"):
+            ref(x2).sum().backward()
+        g = x.grad if inp is x else None
+        if g is not None:
+            torch.testing.assert_close(g, x2.grad, atol=1e-5, rtol=1e-5)
+        x.grad = None

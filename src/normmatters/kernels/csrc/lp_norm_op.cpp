@@ -34,6 +34,7 @@
 #include <map>
 #include <mutex>
 #include <tuple>
+#include <vector>
 #include <stdexcept>
 #include <string>
 
@@ -130,14 +131,21 @@ View3 prepare(const Tensor& x, int64_t kind, int64_t arg, bool has_affine) {
 }
 
 // An output (or input gradient) with x's sizes, stored in the memory order in which the kernel
-// writes it: v.x3's layout (contiguous NCS, or NSC: channels-last). Splitting S back into x's
-// trailing sizes is always a view. This is torch's choice too: a contiguous result, except for a
-// channels-last input.
+// writes it: v.x3's layout (contiguous NCS, or NSC: channels-last of any rank). This is torch's
+// choice too: a contiguous result, except for a channels-last input. A tensor of its own, not a
+// view (autograd refuses in-place changes of a custom function's view outputs: ReLU(inplace=True)).
 Tensor like(const Tensor& x, const View3& v) {
-  const int64_t N = v.x3.size(0), C = v.x3.size(1), S = v.x3.size(2);
-  const Tensor y3 = v.layout == NSC ? at::empty({N, S, C}, x.options()).transpose(1, 2)
-                                    : at::empty({N, C, S}, x.options());
-  return y3.view(x.sizes());
+  if (v.layout != NSC) return at::empty(x.sizes(), x.options());
+  const int64_t d = x.dim();
+  std::vector<int64_t> strides(d);
+  int64_t step = x.size(1);  // channels innermost, then the trailing axes, then the batch
+  strides[1] = 1;
+  for (int64_t i = d - 1; i >= 2; --i) {
+    strides[i] = step;
+    step *= x.size(i);
+  }
+  strides[0] = step;
+  return at::empty_strided(x.sizes(), strides, x.options());
 }
 
 // A gradient in the layout of the saved input (autograd._fix_layout).
