@@ -177,3 +177,22 @@ def test_nothing_to_freeze_or_unfreeze() -> None:
         unfreeze_norms(nn.Sequential(nn.Linear(3, 3)))
     with pytest.raises(TypeError):
         freeze_norms(3)  # type: ignore[arg-type]
+
+
+def test_freeze_keeps_hooks_and_shared_norms():
+    from torch import nn as tnn
+
+    shared = tnn.BatchNorm2d(4)
+    model = tnn.Sequential(tnn.Conv2d(3, 4, 1), shared, tnn.Conv2d(4, 4, 1), shared)
+    model(torch.randn(2, 3, 5, 5))  # some running statistics
+    calls = []
+    handle = shared.register_forward_hook(lambda m, i, o: calls.append(type(m).__name__))
+    model = freeze_norms(model)
+    assert model[1] is model[3]  # still one module at both places
+    model(torch.randn(2, 3, 5, 5))
+    assert calls == ["FrozenNorm", "FrozenNorm"]
+    handle.remove()  # the user's handle still removes it
+    model = unfreeze_norms(model)
+    assert model[1] is model[3] and isinstance(model[1], tnn.BatchNorm2d)
+    model(torch.randn(2, 3, 5, 5))
+    assert len(calls) == 2

@@ -26,6 +26,7 @@ from ..functional import lp_layer_norm, lp_rms_norm, normalize_p
 from ..nn import LpGatedRMSNorm
 
 __all__ = ["ForeignLpNorm", "ForeignLpGatedRMSNorm", "foreign_norm", "remember_original", "original_of", "restore_original",
+           "meta_template",
            "update_transformer_fast_paths", "move_hooks", "copy_attributes", "reads_eps_of"]
 
 
@@ -172,16 +173,22 @@ def remember_original(new: nn.Module, old: nn.Module) -> nn.Module:
     outside the module tree: no state-dict keys, no device moves)."""
     template = original_of(old)
     if template is None:
-        hooks = {n: old.__dict__[n] for n in _HOOK_DICTS if old.__dict__.get(n)}
-        for n, d in hooks.items():  # a hook's closure may hold a whole model: never copied
-            old.__dict__[n] = type(d)()
-        try:
-            template = copy.deepcopy(old).to("meta")
-        finally:
-            old.__dict__.update(hooks)
+        template = meta_template(old)
         template.__dict__.pop(_ORIGINAL, None)
     new.__dict__[_ORIGINAL] = template
     return new
+
+
+def meta_template(module: nn.Module) -> nn.Module:
+    """A copy of ``module`` with its tensors on the meta device and without its hooks (they move
+    with the module that replaces it; a hook's closure may hold a whole model: never copied)."""
+    hooks = {n: module.__dict__[n] for n in _HOOK_DICTS if module.__dict__.get(n)}
+    for n, d in hooks.items():
+        module.__dict__[n] = type(d)()
+    try:
+        return copy.deepcopy(module).to("meta")
+    finally:
+        module.__dict__.update(hooks)
 
 
 def original_of(module: nn.Module) -> nn.Module | None:

@@ -124,18 +124,21 @@ def _install(model: nn.Module, plans: dict[int, _Plan], edges: list[tuple[nn.Mod
     return new.get(id(model), model)
 
 
-def _take_over(old: nn.Module, new: nn.Module) -> nn.Module:
-    """The replacement takes the original's hooks and the plain attributes its parents may read."""
+def _take_over(old: nn.Module, new: nn.Module, attributes: bool = True) -> nn.Module:
+    """The replacement takes the original's hooks and (``attributes``) the plain attributes its
+    parents may read."""
     move_hooks(old, new)
-    copy_attributes(old, new)
+    if attributes:
+        copy_attributes(old, new)
     return new
 
 
-def replace_modules(model: nn.Module, fn: Callable[[nn.Module, str], nn.Module | None]) -> nn.Module:
+def replace_modules(model: nn.Module, fn: Callable[[nn.Module, str], nn.Module | None],
+                    attributes: bool = True) -> nn.Module:
     """Apply ``fn(module, qualified_name)`` top-down (``None``: descend into its children; a
     module: stop there, replaced by it if it is another one), each module decided once however
     many places it is reachable from; every replacement is installed at all of them and takes
-    over the original's hooks and plain attributes."""
+    over the original's hooks and (``attributes``) plain attributes."""
     results: dict[int, nn.Module] = {}
 
     def decide(m: nn.Module, path: str) -> tuple[str, Any, str] | None:
@@ -148,7 +151,7 @@ def replace_modules(model: nn.Module, fn: Callable[[nn.Module, str], nn.Module |
     plans, edges, _ = _plan(model, decide)
     new = {key: out for key, out in results.items() if out is not plans[key].module}
     for key, out in new.items():
-        _take_over(plans[key].module, out)
+        _take_over(plans[key].module, out, attributes)
     return _install(model, plans, edges, new)
 
 

@@ -29,7 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..convert.layers import foreign_norm, update_transformer_fast_paths
+from ..convert.layers import foreign_norm, meta_template, update_transformer_fast_paths
+from ..convert.norms import replace_modules
 from ..convert.recognise import MEAN_ONLY, NormSpec, recognise, warn_left
 from ..functional import lp_batch_norm, lp_group_norm
 
@@ -102,7 +103,7 @@ class FrozenNorm(nn.Module):
             self.register_buffer(name, None if t is None else t.detach().clone())
         # Kept outside the module tree (no state, no device moves): the original's class and
         # configuration, with its tensors on the meta device.
-        self.__dict__["_template"] = copy.deepcopy(module).to("meta")
+        self.__dict__["_template"] = meta_template(module)
         self.train(module.training)
 
     def forward(self, input: Tensor) -> Tensor:
@@ -164,17 +165,6 @@ class FrozenNorm(nn.Module):
         return s
 
 
-def _walk(module: nn.Module, fn, name: str = "") -> nn.Module:
-    new = fn(module, name)
-    if new is not None:
-        return new
-    for cname, child in module.named_children():
-        new_child = _walk(child, fn, f"{name}.{cname}" if name else cname)
-        if new_child is not child:
-            module.add_module(cname, new_child)
-    return module
-
-
 def freeze_norms(model: nn.Module, kinds: tuple[str, ...] | list[str] = _KINDS) -> nn.Module:
     """Replace every normalization layer of ``model`` by a :class:`FrozenNorm`, in place.
 
@@ -226,7 +216,9 @@ def freeze_norms(model: nn.Module, kinds: tuple[str, ...] | list[str] = _KINDS) 
         frozen += 1
         return new
 
-    out = _walk(model, fn)
+    # Hooks move and shared norms stay shared; a frozen layer (and the layer it gives back) keeps
+    # its own attributes.
+    out = replace_modules(model, fn, attributes=False)
     update_transformer_fast_paths(out)
     if frozen == 0:
         why = "; ".join(refused) if refused else f"it has no unfrozen {'/'.join(kinds)} norm layer"
@@ -254,7 +246,9 @@ def unfreeze_norms(model: nn.Module) -> nn.Module:
             return m.unfreeze()
         return None
 
-    out = _walk(model, fn)
+    # Hooks move and shared norms stay shared; a frozen layer (and the layer it gives back) keeps
+    # its own attributes.
+    out = replace_modules(model, fn, attributes=False)
     update_transformer_fast_paths(out)
     if count == 0:
         raise ValueError(f"unfreeze_norms: nothing to unfreeze: {type(model).__name__} has no FrozenNorm")
