@@ -300,7 +300,8 @@ def test_four_processes_starting_together_build_once(tmp_path):
 def test_a_hanging_compiler_is_stopped_with_a_message(tmp_path, monkeypatch):
     cache = tmp_path / "cache"
     hang = tmp_path / "hanging-cxx"
-    hang.write_text("#!/bin/sh\nsleep 120\n")
+    child = tmp_path / "child.pid"  # a compiler's own child (cc1plus) must be stopped too
+    hang.write_text(f'#!/bin/sh\nsleep 120 &\necho $! > "{child}"\nwait\n')
     hang.chmod(0o755)
     monkeypatch.setenv("NORMMATTERS_CACHE_DIR", str(cache))
     monkeypatch.setenv("CXX", str(hang))
@@ -310,6 +311,12 @@ def test_a_hanging_compiler_is_stopped_with_a_message(tmp_path, monkeypatch):
         build.load("lp_norm_cpu.cpp", "float32", {"NM_DTYPE": 0})
     assert time.monotonic() - t0 < 30
     assert not list((cache / "kernels").glob("*.so"))
+    pid = int(child.read_text())
+    deadline = time.monotonic() + 5
+    while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)  # SIGKILL is delivered asynchronously
+    status = Path(f"/proc/{pid}/status")
+    assert not status.exists() or "zombie" in status.read_text(), "the compiler's child survived"
     monkeypatch.setenv("NORMMATTERS_BUILD_TIMEOUT", "soon")
     with pytest.raises(RuntimeError, match="NORMMATTERS_BUILD_TIMEOUT='soon'"):
         build.build_timeout()

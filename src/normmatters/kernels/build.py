@@ -271,24 +271,48 @@ def _build(target: Path, cxx: list[str], src_path: Path, defines: dict[str, int]
 
 
 def _compile(cmd: list[str]) -> tuple[int, str]:
-    """Run the compiler with :func:`build_timeout`; on timeout kill it with its children (cc1plus,
-    the linker) and raise an error that says how to allow longer or skip the build."""
+    """Run the compiler with :func:`build_timeout`; on timeout kill it and the processes it
+    started (cc1plus, the assembler, the linker) and raise an error that says how to allow longer
+    or skip the build."""
     timeout = build_timeout()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+    # In this process's group: whoever stops this process's group (a job manager, torchrun, a
+    # test) stops the compiler with it.
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         _, stderr = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except OSError:
-            proc.kill()
+        for pid in [*_descendants(proc.pid), proc.pid]:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
         proc.communicate()
         raise RuntimeError(
             f"the C++ compiler ({cmd[0]}) did not finish within {timeout:g} s and was stopped; "
             f"set NORMMATTERS_BUILD_TIMEOUT to a number of seconds to allow longer, or "
             f"NORMMATTERS_KERNELS=reference to skip the fused kernels") from None
     return proc.returncode, stderr
+
+
+def _descendants(pid: int) -> list[int]:
+    """The processes below ``pid`` (the compiler driver's cc1plus, as, ld), children first
+    reversed: from Linux's ``/proc/<pid>/task/*/children``; empty where that is unavailable."""
+    found, stack = [], [pid]
+    while stack:
+        parent = stack.pop()
+        try:
+            tasks = os.listdir(f"/proc/{parent}/task")
+        except OSError:
+            continue
+        for tid in tasks:
+            try:
+                with open(f"/proc/{parent}/task/{tid}/children", encoding="ascii") as f:
+                    kids = [int(c) for c in f.read().split()]
+            except (OSError, ValueError):
+                continue
+            found.extend(kids)
+            stack.extend(kids)
+    return found[::-1]
 
 
 def _writable(folder: Path) -> str | None:
