@@ -193,3 +193,10 @@ def test_output_can_be_modified_in_place(channels_last):
         if g is not None:
             torch.testing.assert_close(g, x2.grad, atol=1e-5, rtol=1e-5)
         x.grad = None
+
+
+@pytest.mark.parametrize("p", [1, "inf"])
+def test_empty_batch_group_norm(p):
+    x = torch.randn(0, 4, 3, 3)
+    assert nm.functional.lp_group_norm(x, 2, p=p).shape == x.shape
+    assert nm.LpGroupNorm(2, 4, p=p)(x).shape == x.shape

@@ -237,7 +237,7 @@ def layer_norm(input: Tensor, normalized_shape: tuple[int, ...], weight: Tensor 
 def group_norm(input: Tensor, num_groups: int, weight: Tensor | None, bias: Tensor | None,
                eps: float, p: float, k: int | None, constant: str) -> Tensor:
     """Group norm on checked arguments (those of :func:`normmatters.functional.lp_group_norm`)."""
-    n = input[0].numel() // num_groups if input.dim() >= 2 else 0
+    n = input.numel() // (input.shape[0] * num_groups) if input.dim() >= 2 and input.numel() else 0
     c = _constant(p, k, n, constant) if n >= 1 and (k is None or k <= n) else None
     if eps > 0 and isinstance(c, float) and _rows_ok(input, p, k, (weight, bias)):
         try:
