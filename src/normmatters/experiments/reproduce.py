@@ -9,7 +9,7 @@
 
 The embedded scale (default) trains on data that needs no network (MNIST-1D, scikit-learn's
 digits, CPython's pydoc text) and is sized so that the default run finishes within 15 minutes on
-a 2-core CPU (one seed in about 5). Each claim runs the seeds its verdict needs (``ClaimInfo.seeds``:
+a 2-core CPU (about 1600 CPU-seconds; one seed of everything in about 6 minutes). Each claim runs the seeds its verdict needs (``ClaimInfo.seeds``:
 5 for C2, whose core comparisons are designed to be decided, 3 for the others) unless ``--seeds N``
 gives every claim N. Verdicts come from paired comparisons over the seeds (see
 :mod:`normmatters.experiments.claims.verdicts`); with one seed there is no interval and every
@@ -99,7 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
                         + ", ".join(f"{c} {i.seeds}" for c, i in CLAIMS.items()) + "); verdicts compare runs of the "
                         "same seed and need N >= 2 for an interval")
     p.add_argument("--quick", action="store_true",
-                   help="one seed (same as --seeds 1): about a third of the time, every verdict inconclusive")
+                   help="one seed for every claim (same as --seeds 1): under half the time, every verdict "
+                        "inconclusive")
     p.add_argument("--data-root", dest="data_root", default=None, metavar="DIR",
                    help="paper scale: folder with cifar-10-batches-py/, imagenet/{train,val}/, lm_corpus.txt "
                         "(default $NORMMATTERS_CACHE_DIR/data)")

@@ -110,7 +110,7 @@ CLAIMS: dict[str, ClaimInfo] = {
         "1-D ResNet-8 on MNIST-1D: WD on, WD off, WD off + LR correction, norm scheduling instead of LR scheduling",
         "ResNet-56 / VGG11 on CIFAR-10: the same four runs",
         ("cifar10",),
-        cost=0.9,
+        cost=2.4,
     ),
     "C2": ClaimInfo(
         "C2", f"{_PKG}.c2",
@@ -118,7 +118,7 @@ CLAIMS: dict[str, ClaimInfo] = {
         "1-D ResNet-20 on MNIST-1D: L2 vs L1 vs L1 without C_L1; Transformer LM on the embedded text: L2 vs L1 LN",
         "ResNet-56 on CIFAR-10, ResNet-18/50 on ImageNet, Transformer LM on a text corpus",
         ("cifar10", "imagenet", "text"),
-        cost=2.8,
+        cost=11.0,
         seeds=5,
     ),
     "C3": ClaimInfo(
@@ -127,7 +127,7 @@ CLAIMS: dict[str, ClaimInfo] = {
         "1-D ResNet-20 on MNIST-1D: L∞ and Top(10), calibrated vs the paper's constant, beside C2's L2 runs",
         "ResNet-56 on CIFAR-10, ResNet-18 on ImageNet",
         ("cifar10", "imagenet"),
-        cost=1.5,
+        cost=2.9,
     ),
     "C4": ClaimInfo(
         "C4", f"{_PKG}.c4",
@@ -137,7 +137,7 @@ CLAIMS: dict[str, ClaimInfo] = {
         "overflow), and int8 training",
         "ResNet-18 on ImageNet",
         ("imagenet",),
-        cost=1.9,
+        cost=6.4,
     ),
     "C5": ClaimInfo(
         "C5", f"{_PKG}.c5",
@@ -147,7 +147,7 @@ CLAIMS: dict[str, ClaimInfo] = {
         "each at the learning rate that won the same search on a validation split",
         "ResNet-56 on CIFAR-10, ResNet-50 on ImageNet, 2-layer LSTM LM on a text corpus",
         ("cifar10", "imagenet", "text"),
-        cost=0.9,
+        cost=4.0,
     ),
 }
 

@@ -193,7 +193,7 @@ def speed_section(results: dict[str, dict[str, Any]], v: Verdict | None) -> list
 _COLUMN_ORDER = ("test_acc", "best_test_acc", "test_bpc", "test_ppl", "test_loss", "final_train_loss",
                  "nonfinite", "step_cpu_time", "time_per_epoch", "wall_time")
 #: Row keys that are bookkeeping, not measurements.
-_NOT_SHOWN = ("steps", "timed_steps", "eval_nonfinite", "first_nonfinite_step", "step_time")
+_NOT_SHOWN = ("steps", "timed_steps", "eval_nonfinite", "first_nonfinite_step", "step_time", "test_examples")
 
 
 def _cell(metric: str, a: Agg) -> str:
