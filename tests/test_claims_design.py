@@ -133,3 +133,16 @@ def test_c4_fp16_mean_reductions_are_voted_in_both_regimes():
     # the table names each arm's reduction
     table = c4._table(rows)
     assert "fp16 / fp16 (pairwise means)" in table and "fp16 / fp16 (pairwise sums)" in table
+
+
+def test_c4_notes_a_run_that_fits_its_training_data_but_tests_at_chance():
+    def row(name, seed, test, train, bad=0):
+        return {"run": name, "seed": seed, "test_acc": test, "final_train_acc": train, "nonfinite": bad,
+                "nonfinite_by_stage": {}, "first_nonfinite_step": None}
+
+    rows = [row("raw-fp32-l1", 0, 0.98, 1.0), row("raw-fp16mean16-l1", 0, 0.097, 1.0),
+            row("raw-fp16-l2", 0, 0.10, 0.10, bad=5)]
+    notes = c4._notes(rows, None, 0.0, 8, {})
+    assert "Trained but evaluated at chance" in notes and "raw-fp16mean16-l1 (seed 0)" in notes
+    assert "raw-fp16-l2 (seed 0): train acc" not in notes  # diverged in training: not an evaluation failure
+    assert "Trained but evaluated at chance" not in c4._notes(rows[:1], None, 0.0, 8, {})

@@ -550,3 +550,27 @@ def test_out_folder_of_an_earlier_reproduce_is_continued(tmp_path):
     assert rp.check_out_dir(empty) == empty
     (folder / rp.MARKER_NAME).unlink()
     assert rp.check_out_dir(folder) == folder
+
+
+def test_each_claim_runs_its_own_default_seeds_unless_seeds_are_given(tmp_path):
+    seen = {}
+
+    def recorder(cid):
+        def run(out_dir, *, seeds=(0,), scale="embedded", progress=True):
+            seen[cid] = list(seeds)
+            return {"claim": cid, "rows": [{"run": "x", "seed": s, "test_acc": 0.9} for s in seeds]}
+        return run
+
+    runners = {"C2": recorder("C2"), "C3": recorder("C3")}
+    out = rp.reproduce(tmp_path / "a", claims=["C2", "C3"], progress=False, runners=runners)
+    assert seen == {"C2": list(range(CLAIMS["C2"].seeds)), "C3": list(range(CLAIMS["C3"].seeds))}
+    assert CLAIMS["C2"].seeds == 5 and CLAIMS["C3"].seeds == rp.DEFAULT_SEEDS == 3
+    assert out["results"]["C2"]["seeds"] == [0, 1, 2, 3, 4]
+    head = (tmp_path / "a" / "REPORT.md").read_text(encoding="utf-8")
+    assert "seeds: C2: 0–4; C3: 0–2;" in head
+    meta = json.loads((tmp_path / "a" / "results.json").read_text(encoding="utf-8"))["meta"]
+    assert meta["claim_seeds"] == {"C2": [0, 1, 2, 3, 4], "C3": [0, 1, 2]}
+    # --seeds N gives every claim the same N, and the header lists them once
+    rp.reproduce(tmp_path / "b", claims=["C2", "C3"], seeds=[0, 1], progress=False, runners=runners)
+    assert seen == {"C2": [0, 1], "C3": [0, 1]}
+    assert "seeds: 0, 1;" in (tmp_path / "b" / "REPORT.md").read_text(encoding="utf-8")
