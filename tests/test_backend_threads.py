@@ -114,3 +114,17 @@ def test_set_backend_is_the_default_for_threads_without_a_block():
         assert K.get_backend() == "reference"
     finally:
         K.set_backend("auto")
+
+
+def test_compiled_code_follows_a_later_block():
+    """torch.compile guards on the thread's choice: a block entered after compiling recompiles."""
+    torch._dynamo.reset()
+
+    def f(x):
+        return x + 1 if K.get_backend() == "auto" else x - 1
+
+    compiled = torch.compile(f, fullgraph=True, backend="eager")
+    assert compiled(torch.zeros(1)).item() == 1
+    with K.use_backend("reference"):
+        assert compiled(torch.zeros(1)).item() == -1
+    assert compiled(torch.zeros(1)).item() == 1

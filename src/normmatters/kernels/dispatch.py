@@ -58,10 +58,17 @@ def parse_backend(name: str, where: str) -> str:
 # changes another thread's path, and the self-check's helper thread chooses its own.
 _state = {"backend": parse_backend(os.environ.get("NORMMATTERS_KERNELS", "auto"), "NORMMATTERS_KERNELS")}
 _local = threading.local()
+_compiling = torch.compiler.is_compiling
 
 
 def _backend() -> str:
-    override = getattr(_local, "backend", None)
+    if _compiling():
+        # Traced by dynamo, which guards on this read (a change recompiles); it does not guard a
+        # read through __dict__.
+        override = getattr(_local, "backend", None)
+    else:
+        # Eager calls: a dictionary lookup (getattr with a default raises and catches inside).
+        override = _local.__dict__.get("backend")
     return _state["backend"] if override is None else override
 
 

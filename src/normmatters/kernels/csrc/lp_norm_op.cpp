@@ -297,7 +297,7 @@ struct LpNormFn : public torch::autograd::Function<LpNormFn> {
       call_backward(g3, x3, dx, v.layout, v.affine, v.center, w, sp, sp + C * stats.element_size(),
                     mode, k, constant, dw, db);
     }
-    if (v.affine == AFF_POSITION) {
+    if (v.affine == AFF_POSITION && arg > 1) {
       // γ and β have the normalized shape (e.g. [5, 6] for a layer norm over two axes); the
       // kernels sum their gradients as flat vectors.
       const auto shape = x.sizes().slice(x.dim() - arg);
