@@ -9,7 +9,9 @@
   and channel, logged to JSONL and plotted;
 * :class:`LRCorrection` — train without weight decay and mimic it by a per-channel LR;
 * :class:`NormSchedule` / :class:`ReferenceNormSchedule` — norm scheduling instead of LR
-  scheduling.
+  scheduling;
+* :func:`rotational_equilibrium` — the angular update and norm weight decay settles each
+  scale-invariant neuron at (:mod:`.equilibrium`).
 """
 
 from normmatters.optim.grouping import grouped_norms
@@ -17,6 +19,7 @@ from normmatters.optim.invariance import analyze_scale_invariance, scale_invaria
 from normmatters.optim.param_groups import last_layer_module, last_layer_parameters, split_param_groups
 from normmatters.optim.results import InvarianceReport, ScaleInvarianceTraceError, ScaleInvariantParam
 from normmatters.optim.lr_correction import LRCorrection, reference_group_norms
+from normmatters.optim.equilibrium import GroupEquilibrium, lion_correlation_sum, rotational_equilibrium
 from normmatters.optim.norm_schedule import NormSchedule, ReferenceNormSchedule, multistep_lambda
 from normmatters.optim.tracker import (
     NormTracker,
@@ -28,6 +31,9 @@ from normmatters.optim.tracker import (
 )
 
 __all__ = [
+    "GroupEquilibrium",
+    "lion_correlation_sum",
+    "rotational_equilibrium",
     "InvarianceReport",
     "LRCorrection",
     "NormSchedule",
