@@ -147,3 +147,83 @@ def test_bad_arguments() -> None:
         NormTracker({})
     with pytest.raises(ValueError, match="shape"):
         ReferenceNorms(torch.tensor([0, 1]), {"w": torch.ones(3, 4)})
+
+
+# ---------------------------------------------------------------------------------------------
+# Rotational equilibrium beside the measurement (Wan et al. 2021; Kosson et al. 2024).
+
+
+def test_equilibrium_records_follow_the_schedule_and_measure_every_step(tmp_path) -> None:
+    model = small_model()
+    inv = scale_invariant_parameters(model, batches(1)[0][0])
+    ids = {id(i.param) for i in inv.values()}
+    opt = torch.optim.SGD([
+        {"params": [p for p in model.parameters() if id(p) in ids], "weight_decay": 5e-4},
+        {"params": [p for p in model.parameters() if id(p) not in ids]},
+    ], lr=0.1, momentum=0.9)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=3, gamma=0.25)
+    tracker = NormTracker(inv, opt, every=3, equilibrium=True, log_path=tmp_path / "n.jsonl")
+    w = model[0].weight
+    first = tracker.history[0]["layers"]["0.weight"]
+    assert first["eq_angle"] == pytest.approx(math.sqrt(2 * 0.1 * 5e-4 / 1.9), rel=1e-12)
+    assert "eq_norm" not in first  # SGD: the norm depends on the gradient's size
+    assert "step_angle" not in first
+    angles = []
+    for x, y in batches(6):
+        prev = w.detach().clone()
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+        sched.step()
+        angles.append(float(angle_between(prev, w.detach(), dim=0).mean()))
+        rec = tracker.step()
+    e3 = tracker.history[1]["layers"]["0.weight"]
+    # The mean per-step rotation of the neurons over the three steps, not the 3-step angle.
+    assert e3["step_angle"] == pytest.approx(sum(angles[:3]) / 3, rel=1e-10)
+    assert rec["layers"]["0.weight"]["step_angle"] == pytest.approx(sum(angles[3:]) / 3, rel=1e-10)
+    # The prediction follows the learning rate: lr 0.1 → 0.025 → 0.00625, θ ∝ √η.
+    assert e3["eq_angle"] == pytest.approx(math.sqrt(2 * 0.025 * 5e-4 / 1.9), rel=1e-12)
+    assert rec["layers"]["0.weight"]["eq_angle"] == pytest.approx(
+        math.sqrt(2 * 0.00625 * 5e-4 / 1.9), rel=1e-12)
+    assert e3["neuron_norm"] == pytest.approx(
+        sum(e3["channel_norm"]) / len(e3["channel_norm"]), rel=1e-12)
+    out = plot_norm_log(tmp_path / "n.jsonl", tmp_path / "eq.png")
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_equilibrium_norm_for_adamw_and_none_without_decay() -> None:
+    model = small_model()
+    opt = torch.optim.AdamW([
+        {"params": [model[0].weight], "weight_decay": 0.1},
+        {"params": [model[4].weight], "weight_decay": 0.0},
+    ], lr=1e-3)
+    tracker = NormTracker({"conv": model[0].weight, "fc": model[4].weight}, opt,
+                          equilibrium=True)
+    conv = tracker.history[0]["layers"]["conv"]
+    # √(ηC/(2λ)) with C = 1·3·3 = 9 weights per output channel.
+    assert conv["eq_norm"] == pytest.approx(math.sqrt(1e-3 * 9 / 0.2), rel=1e-12)
+    assert conv["eq_angle"] == pytest.approx(math.sqrt(2 * 1e-4 * 0.1 / 1.9), rel=1e-12)
+    fc = tracker.history[0]["layers"]["fc"]
+    assert "eq_angle" not in fc and "eq_norm" not in fc and "neuron_norm" in fc
+    with pytest.raises(ValueError, match="equilibrium=True needs the optimizer"):
+        NormTracker(model, equilibrium=True)
+
+
+def test_equilibrium_neurons_are_groups_of_channels() -> None:
+    # Group norm: a neuron is a group of channels, measured and predicted as one block.
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1, bias=False), nn.GroupNorm(2, 4),
+                          nn.Flatten(), nn.Linear(4 * 5 * 5, 3)).double()
+    x, y = batches(1)[0]
+    inv = scale_invariant_parameters(model, x)
+    assert inv["0.weight"].groups == 2
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    tracker = NormTracker({"0.weight": inv["0.weight"]}, opt, equilibrium=True)
+    w = model[0].weight
+    prev = w.detach().clone()
+    nn.functional.cross_entropy(model(x), y).backward()
+    opt.step()
+    e = tracker.step()["layers"]["0.weight"]
+    assert e["step_angle"] == pytest.approx(
+        float(angle_between(prev.reshape(2, -1), w.detach().reshape(2, -1), dim=0).mean()),
+        rel=1e-10)
+    assert e["eq_norm"] == pytest.approx(math.sqrt(1e-2 * 18 / 0.2), rel=1e-12)  # C = 2·9

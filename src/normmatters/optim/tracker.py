@@ -23,6 +23,12 @@ appended to a JSONL file, one line per record::
 
 :func:`plot_norm_log` turns such a log (or a tracker) into a PNG.
 
+With ``equilibrium=True`` the tracker also measures every step the angle each neuron turned
+through and records, beside its mean (``step_angle``) and the mean neuron norm
+(``neuron_norm``), the rotational equilibrium predicted for the current learning rate
+(``eq_angle``, ``eq_norm``; Wan et al. 2021, Kosson et al. 2024; see
+:func:`~normmatters.optim.rotational_equilibrium`). The plot then shows both per layer.
+
 Example::
 
     tracker = NormTracker(scale_invariant_parameters(model, x), optimizer, log_path="norms.jsonl")
@@ -43,6 +49,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from normmatters.optim.equilibrium import neuron_equilibrium
 from normmatters.optim.invariance import ScaleInvariantParam
 
 __all__ = ["NormTracker", "ReferenceNorms", "read_norm_log", "plot_norm_log", "angle_between",
@@ -82,6 +89,7 @@ class _Tracked:
     name: str
     param: Tensor
     channel_dim: int
+    groups: int | None = None  # blocks of channels that are separately invariant (None: each)
 
 
 def _normalize_params(
@@ -101,7 +109,7 @@ def _normalize_params(
             )
         name, v = item
         if isinstance(v, ScaleInvariantParam):
-            out.append(_Tracked(name, v.param, v.channel_dim))
+            out.append(_Tracked(name, v.param, v.channel_dim, v.groups))
         elif isinstance(v, Tensor):
             out.append(_Tracked(name, v, 0))
         else:
@@ -141,6 +149,13 @@ class NormTracker:
             learning-rate multiplier ``s`` applied on top of ``η`` (e.g.
             :meth:`LRCorrection.channel_scale <normmatters.optim.LRCorrection.channel_scale>`).
         record_initial: record the initial state as step 0.
+        equilibrium: also measure, every step, the angle each neuron (a block of channels that
+            is separately scale invariant: ``groups`` of a
+            :class:`~normmatters.optim.ScaleInvariantParam`, else one output channel) turned
+            through, and record its mean over neurons and steps since the previous record
+            (``step_angle``), the mean neuron norm (``neuron_norm``) and the rotational
+            equilibrium predicted at the current learning rate (``eq_angle``, ``eq_norm`` where
+            the theory gives them). Needs ``optimizer``; costs one copy of the tracked weights.
 
     The learning rate and multiplier are those of the update that produced the current
     weights' *next* step, i.e. what the optimizer will use from now on: after a scheduler's
@@ -158,12 +173,22 @@ class NormTracker:
         rule: str = "auto",
         lr_scale: Callable[[str], Tensor | None] | None = None,
         record_initial: bool = True,
+        equilibrium: bool = False,
     ) -> None:
         if not isinstance(every, int) or every < 1:
             raise ValueError(f"NormTracker: every must be a positive int, got {every!r}")
         if rule not in ("auto", "sgd", "adam"):
             raise ValueError(f"NormTracker: rule must be 'auto', 'sgd' or 'adam', got {rule!r}")
+        if equilibrium and optimizer is None:
+            raise ValueError("NormTracker: equilibrium=True needs the optimizer (its groups' lr, "
+                             "weight decay and momentum give the prediction)")
         self.tracked = _normalize_params(params)
+        self.equilibrium = bool(equilibrium)
+        self._step_prev: dict[str, Tensor] = {}
+        self._step_angle_sum: dict[str, float] = {t.name: 0.0 for t in self.tracked}
+        self._step_angle_count = 0
+        if self.equilibrium:
+            self._step_prev = {t.name: t.param.detach().clone() for t in self.tracked}
         self.optimizer = optimizer
         self.every = every
         self.per_channel = per_channel
@@ -194,6 +219,33 @@ class NormTracker:
             if any(q is p for q in group["params"]):
                 return float(group["lr"])
         return None
+
+    @staticmethod
+    def _neurons(t: _Tracked, w: Tensor) -> Tensor:
+        rows = _rows(w, t.channel_dim)
+        return rows.reshape(t.groups, -1) if t.groups is not None else rows
+
+    @torch.no_grad()
+    def _measure_step(self) -> None:
+        for t in self.tracked:
+            w = t.param.detach()
+            ang = angle_between(self._neurons(t, self._step_prev[t.name]).double(),
+                                self._neurons(t, w).double(), dim=0)
+            self._step_angle_sum[t.name] += float(ang.mean())
+            self._step_prev[t.name].copy_(w)
+        self._step_angle_count += 1
+
+    def _equilibrium_entry(self, t: _Tracked, entry: dict[str, Any]) -> None:
+        assert self.optimizer is not None
+        neurons = torch.linalg.vector_norm(self._neurons(t, t.param.detach()).double(), dim=1)
+        entry["neuron_norm"] = float(neurons.mean())
+        if self._step_angle_count:
+            entry["step_angle"] = self._step_angle_sum[t.name] / self._step_angle_count
+        angle, norm = neuron_equilibrium(self.optimizer, t.param, t.channel_dim, t.groups)
+        if angle is not None:
+            entry["eq_angle"] = angle
+        if norm is not None:
+            entry["eq_norm"] = float(norm.mean())
 
     def _snapshot(self) -> None:
         self._prev = {t.name: t.param.detach().clone() for t in self.tracked}
@@ -238,7 +290,12 @@ class NormTracker:
                     entry["channel_angle"] = angle_between(
                         prev.double(), w.double(), dim=t.channel_dim
                     ).tolist()
+            if self.equilibrium:
+                self._equilibrium_entry(t, entry)
             layers[t.name] = entry
+        if self.equilibrium:
+            self._step_angle_sum = {t.name: 0.0 for t in self.tracked}
+            self._step_angle_count = 0
         self._ref_steps.append(self.num_steps)
         self._ref_epochs.append(self.epoch)
         rec: dict[str, Any] = {"step": self.num_steps}
@@ -266,6 +323,8 @@ class NormTracker:
             The record, or ``None`` when this step was not recorded.
         """
         self.num_steps += 1
+        if self.equilibrium:
+            self._measure_step()
         if epoch is not None:
             self.epoch = int(epoch)
         if self.num_steps % self.every:
@@ -394,6 +453,24 @@ def read_norm_log(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
         return [json.loads(line) for line in f if line.strip()]
 
 
+def _plot_equilibrium(ax_angle: Any, ax_norm: Any, records: Sequence[Mapping[str, Any]],
+                      name: str) -> None:
+    """Measured (solid) and predicted (dashed, same colour) rotation and neuron norm of one
+    layer."""
+    for ax, measured, predicted in ((ax_angle, "step_angle", "eq_angle"),
+                                    (ax_norm, "neuron_norm", "eq_norm")):
+        m = [(r["step"], r["layers"][name][measured]) for r in records
+             if measured in r["layers"][name]]
+        p = [(r["step"], r["layers"][name][predicted]) for r in records
+             if predicted in r["layers"][name]]
+        color = None
+        if m:
+            (line,) = ax.plot(*zip(*m), label=name)
+            color = line.get_color()
+        if p:
+            ax.plot(*zip(*p), linestyle="--", color=color)
+
+
 def plot_norm_log(
     source: NormTracker | Sequence[Mapping[str, Any]] | str | os.PathLike[str],
     out_path: str | os.PathLike[str],
@@ -401,7 +478,9 @@ def plot_norm_log(
     layers: Sequence[str] | None = None,
     title: str | None = None,
 ) -> Path:
-    """Plot ‖w‖, the effective LR and the angular update per layer against the step.
+    """Plot ‖w‖, the effective LR and the angular update per layer against the step; for a
+    tracker with ``equilibrium=True`` also the measured rotation per step and neuron norm beside
+    the predicted equilibrium (dashed), per layer.
 
     Args:
         source: a tracker, its records, or the path of its JSONL log.
@@ -426,7 +505,9 @@ def plot_norm_log(
     if not records:
         raise ValueError("plot_norm_log: no records to plot")
     names = list(layers) if layers is not None else list(records[0]["layers"])
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    with_eq = any("step_angle" in e or "eq_angle" in e
+                  for r in records for e in r["layers"].values())
+    fig, axes = plt.subplots(1, 5 if with_eq else 3, figsize=(25 if with_eq else 15, 4))
     for n in names:
         rs = [r for r in records if n in r["layers"]]
         steps = [r["step"] for r in rs]
@@ -437,10 +518,15 @@ def plot_norm_log(
         ang = [(r["step"], r["layers"][n]["angle"]) for r in rs if "angle" in r["layers"][n]]
         if ang:
             axes[2].plot(*zip(*ang), label=n)
+        if with_eq:
+            _plot_equilibrium(axes[3], axes[4], rs, n)
     rule = records[-1].get("rule", "sgd")
     axes[0].set_title("‖w‖₂")
     axes[1].set_title("effective LR " + ("η/‖w‖²" if rule == "sgd" else "η/‖w‖"))
     axes[2].set_title("angle turned since the previous record (rad)")
+    if with_eq:
+        axes[3].set_title("rotation per step (rad): measured —, equilibrium - -")
+        axes[4].set_title("mean neuron ‖w‖: measured —, equilibrium - -")
     for ax in axes[1:]:
         if any(line.get_ydata().size and min(line.get_ydata()) > 0 for line in ax.get_lines()):
             ax.set_yscale("log")
