@@ -11,7 +11,9 @@
 * :class:`NormSchedule` / :class:`ReferenceNormSchedule` — norm scheduling instead of LR
   scheduling;
 * :func:`rotational_equilibrium` — the angular update and norm weight decay settles each
-  scale-invariant neuron at (:mod:`.equilibrium`).
+  scale-invariant neuron at (:mod:`.equilibrium`);
+* :class:`RotationalOptimizer` — holds each scale-invariant neuron at that rotation from the
+  first step, with its norm fixed (:mod:`.rotational`).
 """
 
 from normmatters.optim.grouping import grouped_norms
@@ -20,6 +22,7 @@ from normmatters.optim.param_groups import last_layer_module, last_layer_paramet
 from normmatters.optim.results import InvarianceReport, ScaleInvarianceTraceError, ScaleInvariantParam
 from normmatters.optim.lr_correction import LRCorrection, reference_group_norms
 from normmatters.optim.equilibrium import GroupEquilibrium, lion_correlation_sum, rotational_equilibrium
+from normmatters.optim.rotational import RotationalOptimizer
 from normmatters.optim.norm_schedule import NormSchedule, ReferenceNormSchedule, multistep_lambda
 from normmatters.optim.tracker import (
     NormTracker,
@@ -39,6 +42,7 @@ __all__ = [
     "NormSchedule",
     "NormTracker",
     "ReferenceNormSchedule",
+    "RotationalOptimizer",
     "ReferenceNorms",
     "angle_between",
     "effective_lr_rule",

@@ -241,7 +241,12 @@ class NormTracker:
         entry["neuron_norm"] = float(neurons.mean())
         if self._step_angle_count:
             entry["step_angle"] = self._step_angle_sum[t.name] / self._step_angle_count
-        angle, norm = neuron_equilibrium(self.optimizer, t.param, t.channel_dim, t.groups)
+        # A wrapper that controls the rotation (RotationalOptimizer) says what it holds.
+        predict = getattr(self.optimizer, "neuron_equilibrium", None)
+        if callable(predict):
+            angle, norm = predict(t.param, t.channel_dim, t.groups)
+        else:
+            angle, norm = neuron_equilibrium(self.optimizer, t.param, t.channel_dim, t.groups)
         if angle is not None:
             entry["eq_angle"] = angle
         if norm is not None:
