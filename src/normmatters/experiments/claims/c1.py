@@ -17,6 +17,12 @@ The experiment of the paper's Figure 1, four runs from the same seed on real dat
                            parameters keep the LR schedule
 =========================  =================================================================
 
+Beyond the paper, C1's modern form (:mod:`.c1_equilibrium`): the WD-on run's rotation per step
+is measured against the rotational equilibrium √(2ηλ/(1+α)) (Wan et al. 2021; Kosson et al.
+2024), and a fifth run, ``wd_on_rotational``, holds every scale-invariant neuron at that rate from
+the first step (:class:`~normmatters.optim.RotationalOptimizer`). Their checks are reported beside
+the verdict and do not vote in it.
+
 The scale-invariant weights are found by :func:`~normmatters.optim.scale_invariant_parameters`
 (every convolution of the ResNet feeds a batch norm). Each run tracks, per step, the norms and
 effective learning rates η/‖w‖² of those weights (:class:`~normmatters.optim.NormTracker`); the
@@ -54,6 +60,7 @@ from ...optim import (
     NormTracker,
     ReferenceNormSchedule,
     ReferenceNorms,
+    RotationalOptimizer,
     ScaleInvariantParam,
     grouped_norms,
     plot_norm_log,
@@ -62,10 +69,19 @@ from ...optim import (
 )
 from ..config import TrainConfig
 from ..io import append_jsonl, atomic_write_text
+from .c1_equilibrium import (
+    ROTATIONAL,
+    EquilibriumWindow,
+    equilibrium_check,
+    plot_ratios,
+    rotational_check,
+    summary_text,
+    window_for,
+)
 from .verdicts import ACC_MARGIN, Verdict, decide, equivalent
 
 __all__ = ["run", "verdict", "PAPER", "RUNS", "LABELS", "SETTINGS", "WD_ON", "WD_OFF", "WD_OFF_LR_CORRECTION",
-           "NORM_SCHEDULE"]
+           "NORM_SCHEDULE", "ROTATIONAL"]
 
 log = logging.getLogger(__name__)
 
@@ -86,8 +102,9 @@ WD_ON = "wd_on"
 WD_OFF = "wd_off"
 WD_OFF_LR_CORRECTION = "wd_off_lr_correction"
 NORM_SCHEDULE = "norm_schedule"
-RUNS = (WD_ON, WD_OFF, WD_OFF_LR_CORRECTION, NORM_SCHEDULE)
+RUNS = (WD_ON, WD_OFF, WD_OFF_LR_CORRECTION, NORM_SCHEDULE, ROTATIONAL)
 LABELS = {
+    ROTATIONAL: "WD on, rotational wrapper",
     WD_ON: "WD on",
     WD_OFF: "WD off (last layer on)",
     WD_OFF_LR_CORRECTION: "WD off + LR correction",
@@ -117,6 +134,8 @@ def verdict(rows: list[dict[str, Any]]) -> Verdict:
                    metric="test_acc", margin=ACC_MARGIN),
         equivalent(rows, WD_OFF, WD_ON, "WD off without correction vs WD on (context)", metric="test_acc",
                    margin=ACC_MARGIN, core=False),
+        equilibrium_check(rows, WD_ON),
+        rotational_check(rows),
     ]
     return decide(checks, RULE)
 
@@ -199,6 +218,7 @@ class _Run:
     optimizer: torch.optim.Optimizer | None = None
     correction_floor: float | None = None
     wd_on_decay: str = "invariant"
+    eq_window: EquilibriumWindow | None = None
 
     # -- optimizer_factory(model, config) -> (optimizer, scheduler) ---------------------------
     def optimizer_factory(self, model: nn.Module, config: TrainConfig):
@@ -206,12 +226,16 @@ class _Run:
 
         self.invariant = scale_invariant_parameters(model, self.example.to(
             next(model.parameters()).device))
-        decay = self.wd_on_decay if self.name == WD_ON else "last_layer"
+        decay = self.wd_on_decay if self.name in (WD_ON, ROTATIONAL) else "last_layer"
         groups = split_param_groups(model, self.invariant, weight_decay=config.weight_decay,
                                     decay=decay)
         opt = torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum,
                               nesterov=config.nesterov)
         spe = self.steps_per_epoch
+        if self.name in (WD_ON, ROTATIONAL):
+            self.eq_window = EquilibriumWindow(*window_for(config, spe))
+        if self.name == ROTATIONAL:
+            opt = RotationalOptimizer(opt, self.invariant)
 
         def f(t: int) -> float:
             return lr_factor(t, config, spe)
@@ -237,12 +261,15 @@ class _Run:
         self.tracker = NormTracker(
             self.invariant, state.optimizer, per_channel=False,
             lr_scale=self.correction.channel_scale if self.correction is not None else None,
+            equilibrium=self.eq_window is not None,
         )
         self._epoch_record(0, None)
 
     def on_step_end(self, state: Any) -> None:
         assert self.tracker is not None
-        self.tracker.step(epoch=state.epoch)
+        rec = self.tracker.step(epoch=state.epoch)
+        if self.eq_window is not None:
+            self.eq_window.add(self.tracker.num_steps, rec)
 
     def on_epoch_end(self, state: Any) -> None:
         row = self._epoch_record(state.epoch, state.metrics.get("test_acc"))
@@ -431,6 +458,10 @@ def run(
                 "scale_invariant_params": len(r.invariant),
                 "wall_time": summary.get("wall_time"),
             }
+            ratios = r.eq_window.ratios() if r.eq_window is not None else {}
+            if ratios:  # rotation per step, measured / predicted, per layer and their mean
+                row["eq_angle_ratio"] = sum(ratios.values()) / len(ratios)
+                row["eq_angle_ratio_layers"] = ratios
             # Written last: its presence marks the run finished (reference norms included).
             atomic_write_text(run_dir / _FINISHED, json.dumps({"row": row, "epochs": r.epochs},
                                                              default=float) + "\n")
@@ -440,6 +471,14 @@ def run(
                     f"C1 — {config.model} on {config.dataset}, seed {seed}: weight decay, LR "
                     "correction and norm scheduling")
         figures.append(str(fig.relative_to(out)))
+    try:
+        eq_fig = plot_ratios(rows, out / "c1_equilibrium.png",
+                             "C1 — rotational equilibrium of WD on: measured / predicted rotation "
+                             "per step, per layer")
+        if eq_fig is not None:
+            figures.append(str(eq_fig.relative_to(out)))
+    except Exception as exc:  # a plotting problem must not lose finished runs
+        log.warning("could not plot the equilibrium figure: %s", exc)
     table = _table(rows)
     notes = _notes(rows, _config(scale, seeds[0], overrides or {}), time.perf_counter() - t_all,
                    correction_floor, wd_on_decay)
@@ -497,5 +536,8 @@ def _notes(rows: list[dict[str, Any]], config: TrainConfig, wall: float,
             f"WD on − WD off = {gap_off:+.4f}; WD on − corrected = {gap_corr:+.4f}; "
             f"WD on − norm schedule = {gap_norm:+.4f} (the paper: the last two ≈ 0, the first > 0)."
         )
+    eq = summary_text(rows)
+    if eq:
+        parts.append(eq)
     parts.append(f"Wall time of the claim: {wall:.0f} s.")
     return " ".join(parts)
