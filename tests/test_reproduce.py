@@ -27,6 +27,7 @@ from normmatters.experiments.claims import (
     run_key,
 )
 from normmatters.experiments.claims import verdict_for
+from normmatters.experiments.claims import report as report_mod
 from normmatters.experiments.claims.stats import aggregate
 from normmatters.experiments.config import TrainConfig
 from normmatters.experiments.errors import ConfigError
@@ -574,3 +575,17 @@ def test_each_claim_runs_its_own_default_seeds_unless_seeds_are_given(tmp_path):
     rp.reproduce(tmp_path / "b", claims=["C2", "C3"], seeds=[0, 1], progress=False, runners=runners)
     assert seen == {"C2": [0, 1], "C3": [0, 1]}
     assert "seeds: 0, 1;" in (tmp_path / "b" / "REPORT.md").read_text(encoding="utf-8")
+
+
+def test_a_verdict_rule_that_fails_to_import_does_not_cost_the_report(tmp_path, monkeypatch, capsys):
+    # a claim module edited while the runs went on can fail to import when its verdict is asked for
+    def broken(cid, result):
+        raise ImportError("cannot import name 'Something' from 'normmatters.optim'")
+
+    monkeypatch.setattr(rp, "verdict_for", broken)
+    monkeypatch.setattr(report_mod, "verdict_for", broken)
+    c2 = _FakeClaim("C2", _c2_rows())
+    out = rp.reproduce(tmp_path, claims=["C2"], seeds=[0, 1], progress=False, runners={"C2": c2})
+    text = out["report"].read_text(encoding="utf-8")
+    assert "the verdict rule failed: ImportError" in text
+    assert out["results"]["C2"]["status"] == "ok" and (tmp_path / "c2" / "result.json").is_file()

@@ -376,9 +376,18 @@ def _run_parallel(ids: list[str], root: Path, jobs: int, kwargs: dict[str, Any],
     pool.shutdown(wait=True)
 
 
+def _verdict_text(cid: str, rec: dict[str, Any]) -> str:
+    """The claim's verdict in words; never raises (a claim module that no longer imports, e.g. edited
+    while the runs went on, must not cost the report of the claims that finished)."""
+    try:
+        return verdict_for(cid, rec).verdict
+    except Exception as exc:
+        return f"inconclusive (the verdict rule failed: {_one_line(exc)})"
+
+
 def _log_done(cid: str, rec: dict[str, Any]) -> None:
     if rec["status"] == "ok":
-        log.info("%s: %s in %.0f s%s", cid, verdict_for(cid, rec).verdict, rec.get("wall_time") or 0.0,
+        log.info("%s: %s in %.0f s%s", cid, _verdict_text(cid, rec), rec.get("wall_time") or 0.0,
                  " (reused)" if rec.get("reused") else "")
 
 
@@ -495,7 +504,7 @@ def main(argv: list[str] | None = None) -> int:
     results = out_info["results"]
     width = max([len(c) for c in results] + [len("Speed")])
     for cid, rec in results.items():
-        v = verdict_for(cid, rec).verdict
+        v = _verdict_text(cid, rec)
         t = rec.get("wall_time")
         print(f"{cid:<{width}}  {v}" + (f"  ({t:.0f} s{', reused' if rec.get('reused') else ''})" if t else ""))
     sv = speed.verdict(results)
