@@ -39,8 +39,8 @@ Example::
     >>> eq = rotational_equilibrium(opt)
     >>> round(eq[0].angular_update, 5)        # √(2·1e-3·0.1·0.1/1.9)
     0.00324
-    >>> eq[0].time_constant                  # 1/(ηλ)
-    10000.0
+    >>> round(eq[0].time_constant)           # 1/(ηλ) steps
+    10000
 """
 
 from __future__ import annotations

@@ -98,7 +98,9 @@ class RotationalOptimizer(torch.optim.Optimizer):
         angular_update: the rotation per step at the initial learning rate: ``None`` (each
             group's equilibrium rate, :func:`~normmatters.optim.rotational_equilibrium`), a
             float for every group, or a sequence with one entry (float or ``None``) per group.
-            Needed for Adam with L2 decay, whose equilibrium depends on the gradients.
+            Needed for Adam with L2 decay, whose equilibrium depends on the gradients. Entries
+            of groups that are not rotated (no weight decay or no scale-invariant parameter) are
+            not used.
 
     Raises:
         TypeError: for an optimizer other than SGD, Adam, AdamW or Lion, or one already wrapped.
