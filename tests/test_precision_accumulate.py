@@ -234,3 +234,19 @@ def test_averaging_reductions_weigh_every_value_by_one_over_n(summation, n):
                             None, None, training=True, p=1, compute_dtype="fp16", accumulate_dtype="fp16",
                             summation=summation)
     assert torch.isfinite(y).all()
+
+
+def test_evaluation_takes_the_root_of_the_float32_running_variance():
+    """L1 in fp16 with fp16 means: a running σ̂² beyond fp16's range (σ̂ ≈ 1000) still evaluates,
+    since σ̂ is representable; L2's evaluation rounds σ̂² + eps, as torch's formula needs it."""
+    import normmatters as nm
+
+    torch.manual_seed(0)
+    x = torch.randn(32, 4, 8, 8) * 1000 + 500
+    kw = dict(compute_dtype="fp16", accumulate_dtype="fp16", precision_kwargs={"summation": "pairwise_mean"})
+    m = nm.LpBatchNorm2d(4, p=1, **kw)
+    m(x)
+    assert float(m.running_var.max()) > 65504  # σ̂² itself overflows fp16
+    m.eval()
+    y = m(x)
+    assert torch.isfinite(y).all() and 0.5 < float(y.std()) < 20

@@ -236,7 +236,9 @@ def batch_norm_in_format(
         if l2_eval:
             denom = ar.acc(torch.sqrt(ar.acc(ar.acc(rv) + eps_a)))
         else:
-            denom = ar.acc(ar.acc(torch.sqrt(ar.acc(rv))) + eps_a)
+            # √ of the float32 buffer, then rounded: σ̂ is representable where σ̂² (what the buffer
+            # holds, torch's convention) may not be, and L1 squares no activation.
+            denom = ar.acc(ar.acc(torch.sqrt(rv)) + eps_a)
         xhat = ar.comp(d / ar.comp(denom))
     w = None if weight is None else weight.reshape(c, 1)
     b = None if bias is None else bias.reshape(c, 1)
