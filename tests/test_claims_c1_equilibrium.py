@@ -23,6 +23,14 @@ def test_window_from_time_constants_to_the_first_milestone() -> None:
     assert eqc.window_for(cfg, 32) == (64, 64)  # too short: empty
 
 
+def test_l1_arm_stops_at_the_window_end() -> None:
+    cfg = SimpleNamespace(lr=0.1, momentum=0.9, weight_decay=1e-2, epochs=30,
+                          lr_schedule="step", lr_milestones=[15, 25])
+    assert eqc.l1_settings(cfg, 32) == {"norm": "l1", "epochs": 15}
+    cfg.epochs, cfg.lr_milestones = 2, [1]  # no window: the whole (short) run
+    assert eqc.l1_settings(cfg, 32) == {"norm": "l1"}
+
+
 def test_window_averages_measured_and_predicted_per_layer() -> None:
     w = eqc.EquilibriumWindow(2, 4)
     rec = lambda m, p: {"layers": {"a": {"step_angle": m, "eq_angle": p}, "b": {"norm": 1.0}}}  # noqa: E731
@@ -70,4 +78,9 @@ def test_ratio_figure_and_summary(tmp_path) -> None:
     out = eqc.plot_ratios(rows, tmp_path / "eq.png", "test")
     assert out is not None and out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert eqc.plot_ratios([], tmp_path / "none.png", "test") is None
-    assert "0.970–1.020 over 4 layer-seeds" in eqc.summary_text(rows)
+    assert "L2 BN 0.970–1.020 over 4 layer-seeds" in eqc.summary_text(rows)
+    rows.append({"run": eqc.L1_RUN, "seed": 0, "eq_angle_ratio": 0.9,
+                 "eq_angle_ratio_layers": {"0.weight": 0.9, "3.weight": 0.9}})
+    assert "L1 BN 0.900–0.900 over 2 layer-seeds" in eqc.summary_text(rows)
+    assert eqc.equilibrium_check(rows, eqc.L1_RUN, "L1").seeds == [0]
+    assert eqc.plot_ratios(rows, tmp_path / "eq2.png", "test") is not None

@@ -43,6 +43,7 @@ run in well under a minute per run on two CPU cores; ``scale="paper"``: ResNet-5
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -70,9 +71,11 @@ from ...optim import (
 from ..config import TrainConfig
 from ..io import append_jsonl, atomic_write_text
 from .c1_equilibrium import (
+    L1_RUN,
     ROTATIONAL,
     EquilibriumWindow,
     equilibrium_check,
+    l1_settings,
     plot_ratios,
     rotational_check,
     summary_text,
@@ -81,7 +84,7 @@ from .c1_equilibrium import (
 from .verdicts import ACC_MARGIN, Verdict, decide, equivalent
 
 __all__ = ["run", "verdict", "PAPER", "RUNS", "LABELS", "SETTINGS", "WD_ON", "WD_OFF", "WD_OFF_LR_CORRECTION",
-           "NORM_SCHEDULE", "ROTATIONAL"]
+           "NORM_SCHEDULE", "ROTATIONAL", "L1_RUN"]
 
 log = logging.getLogger(__name__)
 
@@ -102,9 +105,10 @@ WD_ON = "wd_on"
 WD_OFF = "wd_off"
 WD_OFF_LR_CORRECTION = "wd_off_lr_correction"
 NORM_SCHEDULE = "norm_schedule"
-RUNS = (WD_ON, WD_OFF, WD_OFF_LR_CORRECTION, NORM_SCHEDULE, ROTATIONAL)
+RUNS = (WD_ON, WD_OFF, WD_OFF_LR_CORRECTION, NORM_SCHEDULE, ROTATIONAL, L1_RUN)
 LABELS = {
     ROTATIONAL: "WD on, rotational wrapper",
+    L1_RUN: "WD on, L1 BN (to the first milestone: dynamics only)",
     WD_ON: "WD on",
     WD_OFF: "WD off (last layer on)",
     WD_OFF_LR_CORRECTION: "WD off + LR correction",
@@ -135,6 +139,7 @@ def verdict(rows: list[dict[str, Any]]) -> Verdict:
         equivalent(rows, WD_OFF, WD_ON, "WD off without correction vs WD on (context)", metric="test_acc",
                    margin=ACC_MARGIN, core=False),
         equilibrium_check(rows, WD_ON),
+        equilibrium_check(rows, L1_RUN, "WD on with L1 batch norm"),
         rotational_check(rows),
     ]
     return decide(checks, RULE)
@@ -226,13 +231,13 @@ class _Run:
 
         self.invariant = scale_invariant_parameters(model, self.example.to(
             next(model.parameters()).device))
-        decay = self.wd_on_decay if self.name in (WD_ON, ROTATIONAL) else "last_layer"
+        decay = self.wd_on_decay if self.name in (WD_ON, ROTATIONAL, L1_RUN) else "last_layer"
         groups = split_param_groups(model, self.invariant, weight_decay=config.weight_decay,
                                     decay=decay)
         opt = torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum,
                               nesterov=config.nesterov)
         spe = self.steps_per_epoch
-        if self.name in (WD_ON, ROTATIONAL):
+        if self.name in (WD_ON, ROTATIONAL, L1_RUN):
             self.eq_window = EquilibriumWindow(*window_for(config, spe))
         if self.name == ROTATIONAL:
             opt = RotationalOptimizer(opt, self.invariant)
@@ -435,7 +440,9 @@ def run(
             r.log_path = run_dir / "norms.jsonl"
             if r.log_path.exists():
                 r.log_path.unlink()  # a fresh run: never append to an old log
-            summary = trainer.train(config, run_dir, callbacks=[r], optimizer_factory=r.optimizer_factory,
+            run_config = (dataclasses.replace(config, **l1_settings(config, spe))
+                          if name == L1_RUN else config)
+            summary = trainer.train(run_config, run_dir, callbacks=[r], optimizer_factory=r.optimizer_factory,
                                     progress=progress, resume=False)
             try:  # per-layer norms, effective LR and angle of this run
                 plot_norm_log(r.epochs, run_dir / "norms.png", title=f"C1 {LABELS[name]}, seed {seed}")

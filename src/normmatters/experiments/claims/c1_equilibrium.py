@@ -9,6 +9,9 @@ records every step each layer's mean per-neuron rotation beside the prediction a
 learning rate, and :class:`EquilibriumWindow` averages both over the steps from 3τ to the first
 learning-rate milestone (the equilibrium of the initial rate, reached by then).
 
+The same holds for every p of an Lp batch norm: a sixth run, ``wd_on_l1``, is WD on with L1 batch
+norm, trained only to the first milestone (the window's end: its accuracy is not comparable).
+
 A fifth run, ``wd_on_rotational``, wraps WD on's SGD in
 :class:`~normmatters.optim.RotationalOptimizer`: every scale-invariant neuron turns at the
 equilibrium rate from the first step with its norm fixed, everything else as WD on.
@@ -16,13 +19,15 @@ equilibrium rate from the first step with its norm fixed, everything else as WD 
 Checks, stated before the runs; both are reported beside C1's verdict and do not vote in it (they
 are not the paper's claim):
 
-* **equilibrium** — the measured / predicted rotation of WD on, averaged over the layers of a seed,
-  matches 1: the 95 % t interval across seeds of (ratio − 1) inside ±20 %.
+* **equilibrium** — the measured / predicted rotation of WD on (L2 batch norm, and L1 batch norm),
+  averaged over the layers of a seed, matches 1: the 95 % t interval across seeds of (ratio − 1)
+  inside ±20 %.
 * **rotational** — WD on with the rotational wrapper is as good as WD on: non-inferiority of
   the paired per-seed test accuracy with the report's accuracy margin.
 
-Cost at the embedded scale: one more C1 run per seed (the rotational arm); measuring the
-rotation every step adds well under a second per run.
+Cost at the embedded scale: one more C1 run per seed (the rotational arm) and half of one (the
+L1 arm, to the first milestone); measuring the rotation every step adds well under a second per
+run.
 """
 
 from __future__ import annotations
@@ -43,11 +48,13 @@ from .verdicts import (
     non_inferior,
 )
 
-__all__ = ["RATIO_MARGIN", "ROTATIONAL", "EquilibriumWindow", "window_for", "equilibrium_check",
+__all__ = ["RATIO_MARGIN", "ROTATIONAL", "L1_RUN", "l1_settings", "EquilibriumWindow", "window_for", "equilibrium_check",
            "rotational_check", "plot_ratios", "summary_text"]
 
 #: The run that wraps WD on's optimizer in RotationalOptimizer.
 ROTATIONAL = "wd_on_rotational"
+#: WD on with L1 batch norm, trained to the end of the equilibrium window only.
+L1_RUN = "wd_on_l1"
 #: |measured / predicted − 1| allowed for the equilibrium rotation (stated before the runs).
 RATIO_MARGIN = 0.2
 #: The window starts this many time constants into the run.
@@ -95,10 +102,21 @@ def window_for(config: Any, steps_per_epoch: int) -> tuple[int, int]:
     return min(int(math.ceil(SETTLE_TAUS * tau)), stop), stop
 
 
-def equilibrium_check(rows: Sequence[Mapping[str, Any]], run: str = "wd_on") -> Check:
+def l1_settings(config: Any, steps_per_epoch: int) -> dict[str, Any]:
+    """The TrainConfig changes of the L1 arm: L1 batch norm, trained to the window's end (a run
+    too short to have a window trains to its end)."""
+    start, stop = window_for(config, steps_per_epoch)
+    if start >= stop:
+        return {"norm": "l1"}
+    return {"norm": "l1", "epochs": max(1, min(int(config.epochs),
+                                               math.ceil(stop / steps_per_epoch)))}
+
+
+def equilibrium_check(rows: Sequence[Mapping[str, Any]], run: str = "wd_on",
+                      label: str = "WD on") -> Check:
     """Measured / predicted rotation of ``run`` matches 1 within ±:data:`RATIO_MARGIN` (95 % t
     interval over seeds of the per-seed mean over layers)."""
-    name = ("equilibrium rotation of WD on: measured / predicted √(2ηλ/(1+α)) within "
+    name = (f"equilibrium rotation of {label}: measured / predicted √(2ηλ/(1+α)) within "
             f"±{100 * RATIO_MARGIN:g}% (beyond the paper; does not vote)")
     per_seed = [(int(r["seed"]), float(r["eq_angle_ratio"])) for r in rows
                 if r.get("run") == run and r.get("eq_angle_ratio") is not None
@@ -141,18 +159,22 @@ def rotational_check(rows: Sequence[Mapping[str, Any]]) -> Check:
 
 def summary_text(rows: Sequence[Mapping[str, Any]]) -> str:
     """One sentence on the measured / predicted rotation per layer."""
-    ratios = [v for r in rows if r.get("run") == "wd_on"
-              for v in (r.get("eq_angle_ratio_layers") or {}).values()]
-    if not ratios:
+    parts = []
+    for run, label in (("wd_on", "L2 BN"), (L1_RUN, "L1 BN")):
+        ratios = [v for r in rows if r.get("run") == run
+                  for v in (r.get("eq_angle_ratio_layers") or {}).values()]
+        if ratios:
+            parts.append(f"{label} {min(ratios):.3f}–{max(ratios):.3f} over {len(ratios)} "
+                         f"layer-seeds (mean {sum(ratios) / len(ratios):.3f})")
+    if not parts:
         return ""
-    return (f"Rotational equilibrium (WD on, from 3τ to the first LR milestone): measured / "
-            f"predicted rotation per step {min(ratios):.3f}–{max(ratios):.3f} over "
-            f"{len(ratios)} layer-seeds (mean {sum(ratios) / len(ratios):.3f}).")
+    return ("Rotational equilibrium (WD on, from 3τ to the first LR milestone): measured / "
+            "predicted rotation per step " + "; ".join(parts) + ".")
 
 
 def plot_ratios(rows: Sequence[Mapping[str, Any]], path: Path, title: str) -> Path | None:
     """Measured / predicted rotation per layer (one point per seed), the ±margin band shaded."""
-    runs = [r for r in rows if r.get("run") == "wd_on" and r.get("eq_angle_ratio_layers")]
+    runs = [r for r in rows if r.get("run") in ("wd_on", L1_RUN) and r.get("eq_angle_ratio_layers")]
     if not runs:
         return None
     import matplotlib
@@ -167,7 +189,9 @@ def plot_ratios(rows: Sequence[Mapping[str, Any]], path: Path, title: str) -> Pa
     ax.axhline(1.0, color="k", lw=0.8)
     for r in runs:
         ys = [r["eq_angle_ratio_layers"].get(n, math.nan) for n in layers]
-        ax.plot(range(len(layers)), ys, "o", alpha=0.7, label=f"seed {r['seed']}")
+        is_l1 = r["run"] == L1_RUN
+        ax.plot(range(len(layers)), ys, "^" if is_l1 else "o", alpha=0.7,
+                label=f"{'L1' if is_l1 else 'L2'} BN, seed {r['seed']}")
     ax.set_xticks(range(len(layers)))
     ax.set_xticklabels(layers, rotation=45, ha="right", fontsize=7)
     ax.set_ylabel("measured / predicted rotation per step")
