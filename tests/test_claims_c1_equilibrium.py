@@ -57,7 +57,7 @@ def _rows(ratios: dict[int, float], acc: dict[str, list[float]] | None = None) -
 def test_equilibrium_check_outcomes() -> None:
     c = eqc.equilibrium_check(_rows({0: 0.97, 1: 0.99, 2: 0.98}))
     assert c.outcome == "supported" and c.passed is True and not c.core
-    assert c.diff["mean"] == pytest.approx(0.98) and c.kind == "ratio"
+    assert c.diff["mean"] == pytest.approx(-0.02) and c.kind == "relative"  # ratio − 1
     assert "0.980×" in c.text
     c = eqc.equilibrium_check(_rows({0: 0.5, 1: 0.52, 2: 0.49}))
     assert c.outcome == "not supported" and c.passed is False
