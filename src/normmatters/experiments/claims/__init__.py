@@ -107,10 +107,11 @@ CLAIMS: dict[str, ClaimInfo] = {
         "C1", f"{_PKG}.c1",
         "Weight decay acts only through the effective learning rate η/‖w‖²: WD off with a per-channel LR "
         "correction, or norm scheduling, matches WD on.",
-        "1-D ResNet-8 on MNIST-1D: WD on, WD off, WD off + LR correction, norm scheduling instead of LR scheduling",
+        "1-D ResNet-8 on MNIST-1D: WD on, WD off, WD off + LR correction, norm scheduling instead of LR scheduling; "
+        "rotational equilibrium (measured vs predicted angular update, L2 and L1 batch norm) and the rotational optimizer",
         "ResNet-56 / VGG11 on CIFAR-10: the same four runs",
         ("cifar10",),
-        cost=2.4,
+        cost=3.2,
     ),
     "C2": ClaimInfo(
         "C2", f"{_PKG}.c2",
