@@ -9,7 +9,7 @@
 
 The embedded scale (default) trains on data that needs no network (MNIST-1D, scikit-learn's
 digits, CPython's pydoc text) and is sized so that the default run finishes within 15 minutes on
-a 2-core CPU (about 1600 CPU-seconds; one seed of everything in about 6 minutes). Each claim runs the seeds its verdict needs (``ClaimInfo.seeds``:
+a 2-core CPU (about 1750 CPU-seconds; one seed of everything in about 6 minutes). Each claim runs the seeds its verdict needs (``ClaimInfo.seeds``:
 5 for C2, whose core comparisons are designed to be decided, 3 for the others) unless ``--seeds N``
 gives every claim N. Verdicts come from paired comparisons over the seeds (see
 :mod:`normmatters.experiments.claims.verdicts`); with one seed there is no interval and every
