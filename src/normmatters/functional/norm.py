@@ -396,12 +396,14 @@ def update_running(
 _update_running = update_running
 
 _is_batched = getattr(getattr(torch._C, "_functorch", None), "is_batchedtensor", None)
-_transforms_active = getattr(torch._C, "_are_functorch_transforms_active", lambda: False)
+
+#: Whether a torch.func transform (vmap, grad, jacrev) is running around this call.
+transforms_active = getattr(torch._C, "_are_functorch_transforms_active", lambda: False)
 
 
 def _refuse_batched_update(mean: Tensor, *buffers: Tensor | None) -> None:
     # What torch's batch norm says under torch.func.vmap, instead of a broadcasting error.
-    if _is_batched is None or not _transforms_active() or not _is_batched(mean):
+    if _is_batched is None or not transforms_active() or not _is_batched(mean):
         return
     if any(b is not None and not _is_batched(b) for b in buffers):
         raise RuntimeError(

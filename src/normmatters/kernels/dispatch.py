@@ -157,7 +157,7 @@ def _constant(p: float, k: int | None, n, constant: str) -> float:
 # torch.func transforms (vmap, grad, jacrev, per-sample gradients) run the reference path for that
 # call only: the fused operators' autograd nodes do not support them, and a transformed call is no
 # failure of the kernels (the fast path stays on for every other call).
-_transforms_active = getattr(torch._C, "_are_functorch_transforms_active", lambda: False)
+_transforms_active = fn.transforms_active
 
 
 def _fused(input: Tensor, layout: int, vectors: Sequence[Tensor | None]) -> bool:

@@ -100,12 +100,12 @@ Tensor as_stat(const Tensor& t, at::ScalarType st) {
 // norm: per channel (dim 1), NCS or NSC (channels-last of any rank) without a copy where the
 // memory allows (autograd.prepare_input), else a contiguous copy; kind 1 / 3 layer / RMS norm:
 // rows over the last `arg` dims, γ and β per position; kind 2 group norm: rows of one (sample,
-// group of `arg`), no affine. `copied`: x3 is a copy, not a view of x's memory.
+// group of `arg`), no affine.
 //
 // x.reshape() copies silently when x's strides do not merge (a permuted, sliced or expanded
 // input); the copy is contiguous, so whatever reshape did, x3's own strides say which layout the
 // kernel reads, and outputs are allocated in that layout (like()), never in x's.
-struct View3 { Tensor x3; int layout; int affine; bool center; bool copied; };
+struct View3 { Tensor x3; int layout; int affine; bool center; };
 
 bool nsc_dense(const Tensor& x3) { return x3.transpose(1, 2).is_contiguous(); }
 
@@ -114,20 +114,15 @@ View3 prepare(const Tensor& x, int64_t kind, int64_t arg, bool has_affine) {
     const int64_t N = x.size(0), C = x.size(1);
     const int64_t S = x.numel() / (N * C);
     Tensor x3 = x.reshape({N, C, S});
-    bool copied = !x3.is_alias_of(x);
-    if (!x3.is_contiguous() && !nsc_dense(x3)) {
-      x3 = x3.contiguous();
-      copied = true;
-    }
+    if (!x3.is_contiguous() && !nsc_dense(x3)) x3 = x3.contiguous();
     const int layout = x3.is_contiguous() ? (S == 1 ? NSC : NCS) : NSC;
-    return {x3, layout, AFF_CHANNEL, true, copied};
+    return {x3, layout, AFF_CHANNEL, true};
   }
-  const bool copied = !x.is_contiguous();
-  const Tensor xc = copied ? x.contiguous() : x;
-  if (kind == 2) return {xc.view({1, x.size(0) * arg, -1}), NCS, AFF_NONE, true, copied};
+  const Tensor xc = x.contiguous();
+  if (kind == 2) return {xc.view({1, x.size(0) * arg, -1}), NCS, AFF_NONE, true};
   int64_t d = 1;
   for (int64_t i = x.dim() - arg; i < x.dim(); ++i) d *= x.size(i);
-  return {xc.view({1, -1, d}), NCS, has_affine ? AFF_POSITION : AFF_NONE, kind != 3, copied};
+  return {xc.view({1, -1, d}), NCS, has_affine ? AFF_POSITION : AFF_NONE, kind != 3};
 }
 
 // An output (or input gradient) with x's sizes, stored in the memory order in which the kernel
