@@ -133,6 +133,15 @@ def _take_over(old: nn.Module, new: nn.Module, attributes: bool = True) -> nn.Mo
     return new
 
 
+def _to_convert(plans: dict[int, _Plan], where: str):
+    """The plans to convert, after one warning for each module left (naming all its paths)."""
+    for key, plan in plans.items():
+        if plan.action == "left":
+            warn_left(where, ", ".join(plan.paths), plan.module, plan.why)
+        elif plan.action == "convert":
+            yield key, plan
+
+
 def replace_modules(model: nn.Module, fn: Callable[[nn.Module, str], nn.Module | None],
                     attributes: bool = True) -> nn.Module:
     """Apply ``fn(module, qualified_name)`` top-down (``None``: descend into its children; a
@@ -295,13 +304,8 @@ def convert_norms(
                              "out (kinds=...)")
 
     new: dict[int, nn.Module] = {}
-    for key, plan in plans.items():
+    for key, plan in _to_convert(plans, where):
         m = plan.module
-        if plan.action == "left":
-            warn_left(where, ", ".join(plan.paths), m, plan.why)
-            continue
-        if plan.action != "convert":
-            continue
         if not isinstance(plan.spec, NormSpec):  # registered
             out = plan.spec.to_lp(m, p=p, k=k, constant=constant)
         else:
@@ -384,13 +388,8 @@ def to_torch_norms(model: nn.Module, *, strict: bool = True) -> nn.Module:
 
     plans, edges, _ = _plan(model, decide)
     new: dict[int, nn.Module] = {}
-    for key, plan in plans.items():
+    for key, plan in _to_convert(plans, where):
         m = plan.module
-        if plan.action == "left":
-            warn_left(where, ", ".join(plan.paths), m, plan.why)
-            continue
-        if plan.action != "convert":
-            continue
         holder = move_hooks(m, nn.Module())  # the user's hooks do not run during the conversion
         if plan.spec == "original":
             out = restore_original(m)

@@ -12,7 +12,7 @@ from typing import Any
 
 from .io import atomic_write_bytes
 
-__all__ = ["plot_run", "plot_curves"]
+__all__ = ["plot_run", "plot_curves", "save_figure"]
 
 
 def _figure(title: str, xlabel: str, ylabel: str):
@@ -29,11 +29,16 @@ def _figure(title: str, xlabel: str, ylabel: str):
     return fig, ax
 
 
-def _save(fig, path: Path) -> Path:
+def save_figure(fig, path: Path, dpi: float | None = None) -> Path:
+    """Write ``fig`` as a PNG to ``path`` atomically (a reader never sees half a file)."""
     buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi)
+    return atomic_write_bytes(Path(path), buf.getvalue())
+
+
+def _save(fig, path: Path) -> Path:
     fig.tight_layout()
-    fig.savefig(buf, format="png")
-    return atomic_write_bytes(path, buf.getvalue())
+    return save_figure(fig, path)
 
 
 def plot_curves(series: dict[str, tuple[list[float], list[float]]], path: str | Path, *, title: str = "",

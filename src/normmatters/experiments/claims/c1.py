@@ -70,6 +70,7 @@ from ...optim import (
 )
 from ..config import TrainConfig
 from ..io import append_jsonl, atomic_write_text
+from ..plots import save_figure
 from .c1_equilibrium import (
     L1_RUN,
     ROTATIONAL,
@@ -338,11 +339,8 @@ def _plot(runs: Mapping[str, _Run], path: Path, title: str) -> Path:
     axes[0].legend(fontsize=8)
     fig.suptitle(title)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
+    save_figure(fig, path, dpi=110)
     plt.close(fig)
-    tmp.replace(path)
     return path
 
 

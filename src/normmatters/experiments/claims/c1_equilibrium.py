@@ -37,6 +37,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from ..plots import save_figure
 from .stats import mean_interval
 from .verdicts import (
     ACC_MARGIN,
@@ -196,9 +197,6 @@ def plot_ratios(rows: Sequence[Mapping[str, Any]], path: Path, title: str) -> Pa
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
+    save_figure(fig, path, dpi=110)
     plt.close(fig)
-    tmp.replace(path)
     return path
