@@ -12,6 +12,8 @@ import normmatters.kernels as K
 from normmatters.kernels import selfcheck
 from normmatters.nn import LpBatchNorm2d
 
+from _shared import fused
+
 pytestmark = pytest.mark.skipif(not K.available("cpu"), reason="no C++ compiler for the kernels")
 
 
@@ -58,19 +60,6 @@ def test_overlapping_blocks_in_two_threads_restore_their_own_choice():
     assert K.get_backend() == "auto"
 
 
-def _fused_graph(y: torch.Tensor) -> bool:
-    seen, stack = set(), [y.grad_fn]
-    while stack:
-        f = stack.pop()
-        if f is None or f in seen:
-            continue
-        seen.add(f)
-        if any(s in f.name() for s in ("LpNormFn", "_EagerLpNorm", "lp_norm_fwd")):
-            return True
-        stack.extend(n for n, _ in f.next_functions)
-    return False
-
-
 def test_a_block_in_one_thread_leaves_another_threads_first_call_fused_and_checked():
     selfcheck.reset()
     inside, done = threading.Event(), threading.Event()
@@ -87,7 +76,7 @@ def test_a_block_in_one_thread_leaves_another_threads_first_call_fused_and_check
         x = torch.randn(4, 3, 5, 5, requires_grad=True)
         y = LpBatchNorm2d(3, p=1)(x)
         assert K.get_backend() == "auto"
-        assert _fused_graph(y)  # this thread's first call took the fused path...
+        assert fused(y)  # this thread's first call took the fused path...
         assert selfcheck._verdicts.get((torch.device("cpu"), torch.float32, 0)) is True  # ...checked
     finally:
         done.set()
@@ -99,7 +88,7 @@ def test_the_self_check_never_changes_the_callers_setting():
         assert selfcheck.check(torch.device("cpu"), torch.float32, 0) is None
         assert K.get_backend() == "reference"
         x = torch.randn(4, 3, 5, 5, requires_grad=True)
-        assert not _fused_graph(LpBatchNorm2d(3, p=1)(x))
+        assert not fused(LpBatchNorm2d(3, p=1)(x))
     assert K.get_backend() == "auto"
 
 

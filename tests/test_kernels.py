@@ -22,6 +22,8 @@ from normmatters.kernels import build, cpu
 from normmatters.kernels.autograd import lp_norm_fwd
 from normmatters.nn import LpBatchNorm2d, LpLayerNorm
 
+from _shared import fused as _fused
+
 pytestmark = pytest.mark.skipif(not K.available("cpu"), reason="no C++ compiler for the kernels")
 
 
@@ -38,20 +40,6 @@ def eager_path(request, monkeypatch):
 
 NORMS = [(1, None), (math.inf, None), (math.inf, 3), (math.inf, 10)]
 NORM_IDS = ["l1", "linf", "top3", "top10"]
-
-
-def _fused(y: torch.Tensor) -> bool:
-    """Whether the autograd graph of ``y`` contains the fused op (custom op, or its eager twin)."""
-    seen, stack = set(), [y.grad_fn]
-    while stack:
-        f = stack.pop()
-        if f is None or f in seen:
-            continue
-        seen.add(f)
-        if any(s in f.name() for s in ("normmatters_lp_norm_fwd", "_EagerLpNorm", "LpNormFn")):
-            return True
-        stack.extend(n for n, _ in f.next_functions)
-    return False
 
 
 def _run(fn, tensors, grad):
