@@ -249,6 +249,47 @@ def test_group_norm_matches_reference(p, k):
 
 
 @pytest.mark.parametrize("p,k", NORMS, ids=NORM_IDS)
+@pytest.mark.parametrize("shape,groups", [((2, 6, 8), 3), ((3, 8, 5, 4), 2), ((2, 4, 1500), 2),
+                                          ((2, 6, 7, 5), 6)], ids=["short", "4d", "long", "one-each"])
+@pytest.mark.parametrize("affine", ["both", "weight", "bias", "none"])
+def test_group_norm_affine_in_the_kernel(shape, groups, affine, p, k, eager_path):
+    # γ and β per channel inside the kernel (rows of one sample's group, each channel a run of the
+    # row): rows shorter than 32, rows of 3000 values (Top(k) by pieces), one channel per group.
+    torch.manual_seed(0)
+    x = _leaf(*shape, scale=2.0, shift=0.5)
+    c = shape[1]
+    w = _leaf(c, scale=0.5, shift=1.0) if affine in ("both", "weight") else None
+    b = _leaf(c) if affine in ("both", "bias") else None
+    y = _compare(lambda x, w, b: lp_group_norm(x, groups, w, b, 1e-5, p=p, k=k), (x, w, b),
+                 torch.randn(shape), 2e-5, 1e-5)
+    if eager_path == "operators" and affine != "none":
+        # One node takes x, γ and β: no separate multiply-add after the kernel.
+        assert _fused(y)
+        inputs = {id(f.variable) for f, _ in y.grad_fn.next_functions if f is not None and hasattr(f, "variable")}
+        assert {id(t) for t in (w, b) if t is not None} <= inputs
+
+
+@pytest.mark.parametrize("p,k", NORMS[:3], ids=NORM_IDS[:3])
+def test_group_norm_affine_gradcheck_and_layouts(p, k):
+    x = _leaf(3, 4, 3, 2, dtype=torch.float64, scale=2.0)
+    w = _leaf(4, dtype=torch.float64, shift=1.0)
+    b = _leaf(4, dtype=torch.float64)
+    f = lambda x, w, b: lp_group_norm(x, 2, w, b, p=p, k=k)  # noqa: E731
+    assert torch.autograd.gradcheck(f, (x, w, b))
+    # Channels-last and permuted inputs: the same values (the kernel reads a contiguous copy).
+    g = torch.randn(3, 4, 3, 2, dtype=torch.float64)
+    for xv in (x.detach().contiguous(memory_format=torch.channels_last),
+               x.detach().permute(0, 1, 3, 2).contiguous().permute(0, 1, 3, 2)):
+        xv.requires_grad_(True)
+        _compare(f, (xv, w, b), g, 1e-10)
+    # Half-precision storage, float32 statistics and affine.
+    xb = _leaf(4, 8, 6, 6, dtype=torch.bfloat16)
+    wb, bb = _leaf(8, shift=1.0), _leaf(8)
+    _compare(lambda x, w, b: lp_group_norm(x, 4, w, b, p=p, k=k), (xb, wb, bb),
+             torch.randn(4, 8, 6, 6, dtype=torch.bfloat16), 3e-2, 3e-2)
+
+
+@pytest.mark.parametrize("p,k", NORMS, ids=NORM_IDS)
 def test_rms_norm_matches_reference(p, k):
     x = _leaf(5, 7, 32, scale=2.0, shift=0.5)
     w = _leaf(32)

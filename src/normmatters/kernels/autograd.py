@@ -212,7 +212,14 @@ def _double_backward_grads(x: Tensor, weight: Tensor | None, grad_y: Tensor, lay
         sigma = constant * (pattern * d).sum(dims, keepdim=True) / k
         p, kk = math.inf, k
     inv = 1.0 / (sigma + eps)
-    if weight is None:
+    if affine == Affine.GROUP:
+        # x is [1, samples·G, S], each row one group's channels of S / channels values; γ comes
+        # as [G, channels per group, 1] (csrc/lp_norm_op.cpp): per row, per channel.
+        groups, cg = weight.shape[0], weight.shape[1]
+        def by_channel(t: Tensor) -> Tensor:
+            return t.reshape(-1, groups, cg, t.shape[2] // cg)
+        gp = (by_channel(g) * weight.to(stat).view(1, groups, cg, 1)).reshape(g.shape)
+    elif weight is None:
         gp = g
     elif affine == Affine.POSITION:
         gp = g * weight.to(stat).view(1, 1, -1)
@@ -221,7 +228,9 @@ def _double_backward_grads(x: Tensor, weight: Tensor | None, grad_y: Tensor, lay
     sums = closed_form_sums(gp, d, pattern, dims)
     dx = closed_form_grad(gp, d, inv, pattern, sums, n, p, kk, constant, dims, center).to(x.dtype)
     xhat = d * inv
-    if affine == Affine.POSITION:
+    if affine == Affine.GROUP:
+        dw, db = by_channel(g * xhat).sum((0, 3)).reshape(-1), by_channel(g).sum((0, 3)).reshape(-1)
+    elif affine == Affine.POSITION:
         dw, db = (g * xhat).sum((0, 1)), g.sum((0, 1))
     else:
         dw, db = (g * xhat).sum(dims), g.sum(dims)
@@ -480,30 +489,37 @@ def layer_norm(input: Tensor, normalized_shape: Sequence[int], weight: Tensor | 
                               mode, kk, constant, float(eps), True, Affine.POSITION)
         return y.view(input.shape)
     xhat = _lp_norm(x3, None, None, NCS, mode, kk, constant, float(eps), True)
-    y = xhat.view(input.shape)
+    return _affine_by_ops(xhat.view(input.shape), weight, bias, [-1])
+
+
+def _affine_by_ops(y: Tensor, weight: Tensor | None, bias: Tensor | None,
+                   shape: list[int]) -> Tensor:
+    """``y·γ + β`` by torch ops, in the wider of y's and the parameters' dtypes (half-precision
+    activations with float32 parameters: float32 affine and float32 gradients of γ and β, as the
+    fused kernels compute them)."""
+    param = weight if weight is not None else bias
+    if param is None:
+        return y
+    wide = torch.promote_types(y.dtype, param.dtype)
+    z = y.to(wide)
     if weight is not None:
-        y = y * weight.to(y.dtype)
+        z = z * weight.to(wide).view(shape)
     if bias is not None:
-        y = y + bias.to(y.dtype)
-    return y
+        z = z + bias.to(wide).view(shape)
+    return z.to(y.dtype)
 
 
 def group_norm(input: Tensor, num_groups: int, weight: Tensor | None, bias: Tensor | None,
                eps: float, p: float, k: int | None, constant: float) -> Tensor:
-    """Fused Lp group norm: statistics per sample and group; per-channel affine by torch ops."""
+    """Fused Lp group norm: statistics per sample and group; per-channel γ, β inside the kernel
+    (eager operators) or by torch ops (the Python path)."""
     mode, kk = _mode(p, k)
     if eager_op(input):
         return eager_norm(input, weight, bias, None, None, 2, num_groups, mode, kk, constant,
                       float(eps), 0.0)
     x3 = input.contiguous().view(1, input.shape[0] * num_groups, -1)
     xhat = _lp_norm(x3, None, None, NCS, mode, kk, constant, float(eps), True)
-    y = xhat.view(input.shape)
-    shape = [1, -1] + [1] * (input.dim() - 2)
-    if weight is not None:
-        y = y * weight.to(y.dtype).view(shape)
-    if bias is not None:
-        y = y + bias.to(y.dtype).view(shape)
-    return y
+    return _affine_by_ops(xhat.view(input.shape), weight, bias, [1, -1] + [1] * (input.dim() - 2))
 
 
 def rms_norm(input: Tensor, normalized_shape: Sequence[int], weight: Tensor | None, eps: float,
@@ -519,10 +535,7 @@ def rms_norm(input: Tensor, normalized_shape: Sequence[int], weight: Tensor | No
                               float(eps), False, Affine.POSITION)
         return y.view(input.shape)
     xhat = _lp_norm(x3, None, None, NCS, mode, kk, constant, float(eps), False)
-    y = xhat.view(input.shape)
-    if weight is not None:
-        y = y * weight.to(y.dtype)
-    return y
+    return _affine_by_ops(xhat.view(input.shape), weight, None, [-1])
 
 
 # The differentiable closed form, as an operator the C++ eager node (csrc/lp_norm_op.cpp) calls

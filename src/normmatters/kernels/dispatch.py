@@ -297,18 +297,23 @@ def eager_args(p: float, k: int | None, constant: str, n: int, eps: float
 _is_compiling = torch.compiler.is_compiling
 _is_exporting = getattr(torch.compiler, "is_exporting", lambda: False)
 _ready: dict[tuple[torch.dtype, int], int] = {}  # (dtype, layout) → selfcheck.generation when trusted
+_cpu_backends = autograd._BACKENDS  # device type → backend module (autograd.backend_for)
 
 
 def eager_ready(input: Tensor, layout: int) -> bool:
     """Whether the C++ eager CPU operators may take a call on ``input`` now: a non-empty CPU
     tensor of a dtype they serve, the ``"auto"`` backend, not compiling or exporting, and the
     self-check's trust for this dtype and layout (cached until a verdict changes)."""
-    if not input.is_cpu or _backend() != "auto" or _is_compiling() or _is_exporting() \
+    # Every call of a module on the CPU asks this: the cheapest tests first, each read once.
+    if _is_compiling() or not input.is_cpu:
+        return False
+    override = _local.__dict__.get("backend")
+    if (_state["backend"] if override is None else override) != "auto" or _is_exporting() \
             or not input.numel() or _transforms_active():
         return False
     key = (input.dtype, layout)
-    if _ready.get(key) == selfcheck.generation and autograd.backend_for(_CPU) is cpu \
-            and cpu.eager_ops(input.dtype):
+    if _ready.get(key) == selfcheck.generation and _cpu_backends.get("cpu") is cpu \
+            and cpu.eager_ops(key[0]):
         return True
     ok = autograd.eager_op(input) and selfcheck.trusted(_CPU, input.dtype, layout)
     if ok:

@@ -30,6 +30,9 @@ class Affine(IntEnum):
     NONE = 0
     CHANNEL = 1  #: one per channel c (batch norm)
     POSITION = 2  #: one per position s (layer and RMS norm: NCS with N = 1)
+    #: one per channel of a group norm: NCS with N = 1, rows of (sample, group), each row the
+    #: group's channels as runs of equal length (the eager operators, csrc/lp_norm_op.cpp)
+    GROUP = 3
 
 
 class DType(IntEnum):

@@ -63,6 +63,19 @@ template <> struct IO<f16_t> {
   static inline void st(f16_t* p, int64_t i, float v) { p[i] = (f16_t)v; }
 };
 
+// Runs `body` on a team of nt threads, or directly on this one when nt = 1: a parallel region
+// costs microseconds even for one thread (a team, a barrier with futex calls), the whole cost of a
+// small normalization. The bodies use orphaned worksharing (omp for / single / barrier), which
+// binds to the team when there is one and runs the whole loop otherwise.
+template <typename F> inline void parallel(int nt, F&& body) {
+  if (nt <= 1) {
+    body();
+    return;
+  }
+#pragma omp parallel num_threads(nt)
+  body();
+}
+
 // Keeps the k largest (value, −index) pairs pushed: larger values first, and among equal values
 // the lower index, so the kept set does not depend on the order of the pushes (nor on how rows
 // are split between threads). Root = the worst kept pair (the admission threshold).
@@ -265,15 +278,14 @@ template <typename A> struct TopScratch {
 // ---------------------------------------------------------------- NCS layout: one channel per task
 template <typename T>
 void fwd_ncs(const T* x, T* y, int64_t N, int64_t C, int64_t S,
-             const typename IO<T>::A* w, const typename IO<T>::A* b, int aff, int mode, int k,
-             double cst, double eps, int center,
+             const typename IO<T>::A* w, const typename IO<T>::A* b, int aff, int64_t G, int64_t HW,
+             int mode, int k, double cst, double eps, int center,
              typename IO<T>::A* mean_o, typename IO<T>::A* inv_o, typename IO<T>::A* sig_o, int nt) {
   typedef typename IO<T>::A A;
   const int64_t n = N * S;
   const bool short_rows = n <= SHORT;
   const int64_t chunk = std::max<int64_t>(1, C / (8 * (int64_t)nt));
-#pragma omp parallel num_threads(nt)
-  {
+  parallel(nt, [&] {
     HeapSet<A> hs; std::vector<Cand> buf; Pieces<T, A> pieces; TopScratch<A> ts(k);
     if (mode == 2) hs.init(1, k);
 #pragma omp for schedule(dynamic, chunk)
@@ -344,6 +356,18 @@ void fwd_ncs(const T* x, T* y, int64_t N, int64_t C, int64_t S,
             for (int64_t i = 0; i < S; ++i) IO<T>::st(yp, i, (IO<T>::ld(xp, i) - mu) * inv + (b ? b[i] : A(0)));
           }
         }
+      } else if (aff == 3) {
+        // Group norm (N = 1, row c = one group of one sample): γ and β per channel, the row being
+        // the group's S / HW channels of HW values each.
+        const int64_t cg = S / HW, c0 = (c % G) * cg;
+        for (int64_t j = 0; j < cg; ++j) {
+          const A a = inv * (w ? w[c0 + j] : A(1));
+          const A off = b ? b[c0 + j] : A(0);
+          const T* xp = x + c * S + j * HW;
+          T* yp = y + c * S + j * HW;
+#pragma omp simd
+          for (int64_t i = 0; i < HW; ++i) IO<T>::st(yp, i, (IO<T>::ld(xp, i) - mu) * a + off);
+        }
       } else {
         const A a = inv * (w ? w[c] : A(1));
         const A off = b ? b[c] : A(0);
@@ -356,7 +380,7 @@ void fwd_ncs(const T* x, T* y, int64_t N, int64_t C, int64_t S,
       }
       mean_o[c] = mu; inv_o[c] = inv; sig_o[c] = sg;
     }
-  }
+  });
 }
 
 template <typename T>
@@ -368,8 +392,7 @@ void bwd_ncs(const T* dy, const T* x, T* dx, int64_t N, int64_t C, int64_t S,
   const int64_t n = N * S;
   const bool short_rows = n <= SHORT;
   const int64_t chunk = std::max<int64_t>(1, C / (8 * (int64_t)nt));
-#pragma omp parallel num_threads(nt)
-  {
+  parallel(nt, [&] {
     HeapSet<A> hs; std::vector<Cand> buf; Pieces<T, A> pieces; TopScratch<A> ts(k);
     std::vector<int64_t> tid((size_t)std::max(k, 1)); std::vector<int> tsg((size_t)std::max(k, 1));
     if (mode == 2) hs.init(1, k);
@@ -458,35 +481,42 @@ void bwd_ncs(const T* dy, const T* x, T* dx, int64_t N, int64_t C, int64_t S,
         }
       }
     }
-  }
+  });
 }
 
-// Backward of rows (N = 1, NCS) with weight and bias per position s: layer and RMS norm.
-// g' = w_s·dy; dx = inv·(g' − mean(g') − C·(s − mean(s))·M) as in bwd_ncs; dw_s = Σ_rows dy·x̂,
-// db_s = Σ_rows dy, accumulated per thread and summed in thread order.
+// Backward of rows (N = 1, NCS) with weight and bias per position s (layer and RMS norm, G = 0),
+// or per channel of a group (group norm, G > 0: row r is one group of one sample, g = r mod G,
+// holding the group's S / HW channels as segments of HW values).
+// g' = γ·dy; dx = inv·(g' − mean(g') − C·(s − mean(s))·M) as in bwd_ncs. Per position:
+// dw_s = Σ_rows dy·x̂, db_s = Σ_rows dy, accumulated per thread and summed in thread order. Per
+// channel: each row's segment sums kept per (row, channel) and summed over the samples in order.
 template <typename T>
-void bwd_rows(const T* dy, const T* x, T* dx, int64_t R, int64_t S,
+void bwd_rows(const T* dy, const T* x, T* dx, int64_t R, int64_t S, int64_t G, int64_t HW,
               const typename IO<T>::A* w, const typename IO<T>::A* mean, const typename IO<T>::A* invs,
               int mode, int k, double cst, int center,
               typename IO<T>::A* dw, typename IO<T>::A* db, int nt) {
   typedef typename IO<T>::A A;
   const int64_t n = S;
   const bool short_rows = n <= SHORT;
+  const bool grp = G > 0;
+  const int64_t seg = grp ? HW : S, nseg = S / seg;  // segments of one γ (group) or one each
+  const A* wpos = grp ? nullptr : w;                   // γ per position (layer and RMS norm)
   const int64_t chunk = std::max<int64_t>(1, R / (8 * (int64_t)nt));
-  std::vector<double> pw(dw ? (size_t)(nt * S) : 0, 0.0), pb(dw ? (size_t)(nt * S) : 0, 0.0);
+  const bool pos_affine = dw && !grp;
+  std::vector<double> pw(pos_affine ? (size_t)(nt * S) : 0, 0.0), pb(pos_affine ? (size_t)(nt * S) : 0, 0.0);
+  std::vector<double> cw(dw && grp ? (size_t)(R * nseg) : 0), cb(dw && grp ? (size_t)(R * nseg) : 0);
   int used = 1;
-#pragma omp parallel num_threads(nt)
-  {
+  parallel(nt, [&] {
     const int t = omp_get_thread_num();
 #pragma omp single
     used = omp_get_num_threads();
     HeapSet<A> hs; std::vector<Cand> buf; Pieces<T, A> pieces; TopScratch<A> ts(k);
     std::vector<int64_t> tid((size_t)std::max(k, 1)); std::vector<int> tsg((size_t)std::max(k, 1));
     if (mode == 2) hs.init(1, k);
-    double* tw = dw ? pw.data() + (size_t)t * S : nullptr;
-    double* tb = dw ? pb.data() + (size_t)t * S : nullptr;
+    double* tw = pos_affine ? pw.data() + (size_t)t * S : nullptr;
+    double* tb = pos_affine ? pb.data() + (size_t)t * S : nullptr;
     const int FLUSH = 32;
-    std::vector<A> fwv(dw ? (size_t)S : 0, A(0)), fbv(dw ? (size_t)S : 0, A(0));
+    std::vector<A> fwv(pos_affine ? (size_t)S : 0, A(0)), fbv(pos_affine ? (size_t)S : 0, A(0));
     A* fw = fwv.data(); A* fb = fbv.data();
     int pending = 0;
     auto flush = [&] {
@@ -497,36 +527,43 @@ void bwd_rows(const T* dy, const T* x, T* dx, int64_t R, int64_t S,
     for (int64_t r = 0; r < R; ++r) {
       const T* xr = x + r * S; const T* gr = dy + r * S;
       const A mu = mean[r], inv = invs[r];
+      const A* wseg = grp && w ? w + (r % G) * nseg : nullptr;  // γ of each segment
       Heap<A>* hi = &hs.hi[0]; Heap<A>* lo = &hs.lo[0];
       pieces.clear();
       double s1 = 0.0, s2 = 0.0, s3 = 0.0;
       A gmx = -std::numeric_limits<A>::infinity(), gmn = std::numeric_limits<A>::infinity();
-      for (int64_t s0 = 0; s0 < S; s0 += CH) {
-        const int64_t len = std::min(CH, S - s0);
-        A l1 = 0, l2 = 0, l3 = 0;
-        A mx = -std::numeric_limits<A>::infinity(), mn = std::numeric_limits<A>::infinity();
+      for (int64_t j = 0; j < nseg; ++j) {
+        const double gs = wseg ? (double)wseg[j] : 1.0;
+        double e1 = 0.0, e2 = 0.0;  // this segment's Σ g' and Σ g'·d, g' = dy (γ per position: w_s·dy)
+        for (int64_t s0 = j * seg; s0 < (j + 1) * seg; s0 += CH) {
+          const int64_t len = std::min(CH, (j + 1) * seg - s0);
+          A l1 = 0, l2 = 0, l3 = 0;
+          A mx = -std::numeric_limits<A>::infinity(), mn = std::numeric_limits<A>::infinity();
 #pragma omp simd reduction(+:l1, l2, l3) reduction(max:mx) reduction(min:mn)
-        for (int64_t i = s0; i < s0 + len; ++i) {
-          A v = IO<T>::ld(xr, i), g = IO<T>::ld(gr, i), d = v - mu;
-          A gp = w ? w[i] * g : g;
-          l1 += gp; l2 += gp * d; l3 += (A)((d > 0) - (d < 0));
-          mx = v > mx ? v : mx; mn = v < mn ? v : mn;
-        }
-        if (mode == 2 && dx && k > 1 && !short_rows) pieces.add(s0, s0, len, mx, mn);
-        gmx = mx > gmx ? mx : gmx; gmn = mn < gmn ? mn : gmn;
-        if (!std::isfinite((double)l1) || !std::isfinite((double)l2)) {
-          double t1 = 0, t2 = 0;
           for (int64_t i = s0; i < s0 + len; ++i) {
-            const double g = (double)IO<T>::ld(gr, i) * (w ? (double)w[i] : 1.0);
-            t1 += g; t2 += g * ((double)IO<T>::ld(xr, i) - (double)mu);
+            A v = IO<T>::ld(xr, i), g = IO<T>::ld(gr, i), d = v - mu;
+            A gp = wpos ? wpos[i] * g : g;
+            l1 += gp; l2 += gp * d; l3 += (A)((d > 0) - (d < 0));
+            mx = v > mx ? v : mx; mn = v < mn ? v : mn;
           }
-          s1 += t1; s2 += t2;
-        } else {
-          s1 += (double)l1; s2 += (double)l2;
+          if (mode == 2 && dx && k > 1 && !short_rows) pieces.add(s0, s0, len, mx, mn);
+          gmx = mx > gmx ? mx : gmx; gmn = mn < gmn ? mn : gmn;
+          if (!std::isfinite((double)l1) || !std::isfinite((double)l2)) {
+            double t1 = 0, t2 = 0;
+            for (int64_t i = s0; i < s0 + len; ++i) {
+              const double g = (double)IO<T>::ld(gr, i) * (wpos ? (double)wpos[i] : 1.0);
+              t1 += g; t2 += g * ((double)IO<T>::ld(xr, i) - (double)mu);
+            }
+            e1 += t1; e2 += t2;
+          } else {
+            e1 += (double)l1; e2 += (double)l2;
+          }
+          s3 += (double)l3;
         }
-        s3 += (double)l3;
+        s1 += gs * e1; s2 += gs * e2;
+        if (dw && grp) { cw[(size_t)(r * nseg + j)] = (double)inv * e2; cb[(size_t)(r * nseg + j)] = e1; }
       }
-      if (dw) {
+      if (pos_affine) {
         // γ and β gradients: summed in A over blocks of FLUSH rows (vectorised), then into the
         // thread's double sums, so long columns keep double accuracy at float speed.
 #pragma omp simd
@@ -543,10 +580,13 @@ void bwd_rows(const T* dy, const T* x, T* dx, int64_t R, int64_t S,
       if (mode == 1) {
         const A bc = (A)((double)inv * (-mg + (center ? cst * M * s3 / (double)n : 0.0)));
         const A e = (A)(-(double)inv * cst * M);
+        for (int64_t j = 0; j < nseg; ++j) {
+          const A gs = wseg ? wseg[j] : A(1);
 #pragma omp simd
-        for (int64_t i = 0; i < S; ++i) {
-          A g = IO<T>::ld(gr, i), d = IO<T>::ld(xr, i) - mu;
-          IO<T>::st(orow, i, inv * (w ? w[i] * g : g) + bc + e * (A)((d > 0) - (d < 0)));
+          for (int64_t i = j * seg; i < (j + 1) * seg; ++i) {
+            A g = IO<T>::ld(gr, i), d = IO<T>::ld(xr, i) - mu;
+            IO<T>::st(orow, i, inv * (wpos ? wpos[i] * g : gs * g) + bc + e * (A)((d > 0) - (d < 0)));
+          }
         }
       } else {
         if (k == 1) {
@@ -588,24 +628,39 @@ void bwd_rows(const T* dy, const T* x, T* dx, int64_t R, int64_t S,
         for (int j = 0; j < k; ++j) st += tsg[j];
         const double bcd = (double)inv * (-mg + (center ? cst * M * st / (double)k : 0.0));
         const A bc = (A)bcd;
+        for (int64_t j = 0; j < nseg; ++j) {
+          const A gs = wseg ? wseg[j] : A(1);
 #pragma omp simd
-        for (int64_t i = 0; i < S; ++i) { A g = IO<T>::ld(gr, i); IO<T>::st(orow, i, inv * (w ? w[i] * g : g) + bc); }
+          for (int64_t i = j * seg; i < (j + 1) * seg; ++i) {
+            A g = IO<T>::ld(gr, i);
+            IO<T>::st(orow, i, inv * (wpos ? wpos[i] * g : gs * g) + bc);
+          }
+        }
         const double e = -(double)inv * cst * M * (double)n / (double)k;
         for (int j = 0; j < k; ++j) {
           const int64_t i = tid[j];
-          const double g = (double)IO<T>::ld(gr, i) * (w ? (double)w[i] : 1.0);
+          const double gam = wpos ? (double)wpos[i] : wseg ? (double)wseg[i / seg] : 1.0;
+          const double g = (double)IO<T>::ld(gr, i) * gam;
           IO<T>::st(orow, i, (A)((double)inv * g + bcd + e * tsg[j]));
         }
       }
     }
-    if (dw && pending) flush();
-  }
-  if (dw) {
+    if (pos_affine && pending) flush();
+  });
+  if (pos_affine) {
     for (int64_t i = 0; i < S; ++i) {
       double a = 0.0, b = 0.0;
       for (int u = 0; u < used; ++u) { a += (double)pw[(size_t)u * S + i]; b += (double)pb[(size_t)u * S + i]; }
       dw[i] = (A)a; db[i] = (A)b;
     }
+  } else if (dw) {
+    // Channel c = g·(S / HW) + j of group g: the sum over the samples (rows r = q·G + g), in order.
+    for (int64_t g = 0; g < G; ++g)
+      for (int64_t j = 0; j < nseg; ++j) {
+        double a = 0.0, b = 0.0;
+        for (int64_t r = g; r < R; r += G) { a += cw[(size_t)(r * nseg + j)]; b += cb[(size_t)(r * nseg + j)]; }
+        dw[g * nseg + j] = (A)a; db[g * nseg + j] = (A)b;
+      }
   }
 }
 
@@ -650,8 +705,7 @@ void fwd_grp(const T* x, T* y, int64_t R, int64_t C, int64_t G,
   std::vector<A> pmn(ext ? (size_t)(nt * J) : 0, std::numeric_limits<A>::infinity());
   std::vector<A> mu((size_t)J), a((size_t)J), off((size_t)J);
   int used = 1;
-#pragma omp parallel num_threads(nt)
-  {
+  parallel(nt, [&] {
     const int t = omp_get_thread_num(), nth = omp_get_num_threads();
 #pragma omp single
     used = nth;
@@ -727,7 +781,7 @@ void fwd_grp(const T* x, T* y, int64_t R, int64_t C, int64_t G,
 #pragma omp simd
       for (int64_t j = 0; j < J; ++j) IO<T>::st(yr, j, (IO<T>::ld(xr, j) - mu[j]) * a[j] + off[j]);
     }
-  }
+  });
   (void)used;
 }
 
@@ -754,8 +808,7 @@ void bwd_grp(const T* dy, const T* x, T* dx, int64_t R, int64_t C, int64_t G,
   const int kk = std::max(k, 1);
   std::vector<int64_t> tid((size_t)(C * kk)); std::vector<int> tsg((size_t)(C * kk));
   std::vector<double> bcd((size_t)C), ed((size_t)C);
-#pragma omp parallel num_threads(nt)
-  {
+  parallel(nt, [&] {
     const int t = omp_get_thread_num(), nth = omp_get_num_threads();
     int64_t r0, r1; row_range(R, t, nth, r0, r1);
     double* p1 = part.data() + (size_t)(3 * t * J); double* p2 = p1 + J; double* p3 = p2 + J;
@@ -867,7 +920,7 @@ void bwd_grp(const T* dy, const T* x, T* dx, int64_t R, int64_t C, int64_t G,
           }
       }
     }
-  }
+  });
 }
 
 // Evaluation: y = a_c·x + b_c with a_c = γ_c / (√running_var_c + eps), b_c = β_c − running_mean_c·a_c.
@@ -885,22 +938,32 @@ void eval_t(int layout, const T* x, T* y, int64_t N, int64_t C, int64_t S,
     a[c] = s; o[c] = t;
   }
   if (layout == 0) {
-#pragma omp parallel for num_threads(nt) schedule(static)
-    for (int64_t q = 0; q < N * C; ++q) {
-      const int64_t c = q % C;
-      const T* xp = x + q * S; T* yp = y + q * S;
-      const A s = a[c], t = o[c];
+    parallel(nt, [&] {
+#pragma omp for schedule(static)
+      for (int64_t q = 0; q < N * C; ++q) {
+        const int64_t c = q % C;
+        const T* xp = x + q * S; T* yp = y + q * S;
+        const A s = a[c], t = o[c];
 #pragma omp simd
-      for (int64_t i = 0; i < S; ++i) IO<T>::st(yp, i, t + IO<T>::ld(xp, i) * s);
-    }
+        for (int64_t i = 0; i < S; ++i) IO<T>::st(yp, i, t + IO<T>::ld(xp, i) * s);
+      }
+    });
   } else {
-#pragma omp parallel for num_threads(nt) schedule(static)
-    for (int64_t r = 0; r < N * S; ++r) {
-      const T* xr = x + r * C; T* yr = y + r * C;
+    parallel(nt, [&] {
+#pragma omp for schedule(static)
+      for (int64_t r = 0; r < N * S; ++r) {
+        const T* xr = x + r * C; T* yr = y + r * C;
 #pragma omp simd
-      for (int64_t c = 0; c < C; ++c) IO<T>::st(yr, c, o[c] + IO<T>::ld(xr, c) * a[c]);
-    }
+        for (int64_t c = 0; c < C; ++c) IO<T>::st(yr, c, o[c] + IO<T>::ld(xr, c) * a[c]);
+      }
+    });
   }
+}
+
+// Group affine (aff 3) needs N = 1 rows of whole groups: C = samples·G rows of S = (channels per
+// group)·HW values.
+inline bool group_view(int64_t N, int64_t C, int64_t S, int64_t G, int64_t HW) {
+  return N == 1 && G > 0 && HW > 0 && C % G == 0 && S % HW == 0;
 }
 
 // NCS tensors whose runs are short go through the rows kernels (see fwd_grp); long runs through
@@ -911,14 +974,15 @@ inline bool use_rows(int64_t C, int64_t S, int mode, int k) {
 
 template <typename T>
 int fwd_t(int layout, const void* x, void* y, int64_t N, int64_t C, int64_t S, const void* w, const void* b,
-          int aff, int mode, int k, double cst, double eps, int center, void* m, void* inv, void* sig,
+          int aff, int64_t G, int64_t HW, int mode, int k, double cst, double eps, int center, void* m, void* inv, void* sig,
           void* rm, void* rv, double momentum, double bessel, int nt) {
   typedef typename IO<T>::A A;
-  if (aff == 2 && layout != 0) return -3;
-  if (layout == 0 && aff != 2 && use_rows(C, S, mode, k))
+  if (aff >= 2 && layout != 0) return -3;
+  if (aff == 3 && !group_view(N, C, S, G, HW)) return -3;
+  if (layout == 0 && aff < 2 && use_rows(C, S, mode, k))
     fwd_grp<T>((const T*)x, (T*)y, N, C, S, (const A*)w, (const A*)b, mode, k, cst, eps, center, (A*)m, (A*)inv, (A*)sig, nt);
   else if (layout == 0)
-    fwd_ncs<T>((const T*)x, (T*)y, N, C, S, (const A*)w, (const A*)b, aff, mode, k, cst, eps, center, (A*)m, (A*)inv, (A*)sig, nt);
+    fwd_ncs<T>((const T*)x, (T*)y, N, C, S, (const A*)w, (const A*)b, aff, G, HW, mode, k, cst, eps, center, (A*)m, (A*)inv, (A*)sig, nt);
   else
     fwd_grp<T>((const T*)x, (T*)y, N * S, C, 1, (const A*)w, (const A*)b, mode, k, cst, eps, center, (A*)m, (A*)inv, (A*)sig, nt);
   // Running statistics, as torch: r ← (1 − m)·r + m·(batch value); running_var takes σ̂²·n/(n−1).
@@ -933,11 +997,12 @@ int fwd_t(int layout, const void* x, void* y, int64_t N, int64_t C, int64_t S, c
 
 template <typename T>
 int bwd_t(int layout, const void* dy, const void* x, void* dx, int64_t N, int64_t C, int64_t S, const void* w,
-          int aff, const void* m, const void* inv, int mode, int k, double cst, int center, void* dw, void* db, int nt) {
+          int aff, int64_t G, int64_t HW, const void* m, const void* inv, int mode, int k, double cst, int center,
+          void* dw, void* db, int nt) {
   typedef typename IO<T>::A A;
-  if (aff == 2) {
-    if (layout != 0 || N != 1) return -3;
-    bwd_rows<T>((const T*)dy, (const T*)x, (T*)dx, C, S, (const A*)w, (const A*)m, (const A*)inv, mode, k, cst, center, (A*)dw, (A*)db, nt);
+  if (aff >= 2) {
+    if (layout != 0 || N != 1 || (aff == 3 && !group_view(N, C, S, G, HW))) return -3;
+    bwd_rows<T>((const T*)dy, (const T*)x, (T*)dx, C, S, aff == 3 ? G : 0, HW, (const A*)w, (const A*)m, (const A*)inv, mode, k, cst, center, (A*)dw, (A*)db, nt);
     return 0;
   }
   if (layout == 0 && use_rows(C, S, mode, k))
@@ -964,33 +1029,35 @@ typedef f16_t nm_t;
 extern "C" {
 
 // Checked by kernels/build.py: the ABI of the entry points below, and the dtype of this build.
-int nm_abi_version() { return 4; }
+int nm_abi_version() { return 5; }
 int nm_dtype() { return NM_DTYPE; }
 
 // The integer arguments are the IntEnums of normmatters/kernels/enums.py:
 // dtype (DType): 0 float32, 1 float64, 2 bfloat16, 3 float16 — a build serves only its NM_DTYPE;
-// layout (Layout): 0 NCS, 1 NSC; aff (Affine): 0 none, 1 per channel, 2 per position (NCS, N = 1);
+// layout (Layout): 0 NCS, 1 NSC; aff (Affine): 0 none, 1 per channel, 2 per position (NCS, N = 1),
+// 3 per channel of a group norm (NCS, N = 1, C = samples·G rows of the G groups, each row S / HW
+// channels of HW values; G and HW are read only for aff 3);
 // mode (Mode): 1 L1, 2 Top(k) (L∞ is k = 1).
 // Statistics, weight, bias and running buffers are float32 (float64 for float64 builds).
 
 // Training forward: y, per-channel mean, 1/(σ̂ + eps) and σ̂; updates rm / rv (may be null).
 int nm_forward(int dtype, int layout, const void* x, void* y, int64_t N, int64_t C, int64_t S,
-               const void* w, const void* b, int aff, int mode, int k, double cst, double eps, int center,
-               void* mean, void* inv, void* sig, void* rm, void* rv, double momentum, double bessel, int nt) {
+               const void* w, const void* b, int aff, int64_t G, int64_t HW, int mode, int k, double cst,
+               double eps, int center, void* mean, void* inv, void* sig, void* rm, void* rv, double momentum, double bessel, int nt) {
   if (nt < 1) nt = 1;
   if (dtype != NM_DTYPE) return -2;  // a dtype this build does not instantiate
   if (mode == 2 && (k < 1 || k > 64)) return -4;  // MAX_K of normmatters/kernels/autograd.py
-  return fwd_t<nm_t>(layout, x, y, N, C, S, w, b, aff, mode, k, cst, eps, center, mean, inv, sig, rm, rv, momentum, bessel, nt);
+  return fwd_t<nm_t>(layout, x, y, N, C, S, w, b, aff, G, HW, mode, k, cst, eps, center, mean, inv, sig, rm, rv, momentum, bessel, nt);
 }
 
 // Closed-form backward: dx (may be null), dw and db (may be null).
 int nm_backward(int dtype, int layout, const void* dy, const void* x, void* dx, int64_t N, int64_t C, int64_t S,
-                const void* w, int aff, const void* mean, const void* inv, int mode, int k, double cst, int center,
-                void* dw, void* db, int nt) {
+                const void* w, int aff, int64_t G, int64_t HW, const void* mean, const void* inv, int mode,
+                int k, double cst, int center, void* dw, void* db, int nt) {
   if (nt < 1) nt = 1;
   if (dtype != NM_DTYPE) return -2;
   if (mode == 2 && (k < 1 || k > 64)) return -4;
-  return bwd_t<nm_t>(layout, dy, x, dx, N, C, S, w, aff, mean, inv, mode, k, cst, center, dw, db, nt);
+  return bwd_t<nm_t>(layout, dy, x, dx, N, C, S, w, aff, G, HW, mean, inv, mode, k, cst, center, dw, db, nt);
 }
 
 // Evaluation forward of batch norm from the running statistics.

@@ -45,10 +45,11 @@ using torch::autograd::variable_list;
 using at::Tensor;
 
 typedef int (*fwd_fn)(int, int, const void*, void*, int64_t, int64_t, int64_t, const void*, const void*,
-                      int, int, int, double, double, int, void*, void*, void*, void*, void*, double,
-                      double, int);
+                      int, int64_t, int64_t, int, int, double, double, int, void*, void*, void*, void*,
+                      void*, double, double, int);
 typedef int (*bwd_fn)(int, int, const void*, const void*, void*, int64_t, int64_t, int64_t, const void*,
-                      int, const void*, const void*, int, int, double, int, void*, void*, int);
+                      int, int64_t, int64_t, const void*, const void*, int, int, double, int, void*,
+                      void*, int);
 typedef int (*eval_fn)(int, int, const void*, void*, int64_t, int64_t, int64_t, const void*, const void*,
                        const void*, const void*, double, int);
 
@@ -58,7 +59,7 @@ std::array<Kernels, 4> g_kernels;  // by DType code (enums.py): float32, float64
 // Below this many elements one thread: starting an OpenMP team costs more than it saves (cpu.SMALL).
 const int64_t SMALL = 1 << 14;
 const int NCS = 0, NSC = 1;              // enums.Layout
-const int AFF_NONE = 0, AFF_CHANNEL = 1, AFF_POSITION = 2;  // enums.Affine
+const int AFF_NONE = 0, AFF_CHANNEL = 1, AFF_POSITION = 2, AFF_GROUP = 3;  // enums.Affine
 
 int dtype_code(at::ScalarType t) {
   switch (t) {
@@ -96,16 +97,24 @@ Tensor as_stat(const Tensor& t, at::ScalarType st) {
   return t.to(st).contiguous();
 }
 
-// The dense [N, C, S] tensor the kernels read, its layout and where γ, β apply. kind 0 batch
+// The dense tensor the kernels read as [N, C, S], its layout and where γ, β apply. kind 0 batch
 // norm: per channel (dim 1), NCS or NSC (channels-last of any rank) without a copy where the
 // memory allows (autograd.prepare_input), else a contiguous copy; kind 1 / 3 layer / RMS norm:
 // rows over the last `arg` dims, γ and β per position; kind 2 group norm: rows of one (sample,
-// group of `arg`), no affine.
+// group) of `arg` groups, γ and β per channel (each channel a run of `inner` values of the row).
 //
 // x.reshape() copies silently when x's strides do not merge (a permuted, sliced or expanded
 // input); the copy is contiguous, so whatever reshape did, x3's own strides say which layout the
-// kernel reads, and outputs are allocated in that layout (like()), never in x's.
-struct View3 { Tensor x3; int layout; int affine; bool center; };
+// kernel reads, and outputs are allocated in that layout (like()), never in x's. Layer, RMS and
+// group norm read x itself (or its contiguous copy) with the sizes N, C, S: no view is made for
+// them, a tensor allocation less per call.
+struct View3 {
+  Tensor x3;  // [N, C, S] for batch norm; x's sizes, contiguous, for the row kinds
+  int64_t N, C, S;
+  int layout, affine;
+  bool center;
+  int64_t groups = 0, inner = 0;
+};
 
 bool nsc_dense(const Tensor& x3) { return x3.transpose(1, 2).is_contiguous(); }
 
@@ -116,13 +125,17 @@ View3 prepare(const Tensor& x, int64_t kind, int64_t arg, bool has_affine) {
     Tensor x3 = x.reshape({N, C, S});
     if (!x3.is_contiguous() && !nsc_dense(x3)) x3 = x3.contiguous();
     const int layout = x3.is_contiguous() ? (S == 1 ? NSC : NCS) : NSC;
-    return {x3, layout, AFF_CHANNEL, true};
+    return {x3, N, C, S, layout, AFF_CHANNEL, true};
   }
   const Tensor xc = x.contiguous();
-  if (kind == 2) return {xc.view({1, x.size(0) * arg, -1}), NCS, AFF_NONE, true};
+  if (kind == 2) {
+    const int64_t rows = x.size(0) * arg;
+    return {xc, 1, rows, x.numel() / rows, NCS, has_affine ? AFF_GROUP : AFF_NONE, true, arg,
+            x.numel() / (x.size(0) * x.size(1))};
+  }
   int64_t d = 1;
   for (int64_t i = x.dim() - arg; i < x.dim(); ++i) d *= x.size(i);
-  return {xc.view({1, -1, d}), NCS, has_affine ? AFF_POSITION : AFF_NONE, kind != 3};
+  return {xc, 1, x.numel() / d, d, NCS, has_affine ? AFF_POSITION : AFF_NONE, kind != 3};
 }
 
 // An output (or input gradient) with x's sizes, stored in the memory order in which the kernel
@@ -174,51 +187,63 @@ double resolve_constant(double constant, int64_t k, int64_t n) {
   return c;
 }
 
-// One forward kernel call on the dense [N, C, S] x3 in `layout`, writing y and the three statistics
+// One forward kernel call on v (dense [N, C, S] in its layout), writing y and the three statistics
 // (mean, 1/(σ̂ + eps), σ̂) at the given addresses; rm / rv (may be undefined) updated in place with
 // the Bessel factor n/(n − 1).
-void call_forward(const Tensor& x3, const Tensor& y, int layout, int affine, bool center,
-                  const Tensor& w, const Tensor& b, int64_t mode, int64_t k, double constant,
-                  double eps, void* mean, void* inv, void* sigma, const Tensor& rm, const Tensor& rv,
-                  double momentum) {
-  const int64_t N = x3.size(0), C = x3.size(1), S = x3.size(2), n = N * S;
+void call_forward(const View3& v, const Tensor& y, const Tensor& w, const Tensor& b, int64_t mode,
+                  int64_t k, double constant, double eps, void* mean, void* inv, void* sigma,
+                  const Tensor& rm, const Tensor& rv, double momentum) {
+  const Tensor& x3 = v.x3;
+  const int64_t n = v.N * v.S;
   constant = resolve_constant(constant, k, n);
-  const int rc = kernels_for(x3).fwd(dtype_code(x3.scalar_type()), layout, x3.data_ptr(),
-                                     y.data_ptr(), N, C, S, ptr(w), ptr(b), affine, (int)mode,
-                                     (int)k, constant, eps, center ? 1 : 0, mean, inv, sigma,
-                                     mptr(rm), mptr(rv), momentum,
-                                     n > 1 ? (double)n / (double)(n - 1) : 1.0, threads(x3));
+  const int rc = kernels_for(x3).fwd(dtype_code(x3.scalar_type()), v.layout, x3.data_ptr(),
+                                     y.data_ptr(), v.N, v.C, v.S, ptr(w), ptr(b), v.affine,
+                                     v.groups, v.inner, (int)mode, (int)k, constant, eps,
+                                     v.center ? 1 : 0, mean, inv, sigma, mptr(rm), mptr(rv),
+                                     momentum, n > 1 ? (double)n / (double)(n - 1) : 1.0,
+                                     threads(x3));
   TORCH_CHECK(rc == 0, "normmatters CPU forward kernel failed with code ", rc);
   if (rm.defined()) rm.unsafeGetTensorImpl()->bump_version();
   if (rv.defined()) rv.unsafeGetTensorImpl()->bump_version();
 }
 
 // One closed-form backward kernel call: dx, dw, db (each may be undefined: not computed) from the
-// gradient g3 (in x3's layout) and the saved mean and 1/(σ̂ + eps).
-void call_backward(const Tensor& g3, const Tensor& x3, const Tensor& dx, int layout, int affine,
-                   bool center, const Tensor& w, const void* mean, const void* inv, int64_t mode,
-                   int64_t k, double constant, const Tensor& dw, const Tensor& db) {
-  constant = resolve_constant(constant, k, x3.size(0) * x3.size(2));
-  const int rc = kernels_for(x3).bwd(dtype_code(x3.scalar_type()), layout, g3.data_ptr(),
-                                     x3.data_ptr(), mptr(dx), x3.size(0), x3.size(1), x3.size(2),
-                                     ptr(w), affine, mean, inv, (int)mode, (int)k, constant,
-                                     center ? 1 : 0, mptr(dw), mptr(db), threads(x3));
+// gradient g (dense in v's layout) and the saved mean and 1/(σ̂ + eps).
+void call_backward(const Tensor& g, const View3& v, const Tensor& dx, const Tensor& w,
+                   const void* mean, const void* inv, int64_t mode, int64_t k, double constant,
+                   const Tensor& dw, const Tensor& db) {
+  const Tensor& x3 = v.x3;
+  constant = resolve_constant(constant, k, v.N * v.S);
+  const int rc = kernels_for(x3).bwd(dtype_code(x3.scalar_type()), v.layout, g.data_ptr(),
+                                     x3.data_ptr(), mptr(dx), v.N, v.C, v.S, ptr(w), v.affine,
+                                     v.groups, v.inner, mean, inv, (int)mode, (int)k, constant,
+                                     v.center ? 1 : 0, mptr(dw), mptr(db), threads(x3));
   TORCH_CHECK(rc == 0, "normmatters CPU backward kernel failed with code ", rc);
 }
 
-// The fused forward: {y (x's sizes), stats} with stats the [3, C] rows mean, 1/(σ̂ + eps), σ̂;
-// rm / rv (may be undefined) are updated in the kernel.
+// The fused forward: {y (x's sizes), stats} with stats the [3, C] rows mean, 1/(σ̂ + eps), σ̂
+// (undefined unless keep_stats: the kernel then writes them into this thread's scratch); rm / rv
+// (may be undefined) are updated in the kernel.
 std::pair<Tensor, Tensor> forward_kernel(const Tensor& x, const View3& v, const Tensor& w,
                                          const Tensor& b, const Tensor& rm, const Tensor& rv,
                                          int64_t mode, int64_t k, double constant, double eps,
-                                         double momentum) {
-  const int64_t C = v.x3.size(1);
+                                         double momentum, bool keep_stats) {
+  const int64_t C = v.C;
   Tensor y = like(x, v);
-  Tensor stats = at::empty({3, C}, v.x3.options().dtype(stat_type(v.x3)));
-  char* sp = static_cast<char*>(stats.data_ptr());
-  const int64_t step = C * stats.element_size();
-  call_forward(v.x3, y, v.layout, v.affine, v.center, w, b, mode, k, constant, eps, sp,
-               sp + step, sp + 2 * step, rm, rv, momentum);
+  Tensor stats;
+  char* sp;
+  int64_t step;
+  if (keep_stats) {
+    stats = at::empty({3, C}, v.x3.options().dtype(stat_type(v.x3)));
+    sp = static_cast<char*>(stats.data_ptr());
+    step = C * stats.element_size();
+  } else {
+    thread_local std::vector<double> scratch;  // 8-byte units: room for float or double
+    if (scratch.size() < (size_t)(3 * C)) scratch.resize((size_t)(3 * C));
+    sp = reinterpret_cast<char*>(scratch.data());
+    step = C * (v.x3.scalar_type() == at::kDouble ? 8 : 4);
+  }
+  call_forward(v, y, w, b, mode, k, constant, eps, sp, sp + step, sp + 2 * step, rm, rv, momentum);
   return {y, stats};
 }
 
@@ -237,7 +262,7 @@ struct LpNormFn : public torch::autograd::Function<LpNormFn> {
                                double constant, double eps, double momentum, bool want_stats) {
     const Tensor w = opt(wo), b = opt(bo), rm = opt(rmo), rv = opt(rvo);
     const View3 v = prepare(x, kind, arg, w.defined() || b.defined());
-    auto out = forward_kernel(x, v, w, b, rm, rv, mode, k, constant, eps, momentum);
+    auto out = forward_kernel(x, v, w, b, rm, rv, mode, k, constant, eps, momentum, true);
     // Only x, γ and the statistics are saved, as for torch's batch norm; two saved_data entries
     // (each a hash-map insertion): the integers and the two reals.
     ctx->save_for_backward({x, w, out.second});
@@ -265,9 +290,7 @@ struct LpNormFn : public torch::autograd::Function<LpNormFn> {
     const Tensor& gy = grads[0];
     if (!gy.defined() || !(need_x || need_affine)) return out;
     const View3 v = prepare(x, kind, arg, has_w || has_b);
-    const Tensor& x3 = v.x3;
-    const int64_t N = x3.size(0), C = x3.size(1), S = x3.size(2);
-    Tensor g3 = gy.reshape({N, C, S});
+    const int64_t N = v.N, C = v.C, S = v.S;
     Tensor dx, dw, db;
     if (at::GradMode::is_enabled()) {
       // create_graph: the closed form as differentiable torch ops (exact double backward).
@@ -276,21 +299,29 @@ struct LpNormFn : public torch::autograd::Function<LpNormFn> {
           .typed<std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const std::optional<Tensor>&,
                                                     const Tensor&, int64_t, int64_t, int64_t,
                                                     double, double, bool, int64_t)>();
-      auto r = op.call(x3, some(w), g3, v.layout, mode, k, constant, eps, v.center, v.affine);
+      // Group affine: γ goes in as [G, channels per group, 1], the shape telling the closed form
+      // how the rows' positions map to channels (ones when there is only β).
+      Tensor wv = w;
+      if (v.affine == AFF_GROUP) {
+        const int64_t cg = x.size(1) / v.groups;
+        wv = w.defined() ? w.view({v.groups, cg, 1}) : at::ones({v.groups, cg, 1}, stats.options());
+      }
+      auto r = op.call(v.x3.view({N, C, S}), some(wv), gy.reshape({N, C, S}), v.layout, mode, k,
+                       constant, eps, v.center, v.affine);
       dx = std::get<0>(r).reshape(x.sizes());
       dw = std::get<1>(r);
       db = std::get<2>(r);
     } else {
-      g3 = fix_layout(g3, v.layout);
+      // The gradient dense in v's layout (the row kinds: contiguous, as x).
+      const Tensor g = kind == 0 ? fix_layout(gy.reshape({N, C, S}), v.layout) : gy.contiguous();
       if (need_x) dx = like(x, v);
-      const int64_t size = v.affine == AFF_POSITION ? S : C;
+      const int64_t size = v.affine == AFF_POSITION ? S : v.affine == AFF_GROUP ? x.size(1) : C;
       if (need_affine) {
         dw = at::empty({size}, stats.options());
         db = at::empty({size}, stats.options());
       }
       const char* sp = static_cast<const char*>(stats.data_ptr());
-      call_backward(g3, x3, dx, v.layout, v.affine, v.center, w, sp, sp + C * stats.element_size(),
-                    mode, k, constant, dw, db);
+      call_backward(g, v, dx, w, sp, sp + C * stats.element_size(), mode, k, constant, dw, db);
     }
     if (v.affine == AFF_POSITION && arg > 1) {
       // γ and β have the normalized shape (e.g. [5, 6] for a layer norm over two axes); the
@@ -306,22 +337,22 @@ struct LpNormFn : public torch::autograd::Function<LpNormFn> {
   }
 };
 
-// {y, stats}: through the autograd node when a gradient is needed, else the kernel alone.
+// {y, stats}: through the autograd node when a gradient is needed, else the kernel alone; stats
+// (undefined unless want_stats) for running buffers the kernel cannot update itself.
 std::pair<Tensor, Tensor> run(const Tensor& x, const Tensor& w, const Tensor& b, const Tensor& rm,
                               const Tensor& rv, int64_t kind, int64_t arg, int64_t mode,
-                              int64_t k, double constant, double eps, double momentum) {
+                              int64_t k, double constant, double eps, double momentum,
+                              bool want_stats = false) {
   const bool grad = at::GradMode::is_enabled() &&
       (x.requires_grad() || (w.defined() && w.requires_grad()) || (b.defined() && b.requires_grad()));
   if (grad) {
-    // The statistics come back only for running buffers the kernel cannot update itself.
-    const bool want_stats = kind == 0 && !rm.defined() && !rv.defined();
     auto out = LpNormFn::apply(x, some(w), some(b), some(rm), some(rv), kind, arg, mode, k,
                                constant, eps, momentum, want_stats);
     return {out[0], want_stats ? out[1] : Tensor()};
   }
   at::NoGradGuard no_grad;
   const View3 v = prepare(x, kind, arg, w.defined() || b.defined());
-  return forward_kernel(x, v, w, b, rm, rv, mode, k, constant, eps, momentum);
+  return forward_kernel(x, v, w, b, rm, rv, mode, k, constant, eps, momentum, want_stats);
 }
 
 // Running buffers the kernel can update in place: contiguous, statistics dtype, no grad.
@@ -344,7 +375,7 @@ Tensor eager_norm(const Tensor& x, const std::optional<Tensor>& weight,
     Tensor rm = opt(running_mean), rv = opt(running_var);
     const bool fused_running = in_kernel(rm, st) && in_kernel(rv, st);
     auto out = run(x, w, b, fused_running ? rm : Tensor(), fused_running ? rv : Tensor(), 0, 0,
-                   mode, k, constant, eps, momentum);
+                   mode, k, constant, eps, momentum, !fused_running);
     if (!fused_running) {
       // Buffers of another dtype or layout: updated from the returned statistics.
       at::NoGradGuard no_grad;
@@ -358,18 +389,11 @@ Tensor eager_norm(const Tensor& x, const std::optional<Tensor>& weight,
     }
     return out.first;
   }
-  if (kind == 2) {  // group norm: γ and β per channel by ATen ops after the kernel
-    Tensor y = run(x, Tensor(), Tensor(), Tensor(), Tensor(), 2, arg, mode, k, constant, eps,
-                   0.0).first;
-    std::vector<int64_t> shape(x.dim(), 1);
-    shape[1] = -1;
-    Tensor w = opt(weight), b = opt(bias);
-    if (w.defined() && b.defined()) {
-      return at::addcmul(b.to(x.scalar_type()).view(shape), y, w.to(x.scalar_type()).view(shape));
-    }
-    if (w.defined()) return y * w.to(x.scalar_type()).view(shape);
-    if (b.defined()) return y + b.to(x.scalar_type()).view(shape);
-    return y;
+  if (kind == 2) {  // group norm: γ and β per channel, inside the kernel
+    TORCH_CHECK(arg > 0 && x.size(1) % arg == 0, "normmatters::eager_norm: ", x.size(1),
+                " channels in ", arg, " groups");
+    return run(x, as_stat(opt(weight), st), as_stat(opt(bias), st), Tensor(), Tensor(), 2, arg,
+               mode, k, constant, eps, 0.0).first;
   }
   TORCH_CHECK(kind == 1 || kind == 3, "normmatters::eager_norm: kind ", kind);
   Tensor w = as_stat(opt(weight), st), b = kind == 1 ? as_stat(opt(bias), st) : Tensor();
@@ -392,7 +416,7 @@ Tensor eager_bn_eval(const Tensor& x, const Tensor& running_mean, const Tensor& 
   Tensor w = as_stat(opt(weight), st), b = as_stat(opt(bias), st);
   Tensor y = like(x, v);
   const int rc = kern.eval(dtype_code(x.scalar_type()), v.layout, v.x3.data_ptr(), y.data_ptr(),
-                           v.x3.size(0), v.x3.size(1), v.x3.size(2), rm.data_ptr(), rv.data_ptr(),
+                           v.N, v.C, v.S, rm.data_ptr(), rv.data_ptr(),
                            ptr(w), ptr(b), eps, threads(x));
   TORCH_CHECK(rc == 0, "normmatters CPU evaluation kernel failed with code ", rc);
   return y;
@@ -427,7 +451,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> cpu_lp_norm_fwd(
   // Three allocations: the outputs of an operator may not alias each other.
   const auto so = x.options().dtype(stat_type(x));
   Tensor mean = at::empty({C}, so), inv = at::empty({C}, so), sigma = at::empty({C}, so);
-  call_forward(xx, y, (int)layout, (int)affine, center, opt(weight), opt(bias), mode, k, constant,
+  const View3 v{xx, x.size(0), C, x.size(2), (int)layout, (int)affine, center};
+  call_forward(v, y, opt(weight), opt(bias), mode, k, constant,
                eps, mean.data_ptr(), inv.data_ptr(), sigma.data_ptr(), Tensor(), Tensor(), 0.0);
   return {in_strides_of(y, x), mean, inv, sigma};
 }
@@ -445,7 +470,8 @@ std::tuple<Tensor, Tensor, Tensor> cpu_lp_norm_bwd(
   const int64_t size = affine == AFF_POSITION ? S : C;
   Tensor dw = need_affine ? at::empty({size}, m.options()) : m.new_empty({0});
   Tensor db = need_affine ? at::empty({size}, m.options()) : m.new_empty({0});
-  call_backward(g, xx, need_input ? dx : Tensor(), (int)layout, (int)affine, center, opt(weight),
+  const View3 v{xx, x.size(0), C, S, (int)layout, (int)affine, center};
+  call_backward(g, v, need_input ? dx : Tensor(), opt(weight),
                 m.data_ptr(), iv.data_ptr(), mode, k, constant, need_affine ? dw : Tensor(),
                 need_affine ? db : Tensor());
   return {need_input ? in_strides_of(dx, x) : dx, dw, db};
