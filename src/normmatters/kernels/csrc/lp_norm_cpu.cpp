@@ -20,6 +20,9 @@
 #include <algorithm>
 #include <limits>
 #include <omp.h>
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 // Each build instantiates one storage dtype (compile time is per dtype; a process loads only
 // the libraries of the dtypes it uses).
@@ -200,67 +203,206 @@ template <typename A, typename F> inline double finite_or(A s, F again) {
   return std::isfinite(d) ? d : again();
 }
 
-// Top(k) of a short statistic (n <= SHORT values, e.g. a layer-norm row): the |x − mu| into a
-// scratch array, then k selections of the largest left, ties to the lowest index (the tie rule).
-// A NaN makes the sum NaN (as the reference's).
+// The values of b[0, n) that are >= t (t >= 0) with their indices, in index order, into cv and ci;
+// returns their number. b is padded with −1 (never >= t) to a whole number of 16 values, and cv
+// and ci have room for as many.
+template <typename A> inline int64_t compact_ge(const A* b, int64_t n, A t, A* cv, int32_t* ci) {
+  int64_t m = 0;
+  for (int64_t i = 0; i < n; ++i) { cv[m] = b[i]; ci[m] = (int32_t)i; m += b[i] >= t; }
+  return m;
+}
+
+// The candidates j < m (in index order, values cv padded with −1 to a whole number of 16) that
+// fewer than k others beat — a larger value, or an equal one at a lower index — into pick in
+// index order; returns their number (k when m >= k). cnt: room for m rounded up to 16.
+template <typename A> inline int pick_ranked(const A* cv, int64_t m, int k, int32_t* cnt, int32_t* pick) {
+  const int32_t mi = (int32_t)m, mp = (mi + 15) & ~15;
+  for (int32_t j = 0; j < mp; ++j) cnt[j] = 0;
+  for (int32_t i = 0; i < mi; ++i) {
+    const A v = cv[i];
+#pragma omp simd
+    for (int32_t j = 0; j < mp; ++j) cnt[j] += (int32_t)((v > cv[j]) | ((v == cv[j]) & (i < j)));
+  }
+  int got = 0;
+  for (int32_t j = 0; j < mi; ++j) { pick[got] = j; got += cnt[j] < k; }
+  return got;
+}
+
+#if defined(__AVX512F__) && defined(__AVX512VL__)
+// The same with vector compress (its register form: the memory form is slow on AMD Zen 4).
+template <> inline int64_t compact_ge<float>(const float* b, int64_t n, float t, float* cv, int32_t* ci) {
+  const __m512 tv = _mm512_set1_ps(t);
+  __m512i idx = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  int64_t m = 0;
+  for (int64_t i = 0; i < n; i += 16) {
+    const __m512 v = _mm512_loadu_ps(b + i);
+    const __mmask16 keep = _mm512_cmp_ps_mask(v, tv, _CMP_GE_OQ);
+    _mm512_storeu_ps(cv + m, _mm512_maskz_compress_ps(keep, v));
+    _mm512_storeu_si512(ci + m, _mm512_maskz_compress_epi32(keep, idx));
+    m += __builtin_popcount((unsigned)keep);
+    idx = _mm512_add_epi32(idx, _mm512_set1_epi32(16));
+  }
+  return m;
+}
+template <> inline int64_t compact_ge<double>(const double* b, int64_t n, double t, double* cv, int32_t* ci) {
+  const __m512d tv = _mm512_set1_pd(t);
+  __m256i idx = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  int64_t m = 0;
+  for (int64_t i = 0; i < n; i += 8) {
+    const __m512d v = _mm512_loadu_pd(b + i);
+    const __mmask8 keep = _mm512_cmp_pd_mask(v, tv, _CMP_GE_OQ);
+    _mm512_storeu_pd(cv + m, _mm512_maskz_compress_pd(keep, v));
+    _mm256_storeu_si256((__m256i*)(ci + m), _mm256_maskz_compress_epi32(keep, idx));
+    m += __builtin_popcount((unsigned)keep);
+    idx = _mm256_add_epi32(idx, _mm256_set1_epi32(8));
+  }
+  return m;
+}
+// The counts of 16 candidates at a time kept in a register (the portable loop's counts go
+// through memory, a store-to-load round trip per candidate): candidates i before the 16 beat
+// them when >=, those after when >, only those among them need the index comparison.
+template <> inline int pick_ranked<float>(const float* cv, int64_t m, int k, int32_t*, int32_t* pick) {
+  const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  const __m512i one = _mm512_set1_epi32(1);
+  int got = 0;
+  for (int64_t j0 = 0; j0 < m; j0 += 16) {
+    const __m512 vj = _mm512_loadu_ps(cv + j0);
+    const int64_t j1 = std::min<int64_t>(j0 + 16, m);
+    __m512i cnt = _mm512_setzero_si512();
+    for (int64_t i = 0; i < j0; ++i)
+      cnt = _mm512_mask_add_epi32(cnt, _mm512_cmp_ps_mask(_mm512_set1_ps(cv[i]), vj, _CMP_GE_OQ), cnt, one);
+    for (int64_t i = j0; i < j1; ++i) {
+      const __m512 vi = _mm512_set1_ps(cv[i]);
+      const __mmask16 after = (__mmask16)(0xfffe << (i - j0));   // the lanes j > i
+      const __mmask16 beat = _mm512_cmp_ps_mask(vi, vj, _CMP_GT_OQ) | (_mm512_cmp_ps_mask(vi, vj, _CMP_EQ_OQ) & after);
+      cnt = _mm512_mask_add_epi32(cnt, beat, cnt, one);
+    }
+    for (int64_t i = j1; i < m; ++i)
+      cnt = _mm512_mask_add_epi32(cnt, _mm512_cmp_ps_mask(_mm512_set1_ps(cv[i]), vj, _CMP_GT_OQ), cnt, one);
+    const __mmask16 valid = (__mmask16)((1u << (j1 - j0)) - 1u);
+    const __mmask16 win = _mm512_mask_cmplt_epi32_mask(valid, cnt, _mm512_set1_epi32(k));
+    _mm512_storeu_si512(pick + got, _mm512_maskz_compress_epi32(win, _mm512_add_epi32(lane, _mm512_set1_epi32((int)j0))));
+    got += __builtin_popcount((unsigned)win);
+  }
+  return got;
+}
+#endif
+
+// Per-thread scratch of short_topk, sized for statistics of n values, with the threshold factor
+// of (n, k): for Gaussian data |d| is half-normal, and about target = k + 2√k + 2 of n values
+// exceed ratio·mean|d| with ratio = √π·erfinv(1 − target/n). Only a guess (short_topk is exact
+// whatever it is), computed once per kernel call and thread since n and k are fixed there.
+template <typename A> struct TopScratch {
+  static const int64_t RANKED = 48;  // at most this many candidates are ranked by counting
+  std::vector<A> buf, cv, sel; std::vector<int32_t> ci, cnt, pick;
+  int k; int64_t n = -1; A ratio = A(0), target = A(0);
+  explicit TopScratch(int k_) : k(k_), cnt((size_t)RANKED), pick((size_t)RANKED + 16) {}
+  void prepare(int64_t n_) {
+    if (n_ == n) return;
+    n = n_;
+    const int64_t np = (n + 15) & ~int64_t(15);
+    buf.assign((size_t)np, A(-1)); cv.resize((size_t)np); ci.resize((size_t)np); sel.resize((size_t)n);
+    const double tg = k + 2.0 * std::sqrt((double)k) + 2.0;
+    target = (A)tg;
+    if (tg >= (double)n) { ratio = A(0); return; }
+    // erfinv(p) by Newton's method on erf from 0: erf is concave on [0, ∞), so the iterates
+    // rise monotonically to the root.
+    const double p = 1.0 - tg / (double)n, rpi = std::sqrt(std::acos(-1.0));
+    double y = 0.0;
+    for (int it = 0; it < 50; ++it) y -= (std::erf(y) - p) * rpi / 2.0 * std::exp(y * y);
+    ratio = (A)(rpi * y);
+  }
+};
+
+// Top(k) of a short statistic (n <= SHORT values, e.g. a layer-norm row), ties to the lowest
+// index (the tie rule). A NaN makes the sum NaN (as the reference's). Three steps:
+// 1. |d| = |x − mu| into a scratch array, then their sum and maximum (vectorised passes);
+// 2. the candidates: the values >= a threshold t = ratio·mean|d| that admits a few more than k
+//    values for most data (TopScratch), compacted in index order. If fewer than k pass, t was
+//    too high for the data (light tails: |d| near uniform): next t = max|d|·(1 − target/n),
+//    right for uniform |d|, then lower and lower, at last 0 (all values);
+// 3. the exact top k among the m candidates. Up to RANKED of them, by counting for each how
+//    many beat it (pick_ranked); more (heavy ties, odd distributions): the k-th largest value,
+//    found among the few largest distinct values or else by nth_element, then the values above
+//    it and the first of those equal to it.
+// The k chosen are written in index order (the callers need only the set).
 template <typename T, typename A>
 double short_topk(const T* x, int64_t N, int64_t C, int64_t S, int64_t c, A mu, int k,
-                  int64_t* out_id, int* out_s, std::vector<A>& buf, std::vector<A>& buf2) {
+                  int64_t* out_id, int* out_s, TopScratch<A>& ts) {
   const int64_t n = N * S;
-  buf.resize((size_t)n);
-  A* b = buf.data();
-  int nan = 0;
+  ts.prepare(n);
+  A* b = ts.buf.data();
   for (int64_t q = 0; q < N; ++q) {
     const T* xp = x + (q * C + c) * S;
     A* bq = b + q * S;
-#pragma omp simd reduction(|:nan)
-    for (int64_t i = 0; i < S; ++i) { const A d = IO<T>::ld(xp, i) - mu; const A a = d < 0 ? -d : d; bq[i] = a; nan |= (a != a); }
+#pragma omp simd
+    for (int64_t i = 0; i < S; ++i) { const A d = IO<T>::ld(xp, i) - mu; bq[i] = d < 0 ? -d : d; }
   }
-  if (nan) {
+  // (A separate pass: GCC leaves the loop above scalar with this reduction in it.) The sum is NaN
+  // iff a |d| is: a sum of values >= 0 overflows to +inf, never to NaN.
+  A sb = 0, mx = 0;
+#pragma omp simd reduction(+:sb) reduction(max:mx)
+  for (int64_t i = 0; i < n; ++i) { sb += b[i]; mx = b[i] > mx ? b[i] : mx; }
+  if (sb != sb) {
     if (out_id) for (int j = 0; j < k; ++j) { out_id[j] = j; out_s[j] = 0; }
     return std::numeric_limits<double>::quiet_NaN();
   }
-  {
-    // k selections of the largest value left (its first position on a tie), each from the
-    // maxima of blocks of 16: one vectorised pass for the block maxima, then per selection a
-    // look at the blocks and one block.
-    const int64_t SB = 16, nb = (n + SB - 1) / SB;
-    std::vector<A>& bm = buf2;
-    bm.resize((size_t)nb);
-    for (int64_t q = 0; q < nb; ++q) {
-      const int64_t l = std::min(SB, n - q * SB);
-      A m = A(-1);
-#pragma omp simd reduction(max:m)
-      for (int64_t i = 0; i < l; ++i) m = b[q * SB + i] > m ? b[q * SB + i] : m;
-      bm[q] = m;
+  A* cv = ts.cv.data();
+  int32_t* ci = ts.ci.data();
+  A t = ts.ratio * (sb / (A)n);
+  if (!(t < std::numeric_limits<A>::infinity())) t = A(0);  // the sum overflowed
+  int64_t m = compact_ge<A>(b, n, t, cv, ci);
+  for (int tries = 0; m < k; ++tries) {
+    const A u = mx * (A(1) - ts.target / (A)n);
+    t = tries == 0 && u < t ? u : tries < 4 ? t * A(0.7) : A(0);
+    m = compact_ge<A>(b, n, t, cv, ci);
+  }
+  double s = 0.0;
+  int got = 0;
+  auto take = [&](int64_t j) {
+    s += (double)cv[j];
+    if (out_id) {
+      const int64_t pos = ci[j];
+      const A d = IO<T>::ld(x, ((pos / S) * C + c) * S + pos % S) - mu;
+      out_id[got] = pos; out_s[got] = (d > 0) - (d < 0);
     }
-    double s = 0.0;
-    for (int j = 0; j < k; ++j) {
-      int64_t bb = 0;
-      for (int64_t q = 1; q < nb; ++q) if (bm[q] > bm[bb]) bb = q;
-      const A best = bm[bb];
-      const int64_t b0 = bb * SB, l = std::min(SB, n - b0);
-      int64_t pos = b0;
-      while (pos < b0 + l - 1 && !(b[pos] == best)) ++pos;
-      s += (double)best;
-      b[pos] = A(-1);  // |d| >= 0: never taken again
-      A m = A(-1);
-      for (int64_t i = b0; i < b0 + l; ++i) m = b[i] > m ? b[i] : m;
-      bm[bb] = m;
-      if (out_id) {
-        const A d = IO<T>::ld(x, ((pos / S) * C + c) * S + pos % S) - mu;
-        out_id[j] = pos; out_s[j] = (d > 0) - (d < 0);
-      }
-    }
+    ++got;
+  };
+  if (m <= TopScratch<A>::RANKED) {
+    for (int64_t j = m; j < ((m + 15) & ~int64_t(15)); ++j) cv[j] = A(-1);
+    int32_t* pick = ts.pick.data();
+    const int np = pick_ranked<A>(cv, m, k, ts.cnt.data(), pick);
+    for (int j = 0; j < np; ++j) take(pick[j]);
     return s;
   }
+  // The k-th largest value: first by stepping down the largest distinct values (one pass each;
+  // few steps where ties are many), else by nth_element.
+  A kth = std::numeric_limits<A>::infinity();
+  int above = 0;   // values > kth
+  for (int step = 0;; ++step) {
+    if (step == 4) {
+      A* sel = ts.sel.data();
+      std::copy(cv, cv + m, sel);
+      std::nth_element(sel, sel + (k - 1), sel + m, [](A p, A q) { return p > q; });
+      kth = sel[k - 1];
+      above = 0;
+      for (int j = 0; j < k - 1; ++j) above += sel[j] > kth;
+      break;
+    }
+    A v = A(-1);
+#pragma omp simd reduction(max:v)
+    for (int64_t j = 0; j < m; ++j) v = cv[j] < kth && cv[j] > v ? cv[j] : v;
+    int eq = 0;
+#pragma omp simd reduction(+:eq)
+    for (int64_t j = 0; j < m; ++j) eq += cv[j] == v;
+    kth = v;
+    if (above + eq >= k) break;
+    above += eq;
+  }
+  int ties = k - above;   // the values equal to kth that are chosen: the first ones
+  for (int64_t j = 0; j < m; ++j) if (cv[j] > kth || (cv[j] == kth && ties-- > 0)) take(j);
+  return s;
 }
-
-// Per-thread scratch of short_topk.
-template <typename A> struct TopScratch {
-  std::vector<A> buf, buf2;
-  explicit TopScratch(int) {}
-};
 
 // ---------------------------------------------------------------- NCS layout: one channel per task
 template <typename T>
@@ -322,7 +464,7 @@ void fwd_ncs(const T* x, T* y, int64_t N, int64_t C, int64_t S,
         const A up = gmx - mu, dn = mu - gmn;
         sig = cst * (double)(up > dn ? up : dn);
       } else if (short_rows) {
-        sig = cst * short_topk<T, A>(x, N, C, S, c, mu, k, nullptr, nullptr, ts.buf, ts.buf2) / (double)k;
+        sig = cst * short_topk<T, A>(x, N, C, S, c, mu, k, nullptr, nullptr, ts) / (double)k;
       } else {
         pieces.finish(x, k, *hi, *lo);
         sig = cst * select_topk<A>(&hi, &lo, 1, k, mu, nullptr, nullptr, buf) / (double)k;
@@ -437,7 +579,7 @@ void bwd_ncs(const T* dy, const T* x, T* dx, int64_t N, int64_t C, int64_t S,
         }
       } else {
         if (short_rows) {
-          short_topk<T, A>(x, N, C, S, c, mu, k, tid.data(), tsg.data(), ts.buf, ts.buf2);
+          short_topk<T, A>(x, N, C, S, c, mu, k, tid.data(), tsg.data(), ts);
         } else {
           pieces.finish(x, k, *hi, *lo);
           select_topk<A>(&hi, &lo, 1, k, mu, tid.data(), tsg.data(), buf);
@@ -578,7 +720,7 @@ void bwd_rows(const T* dy, const T* x, T* dx, int64_t R, int64_t S,
           tid[0] = take_up ? imx : imn; tsg[0] = (d > 0) - (d < 0);
         } else {
           if (short_rows) {
-            short_topk<T, A>(xr, 1, 1, S, 0, mu, k, tid.data(), tsg.data(), ts.buf, ts.buf2);
+            short_topk<T, A>(xr, 1, 1, S, 0, mu, k, tid.data(), tsg.data(), ts);
           } else {
             pieces.finish(xr, k, *hi, *lo);
             select_topk<A>(&hi, &lo, 1, k, mu, tid.data(), tsg.data(), buf);
