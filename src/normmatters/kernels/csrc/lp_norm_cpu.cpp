@@ -212,19 +212,31 @@ template <typename A> inline int64_t compact_ge(const A* b, int64_t n, A t, A* c
   return m;
 }
 
-// The candidates j < m (in index order, values cv padded with −1 to a whole number of 16) that
-// fewer than k others beat — a larger value, or an equal one at a lower index — into pick in
-// index order; returns their number (k when m >= k). cnt: room for m rounded up to 16.
-template <typename A> inline int pick_ranked(const A* cv, int64_t m, int k, int32_t* cnt, int32_t* pick) {
+// The sum of b[0, n).
+template <typename A> inline A sum_of(const A* b, int64_t n) {
+  A s = 0;
+#pragma omp simd reduction(+:s)
+  for (int64_t i = 0; i < n; ++i) s += b[i];
+  return s;
+}
+
+// The candidates (values cv, indices ci; j < m, cv padded with −1 to a whole number of 16)
+// that fewer than k others exceed, into val and pos in index order, their values added to sum
+// (in double); returns their number g >= k. The exact top k are among them: all of them when
+// g = k, else values equal to the k-th largest straddle it (see short_topk). cnt: room for m
+// rounded up to 16.
+template <typename A>
+inline int pick_ranked(const A* cv, const int32_t* ci, int64_t m, int k, int32_t* cnt, int32_t* pos, A* val,
+                       double& sum) {
   const int32_t mi = (int32_t)m, mp = (mi + 15) & ~15;
   for (int32_t j = 0; j < mp; ++j) cnt[j] = 0;
   for (int32_t i = 0; i < mi; ++i) {
     const A v = cv[i];
 #pragma omp simd
-    for (int32_t j = 0; j < mp; ++j) cnt[j] += (int32_t)((v > cv[j]) | ((v == cv[j]) & (i < j)));
+    for (int32_t j = 0; j < mp; ++j) cnt[j] += (int32_t)(v > cv[j]);
   }
   int got = 0;
-  for (int32_t j = 0; j < mi; ++j) { pick[got] = j; got += cnt[j] < k; }
+  for (int32_t j = 0; j < mi; ++j) if (cnt[j] < k) { pos[got] = ci[j]; val[got] = cv[j]; sum += (double)cv[j]; ++got; }
   return got;
 }
 
@@ -258,32 +270,49 @@ template <> inline int64_t compact_ge<double>(const double* b, int64_t n, double
   }
   return m;
 }
+// Float sums in registers: GCC ends an omp simd reduction with the lanes added one by one
+// through memory, a long chain for a short statistic.
+template <> inline float sum_of<float>(const float* b, int64_t n) {
+  __m512 s0 = _mm512_setzero_ps(), s1 = s0;
+  int64_t i = 0;
+  for (; i + 32 <= n; i += 32) {
+    s0 = _mm512_add_ps(s0, _mm512_loadu_ps(b + i)); s1 = _mm512_add_ps(s1, _mm512_loadu_ps(b + i + 16));
+  }
+  for (; i < n; i += 16) {
+    const __mmask16 in = n - i >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (n - i)) - 1u);
+    s0 = _mm512_add_ps(s0, _mm512_maskz_loadu_ps(in, b + i));
+  }
+  return _mm512_reduce_add_ps(_mm512_add_ps(s0, s1));
+}
 // The counts of 16 candidates at a time kept in a register (the portable loop's counts go
-// through memory, a store-to-load round trip per candidate): candidates i before the 16 beat
-// them when >=, those after when >, only those among them need the index comparison.
-template <> inline int pick_ranked<float>(const float* cv, int64_t m, int k, int32_t*, int32_t* pick) {
-  const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+// through memory, a store-to-load round trip per candidate), each compared with the others
+// broadcast from a register (a broadcast from memory waits for the compaction's stores); the
+// chosen values summed in two double vectors.
+template <>
+inline int pick_ranked<float>(const float* cv, const int32_t* ci, int64_t m, int k, int32_t*, int32_t* pos,
+                              float* val, double& sum) {
   const __m512i one = _mm512_set1_epi32(1);
+  __m512d lo = _mm512_setzero_pd(), hi = lo;
   int got = 0;
   for (int64_t j0 = 0; j0 < m; j0 += 16) {
     const __m512 vj = _mm512_loadu_ps(cv + j0);
-    const int64_t j1 = std::min<int64_t>(j0 + 16, m);
     __m512i cnt = _mm512_setzero_si512();
-    for (int64_t i = 0; i < j0; ++i)
-      cnt = _mm512_mask_add_epi32(cnt, _mm512_cmp_ps_mask(_mm512_set1_ps(cv[i]), vj, _CMP_GE_OQ), cnt, one);
-    for (int64_t i = j0; i < j1; ++i) {
-      const __m512 vi = _mm512_set1_ps(cv[i]);
-      const __mmask16 after = (__mmask16)(0xfffe << (i - j0));   // the lanes j > i
-      const __mmask16 beat = _mm512_cmp_ps_mask(vi, vj, _CMP_GT_OQ) | (_mm512_cmp_ps_mask(vi, vj, _CMP_EQ_OQ) & after);
-      cnt = _mm512_mask_add_epi32(cnt, beat, cnt, one);
+    for (int64_t i0 = 0; i0 < m; i0 += 16) {
+      const __m512 vi = _mm512_loadu_ps(cv + i0);
+      const int64_t l = std::min<int64_t>(16, m - i0);
+      for (int64_t i = 0; i < l; ++i)
+        cnt = _mm512_mask_add_epi32(cnt, _mm512_cmp_ps_mask(_mm512_permutexvar_ps(_mm512_set1_epi32((int)i), vi), vj, _CMP_GT_OQ), cnt, one);
     }
-    for (int64_t i = j1; i < m; ++i)
-      cnt = _mm512_mask_add_epi32(cnt, _mm512_cmp_ps_mask(_mm512_set1_ps(cv[i]), vj, _CMP_GT_OQ), cnt, one);
-    const __mmask16 valid = (__mmask16)((1u << (j1 - j0)) - 1u);
+    const __mmask16 valid = m - j0 >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (m - j0)) - 1u);
     const __mmask16 win = _mm512_mask_cmplt_epi32_mask(valid, cnt, _mm512_set1_epi32(k));
-    _mm512_storeu_si512(pick + got, _mm512_maskz_compress_epi32(win, _mm512_add_epi32(lane, _mm512_set1_epi32((int)j0))));
+    _mm512_storeu_si512(pos + got, _mm512_maskz_compress_epi32(win, _mm512_loadu_si512(ci + j0)));
+    _mm512_storeu_ps(val + got, _mm512_maskz_compress_ps(win, vj));
     got += __builtin_popcount((unsigned)win);
+    const __m512 w = _mm512_maskz_mov_ps(win, vj);
+    lo = _mm512_add_pd(lo, _mm512_cvtps_pd(_mm512_castps512_ps256(w)));
+    hi = _mm512_add_pd(hi, _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(w), 1))));
   }
+  sum += _mm512_reduce_add_pd(_mm512_add_pd(lo, hi));
   return got;
 }
 #endif
@@ -294,36 +323,39 @@ template <> inline int pick_ranked<float>(const float* cv, int64_t m, int k, int
 // whatever it is), computed once per kernel call and thread since n and k are fixed there.
 template <typename A> struct TopScratch {
   static const int64_t RANKED = 48;  // at most this many candidates are ranked by counting
-  std::vector<A> buf, cv, sel; std::vector<int32_t> ci, cnt, pick;
-  int k; int64_t n = -1; A ratio = A(0), target = A(0);
-  explicit TopScratch(int k_) : k(k_), cnt((size_t)RANKED), pick((size_t)RANKED + 16) {}
+  std::vector<A> buf, cv, sel, val; std::vector<int32_t> ci, cnt, pos;
+  int k; int64_t n = -1;
+  A scale = A(0);   // ratio / n: the threshold is scale·Σ|d|
+  A cut = A(0);     // 1 − target/n: the fallback threshold is cut·max|d|
+  explicit TopScratch(int k_)
+      : val((size_t)RANKED + 16), cnt((size_t)RANKED), pos((size_t)std::max<int64_t>(RANKED, k_) + 16), k(k_) {}
   void prepare(int64_t n_) {
     if (n_ == n) return;
     n = n_;
     const int64_t np = (n + 15) & ~int64_t(15);
-    buf.assign((size_t)np, A(-1)); cv.resize((size_t)np); ci.resize((size_t)np); sel.resize((size_t)n);
+    buf.assign((size_t)np, A(-1)); cv.resize((size_t)np + 16); ci.resize((size_t)np); sel.resize((size_t)n);
     const double tg = k + 2.0 * std::sqrt((double)k) + 2.0;
-    target = (A)tg;
-    if (tg >= (double)n) { ratio = A(0); return; }
+    cut = (A)(1.0 - tg / (double)n);
+    if (tg >= (double)n) { scale = A(0); return; }
     // erfinv(p) by Newton's method on erf from 0: erf is concave on [0, ∞), so the iterates
     // rise monotonically to the root.
     const double p = 1.0 - tg / (double)n, rpi = std::sqrt(std::acos(-1.0));
     double y = 0.0;
     for (int it = 0; it < 50; ++it) y -= (std::erf(y) - p) * rpi / 2.0 * std::exp(y * y);
-    ratio = (A)(rpi * y);
+    scale = (A)(rpi * y / (double)n);
   }
 };
 
 // Top(k) of a short statistic (n <= SHORT values, e.g. a layer-norm row), ties to the lowest
 // index (the tie rule). A NaN makes the sum NaN (as the reference's). Three steps:
-// 1. |d| = |x − mu| into a scratch array, then their sum and maximum (vectorised passes);
+// 1. |d| = |x − mu| into a scratch array, then their sum (vectorised passes);
 // 2. the candidates: the values >= a threshold t = ratio·mean|d| that admits a few more than k
 //    values for most data (TopScratch), compacted in index order. If fewer than k pass, t was
 //    too high for the data (light tails: |d| near uniform): next t = max|d|·(1 − target/n),
 //    right for uniform |d|, then lower and lower, at last 0 (all values);
 // 3. the exact top k among the m candidates. Up to RANKED of them, by counting for each how
-//    many beat it (pick_ranked); more (heavy ties, odd distributions): the k-th largest value,
-//    found among the few largest distinct values or else by nth_element, then the values above
+//    many exceed it (pick_ranked); more (heavy ties, odd distributions): the k-th largest value,
+//    found among the few largest distinct values or else by nth_element. Then the values above
 //    it and the first of those equal to it.
 // The k chosen are written in index order (the callers need only the set).
 template <typename T, typename A>
@@ -338,42 +370,60 @@ double short_topk(const T* x, int64_t N, int64_t C, int64_t S, int64_t c, A mu, 
 #pragma omp simd
     for (int64_t i = 0; i < S; ++i) { const A d = IO<T>::ld(xp, i) - mu; bq[i] = d < 0 ? -d : d; }
   }
-  // (A separate pass: GCC leaves the loop above scalar with this reduction in it.) The sum is NaN
-  // iff a |d| is: a sum of values >= 0 overflows to +inf, never to NaN.
-  A sb = 0, mx = 0;
-#pragma omp simd reduction(+:sb) reduction(max:mx)
-  for (int64_t i = 0; i < n; ++i) { sb += b[i]; mx = b[i] > mx ? b[i] : mx; }
+  // The sum is NaN iff a |d| is: a sum of values >= 0 overflows to +inf, never to NaN.
+  const A sb = sum_of<A>(b, n);
   if (sb != sb) {
     if (out_id) for (int j = 0; j < k; ++j) { out_id[j] = j; out_s[j] = 0; }
     return std::numeric_limits<double>::quiet_NaN();
   }
   A* cv = ts.cv.data();
   int32_t* ci = ts.ci.data();
-  A t = ts.ratio * (sb / (A)n);
+  A t = ts.scale * sb;
   if (!(t < std::numeric_limits<A>::infinity())) t = A(0);  // the sum overflowed
   int64_t m = compact_ge<A>(b, n, t, cv, ci);
   for (int tries = 0; m < k; ++tries) {
-    const A u = mx * (A(1) - ts.target / (A)n);
-    t = tries == 0 && u < t ? u : tries < 4 ? t * A(0.7) : A(0);
+    if (tries == 0) {
+      A mx = A(0);
+#pragma omp simd reduction(max:mx)
+      for (int64_t i = 0; i < n; ++i) mx = b[i] > mx ? b[i] : mx;
+      t = std::min(mx * ts.cut, t * A(0.7));
+    } else {
+      t = tries < 4 ? t * A(0.7) : A(0);
+    }
     m = compact_ge<A>(b, n, t, cv, ci);
   }
-  double s = 0.0;
-  int got = 0;
-  auto take = [&](int64_t j) {
-    s += (double)cv[j];
-    if (out_id) {
-      const int64_t pos = ci[j];
-      const A d = IO<T>::ld(x, ((pos / S) * C + c) * S + pos % S) - mu;
-      out_id[got] = pos; out_s[got] = (d > 0) - (d < 0);
-    }
-    ++got;
+  int32_t* pos = ts.pos.data();
+  A* val = ts.val.data();
+  auto finish = [&](double sum) {   // the positions and signs of the k chosen, and their sum
+    if (out_id)
+      for (int j = 0; j < k; ++j) {
+        const int64_t p = pos[j];
+        const A d = IO<T>::ld(x, N == 1 ? c * S + p : ((p / S) * C + c) * S + p % S) - mu;
+        out_id[j] = p; out_s[j] = (d > 0) - (d < 0);
+      }
+    return sum;
   };
   if (m <= TopScratch<A>::RANKED) {
-    for (int64_t j = m; j < ((m + 15) & ~int64_t(15)); ++j) cv[j] = A(-1);
-    int32_t* pick = ts.pick.data();
-    const int np = pick_ranked<A>(cv, m, k, ts.cnt.data(), pick);
-    for (int j = 0; j < np; ++j) take(pick[j]);
-    return s;
+    for (int j = 0; j < 16; ++j) cv[m + j] = A(-1);
+    double sum = 0.0;
+    const int got = pick_ranked<A>(cv, ci, m, k, ts.cnt.data(), pos, val, sum);
+    if (got == k) return finish(sum);
+    // Values equal to the k-th largest kth straddle it: all values above it stay, and the first
+    // of those equal to it.
+    A kth = val[0];
+    for (int j = 1; j < got; ++j) kth = val[j] < kth ? val[j] : kth;
+    int above = 0;
+    for (int j = 0; j < got; ++j) above += val[j] > kth;
+    int ties = k - above, kept = 0;
+    sum = 0.0;
+    for (int j = 0; j < got; ++j)
+      if (val[j] > kth || ties-- > 0) { pos[kept] = pos[j]; sum += (double)val[j]; ++kept; }
+    return finish(sum);
+  }
+  double sum = 0.0;
+  if (m == k) {   // all of them (k = n)
+    for (int64_t j = 0; j < m; ++j) { pos[j] = ci[j]; sum += (double)cv[j]; }
+    return finish(sum);
   }
   // The k-th largest value: first by stepping down the largest distinct values (one pass each;
   // few steps where ties are many), else by nth_element.
@@ -399,9 +449,10 @@ double short_topk(const T* x, int64_t N, int64_t C, int64_t S, int64_t c, A mu, 
     if (above + eq >= k) break;
     above += eq;
   }
-  int ties = k - above;   // the values equal to kth that are chosen: the first ones
-  for (int64_t j = 0; j < m; ++j) if (cv[j] > kth || (cv[j] == kth && ties-- > 0)) take(j);
-  return s;
+  int ties = k - above, got = 0;   // the values equal to kth that are chosen: the first ones
+  for (int64_t j = 0; j < m; ++j)
+    if (cv[j] > kth || (cv[j] == kth && ties-- > 0)) { pos[got++] = ci[j]; sum += (double)cv[j]; }
+  return finish(sum);
 }
 
 // ---------------------------------------------------------------- NCS layout: one channel per task
@@ -430,11 +481,11 @@ void fwd_ncs(const T* x, T* y, int64_t N, int64_t C, int64_t S,
           const int64_t len = std::min(CH, S - s0);
           const T* xc = xp + s0;
           A ls = 0;
-          if (mode == 2) {
+          if (mode == 2 && (k == 1 || !short_rows)) {   // short_topk needs no extremes
             A mx = -std::numeric_limits<A>::infinity(), mn = std::numeric_limits<A>::infinity();
 #pragma omp simd reduction(+:ls) reduction(max:mx) reduction(min:mn)
             for (int64_t i = 0; i < len; ++i) { A v = IO<T>::ld(xc, i); ls += v; mx = v > mx ? v : mx; mn = v < mn ? v : mn; }
-            if (k > 1 && !short_rows) pieces.add((q * C + c) * S + s0, q * S + s0, len, mx, mn);
+            if (k > 1) pieces.add((q * C + c) * S + s0, q * S + s0, len, mx, mn);
             gmx = mx > gmx ? mx : gmx; gmn = mn < gmn ? mn : gmn;
           } else {
 #pragma omp simd reduction(+:ls)
@@ -529,14 +580,14 @@ void bwd_ncs(const T* dy, const T* x, T* dx, int64_t N, int64_t C, int64_t S,
           const int64_t len = std::min(CH, S - s0);
           const T* xc = xp + s0; const T* gc = gp + s0;
           A l1 = 0, l2 = 0, l3 = 0;
-          if (want_top) {
+          if (want_top && !short_rows) {   // short_topk needs no extremes
             A mx = -std::numeric_limits<A>::infinity(), mn = std::numeric_limits<A>::infinity();
 #pragma omp simd reduction(+:l1, l2) reduction(max:mx) reduction(min:mn)
             for (int64_t i = 0; i < len; ++i) {
               A v = IO<T>::ld(xc, i), g = IO<T>::ld(gc, i);
               l1 += g; l2 += g * (v - mu); mx = v > mx ? v : mx; mn = v < mn ? v : mn;
             }
-            if (!short_rows) pieces.add((q * C + c) * S + s0, q * S + s0, len, mx, mn);
+            pieces.add((q * C + c) * S + s0, q * S + s0, len, mx, mn);
           } else if (want_sign) {
 #pragma omp simd reduction(+:l1, l2, l3)
             for (int64_t i = 0; i < len; ++i) {
