@@ -242,17 +242,25 @@ inline int pick_ranked(const A* cv, const int32_t* ci, int64_t m, int k, int32_t
 
 #if defined(__AVX512F__) && defined(__AVX512VL__)
 // The same with vector compress (its register form: the memory form is slow on AMD Zen 4).
+// Most vectors of a long statistic hold no candidate: a first pass flags those that do (64 per
+// word), then only they are compressed and stored.
 template <> inline int64_t compact_ge<float>(const float* b, int64_t n, float t, float* cv, int32_t* ci) {
   const __m512 tv = _mm512_set1_ps(t);
-  __m512i idx = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
   int64_t m = 0;
-  for (int64_t i = 0; i < n; i += 16) {
-    const __m512 v = _mm512_loadu_ps(b + i);
-    const __mmask16 keep = _mm512_cmp_ps_mask(v, tv, _CMP_GE_OQ);
-    _mm512_storeu_ps(cv + m, _mm512_maskz_compress_ps(keep, v));
-    _mm512_storeu_si512(ci + m, _mm512_maskz_compress_epi32(keep, idx));
-    m += __builtin_popcount((unsigned)keep);
-    idx = _mm512_add_epi32(idx, _mm512_set1_epi32(16));
+  for (int64_t i0 = 0; i0 < n; i0 += 1024) {
+    const int64_t nv = std::min<int64_t>(64, (n - i0 + 15) / 16);
+    uint64_t any = 0;
+    for (int64_t v = 0; v < nv; ++v)
+      any |= (uint64_t)(_mm512_cmp_ps_mask(_mm512_loadu_ps(b + i0 + 16 * v), tv, _CMP_GE_OQ) != 0) << v;
+    for (; any; any &= any - 1) {
+      const int64_t i = i0 + 16 * __builtin_ctzll(any);
+      const __m512 v = _mm512_loadu_ps(b + i);
+      const __mmask16 keep = _mm512_cmp_ps_mask(v, tv, _CMP_GE_OQ);
+      _mm512_storeu_ps(cv + m, _mm512_maskz_compress_ps(keep, v));
+      _mm512_storeu_si512(ci + m, _mm512_maskz_compress_epi32(keep, _mm512_add_epi32(lane, _mm512_set1_epi32((int)i))));
+      m += __builtin_popcount((unsigned)keep);
+    }
   }
   return m;
 }
@@ -318,7 +326,7 @@ inline int pick_ranked<float>(const float* cv, const int32_t* ci, int64_t m, int
 #endif
 
 // Per-thread scratch of short_topk, sized for statistics of n values, with the threshold factor
-// of (n, k): for Gaussian data |d| is half-normal, and about target = k + 2√k + 2 of n values
+// of (n, k): for Gaussian data |d| is half-normal, and about target = k + 1.5√k of n values
 // exceed ratio·mean|d| with ratio = √π·erfinv(1 − target/n). Only a guess (short_topk is exact
 // whatever it is), computed once per kernel call and thread since n and k are fixed there.
 template <typename A> struct TopScratch {
@@ -334,7 +342,7 @@ template <typename A> struct TopScratch {
     n = n_;
     const int64_t np = (n + 15) & ~int64_t(15);
     buf.assign((size_t)np, A(-1)); cv.resize((size_t)np + 16); ci.resize((size_t)np); sel.resize((size_t)n);
-    const double tg = k + 2.0 * std::sqrt((double)k) + 2.0;
+    const double tg = k + 1.5 * std::sqrt((double)k);
     cut = (A)(1.0 - tg / (double)n);
     if (tg >= (double)n) { scale = A(0); return; }
     // erfinv(p) by Newton's method on erf from 0: erf is concave on [0, ∞), so the iterates
