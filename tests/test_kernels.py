@@ -257,7 +257,7 @@ def _hard_rows(count: int, n: int, dtype: torch.dtype) -> torch.Tensor:
     return torch.stack([row(i % 8) for i in range(count)]).to(dtype)
 
 
-@pytest.mark.parametrize("dtype,atol", [(torch.float64, 1e-10), (torch.float32, 1e-5)])
+@pytest.mark.parametrize("dtype,atol", [(torch.float64, 1e-10), (torch.float32, 1e-4)])
 @pytest.mark.parametrize("k", [1, 2, 10, 64])
 @pytest.mark.parametrize("shape", ["layer64", "layer100", "layer768", "batch128x64x10"])
 def test_top_k_selection_with_ties_matches_reference(shape, k, dtype, atol):

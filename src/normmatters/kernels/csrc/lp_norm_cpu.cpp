@@ -844,7 +844,10 @@ void fwd_grp(const T* x, T* y, int64_t R, int64_t C, int64_t G,
   typedef typename IO<T>::A A;
   const int64_t J = C * G, n = R * G;
   std::vector<double> part((size_t)(nt * J), 0.0);
-  const bool heap = mode == 2 && k > 1;   // L∞ keeps the extremes of each column instead
+  // Top(k) of short statistics of NCS runs (G > 1, see use_rows): short_topk per channel, straight
+  // from x; else heaps of the k extremes of each column, kept during the pass over the rows.
+  const bool shortk = mode == 2 && k > 1 && G > 1 && n <= SHORT;
+  const bool heap = mode == 2 && k > 1 && !shortk;   // L∞ keeps the extremes of each column instead
   const bool ext = mode == 2 && k == 1;
   std::vector<HeapSet<A>> heaps(heap ? nt : 0);
   std::vector<A> pmx(ext ? (size_t)(nt * J) : 0, -std::numeric_limits<A>::infinity());
@@ -898,6 +901,7 @@ void fwd_grp(const T* x, T* y, int64_t R, int64_t C, int64_t G,
 #pragma omp barrier
     }
     std::vector<Cand> buf; std::vector<Heap<A>*> hp((size_t)(nth * G)), lp((size_t)(nth * G));
+    TopScratch<A> ts(k);
 #pragma omp for
     for (int64_t c = 0; c < C; ++c) {
       double sig;
@@ -913,6 +917,8 @@ void fwd_grp(const T* x, T* y, int64_t R, int64_t C, int64_t G,
         }
         const A up = gmx - mu[c * G], dn = mu[c * G] - gmn;
         sig = cst * (double)(up > dn ? up : dn);
+      } else if (shortk) {
+        sig = cst * short_topk<T, A>(x, R, C, G, c, mu[c * G], k, nullptr, nullptr, ts) / (double)k;
       } else {
         for (int u = 0; u < nth; ++u) for (int64_t g = 0; g < G; ++g) {
           hp[u * G + g] = &heaps[u].hi[c * G + g]; lp[u * G + g] = &heaps[u].lo[c * G + g]; }
@@ -943,7 +949,8 @@ void bwd_grp(const T* dy, const T* x, T* dx, int64_t R, int64_t C, int64_t G,
   const bool want_top = (mode == 2 && dx);
   std::vector<double> part((size_t)(3 * nt * J), 0.0);
   const bool ext = want_top && k == 1;   // L∞: the first position of each column's extremes
-  const bool heap = want_top && k > 1;
+  const bool shortk = want_top && k > 1 && G > 1 && n <= SHORT;   // as in fwd_grp
+  const bool heap = want_top && k > 1 && !shortk;
   std::vector<HeapSet<A>> heaps(heap ? nt : 0);
   std::vector<A> pmx(ext ? (size_t)(nt * J) : 0, -std::numeric_limits<A>::infinity());
   std::vector<A> pmn(ext ? (size_t)(nt * J) : 0, std::numeric_limits<A>::infinity());
@@ -995,6 +1002,7 @@ void bwd_grp(const T* dy, const T* x, T* dx, int64_t R, int64_t C, int64_t G,
     }
 #pragma omp barrier
     std::vector<Cand> buf; std::vector<Heap<A>*> hp((size_t)(nth * G)), lp((size_t)(nth * G));
+    TopScratch<A> ts(k);
 #pragma omp for
     for (int64_t c = 0; c < C; ++c) {
       double sdy = 0.0, sdyd = 0.0, ssg = 0.0;
@@ -1031,9 +1039,13 @@ void bwd_grp(const T* dy, const T* x, T* dx, int64_t R, int64_t C, int64_t G,
           tid[(size_t)c] = take_up ? imx : imn; tsg[(size_t)c] = (dd > 0) - (dd < 0);
           st = tsg[(size_t)c];
         } else if (want_top) {
-          for (int u = 0; u < nth; ++u) for (int64_t g = 0; g < G; ++g) {
-            hp[u * G + g] = &heaps[u].hi[c * G + g]; lp[u * G + g] = &heaps[u].lo[c * G + g]; }
-          select_topk<A>(hp.data(), lp.data(), (int)(nth * G), k, mean[c], tid.data() + c * k, tsg.data() + c * k, buf);
+          if (shortk) {
+            short_topk<T, A>(x, R, C, G, c, mean[c], k, tid.data() + c * k, tsg.data() + c * k, ts);
+          } else {
+            for (int u = 0; u < nth; ++u) for (int64_t g = 0; g < G; ++g) {
+              hp[u * G + g] = &heaps[u].hi[c * G + g]; lp[u * G + g] = &heaps[u].lo[c * G + g]; }
+            select_topk<A>(hp.data(), lp.data(), (int)(nth * G), k, mean[c], tid.data() + c * k, tsg.data() + c * k, buf);
+          }
           for (int j = 0; j < k; ++j) st += tsg[(size_t)(c * k + j)];
         }
         bcd[c] = inv * (-mg + (center ? cst * M * st / (double)k : 0.0));
@@ -1105,9 +1117,10 @@ void eval_t(int layout, const T* x, T* y, int64_t N, int64_t C, int64_t S,
 }
 
 // NCS tensors whose runs are short go through the rows kernels (see fwd_grp); long runs through
-// one channel per task.
-inline bool use_rows(int64_t C, int64_t S, int mode, int k) {
-  return S < 32 && C * S <= 8192 && (mode == 1 || k == 1);
+// one channel per task. Top(k) (k > 1) only for short statistics of several runs, which
+// short_topk selects from (the rows kernels' heaps are slow for NCS runs).
+inline bool use_rows(int64_t N, int64_t C, int64_t S, int mode, int k) {
+  return S < 32 && C * S <= 8192 && (mode == 1 || k == 1 || (N > 1 && S > 1 && N * S <= SHORT));
 }
 
 template <typename T>
@@ -1116,7 +1129,7 @@ int fwd_t(int layout, const void* x, void* y, int64_t N, int64_t C, int64_t S, c
           void* rm, void* rv, double momentum, double bessel, int nt) {
   typedef typename IO<T>::A A;
   if (aff == 2 && layout != 0) return -3;
-  if (layout == 0 && aff != 2 && use_rows(C, S, mode, k))
+  if (layout == 0 && aff != 2 && use_rows(N, C, S, mode, k))
     fwd_grp<T>((const T*)x, (T*)y, N, C, S, (const A*)w, (const A*)b, mode, k, cst, eps, center, (A*)m, (A*)inv, (A*)sig, nt);
   else if (layout == 0)
     fwd_ncs<T>((const T*)x, (T*)y, N, C, S, (const A*)w, (const A*)b, aff, mode, k, cst, eps, center, (A*)m, (A*)inv, (A*)sig, nt);
@@ -1141,7 +1154,7 @@ int bwd_t(int layout, const void* dy, const void* x, void* dx, int64_t N, int64_
     bwd_rows<T>((const T*)dy, (const T*)x, (T*)dx, C, S, (const A*)w, (const A*)m, (const A*)inv, mode, k, cst, center, (A*)dw, (A*)db, nt);
     return 0;
   }
-  if (layout == 0 && use_rows(C, S, mode, k))
+  if (layout == 0 && use_rows(N, C, S, mode, k))
     bwd_grp<T>((const T*)dy, (const T*)x, (T*)dx, N, C, S, (const A*)w, (const A*)m, (const A*)inv, mode, k, cst, center, (A*)dw, (A*)db, nt);
   else if (layout == 0)
     bwd_ncs<T>((const T*)dy, (const T*)x, (T*)dx, N, C, S, (const A*)w, (const A*)m, (const A*)inv, mode, k, cst, center, (A*)dw, (A*)db, nt);
