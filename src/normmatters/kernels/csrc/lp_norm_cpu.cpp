@@ -220,11 +220,11 @@ template <typename A> inline A sum_of(const A* b, int64_t n) {
   return s;
 }
 
-// The candidates (values cv, indices ci; j < m, cv padded with −1 to a whole number of 16)
-// that fewer than k others exceed, into val and pos in index order, their values added to sum
-// (in double); returns their number g >= k. The exact top k are among them: all of them when
-// g = k, else values equal to the k-th largest straddle it (see short_topk). cnt: room for m
-// rounded up to 16.
+// The candidates (values cv, indices ci; j < m, both readable up to a whole number of 16) that
+// fewer than k others exceed, into val and pos in index order, their values added to sum (in
+// double); returns their number g >= k. The exact top k are among them: all of them when g = k,
+// else values equal to the k-th largest straddle it (see short_topk). cnt: room for m rounded
+// up to 16.
 template <typename A>
 inline int pick_ranked(const A* cv, const int32_t* ci, int64_t m, int k, int32_t* cnt, int32_t* pos, A* val,
                        double& sum) {
@@ -341,7 +341,7 @@ template <typename A> struct TopScratch {
     if (n_ == n) return;
     n = n_;
     const int64_t np = (n + 15) & ~int64_t(15);
-    buf.assign((size_t)np, A(-1)); cv.resize((size_t)np + 16); ci.resize((size_t)np); sel.resize((size_t)n);
+    buf.assign((size_t)np, A(-1)); cv.resize((size_t)np); ci.resize((size_t)np); sel.resize((size_t)n);
     const double tg = k + 1.5 * std::sqrt((double)k);
     cut = (A)(1.0 - tg / (double)n);
     if (tg >= (double)n) { scale = A(0); return; }
@@ -412,7 +412,6 @@ double short_topk(const T* x, int64_t N, int64_t C, int64_t S, int64_t c, A mu, 
     return sum;
   };
   if (m <= TopScratch<A>::RANKED) {
-    for (int j = 0; j < 16; ++j) cv[m + j] = A(-1);
     double sum = 0.0;
     const int got = pick_ranked<A>(cv, ci, m, k, ts.cnt.data(), pos, val, sum);
     if (got == k) return finish(sum);
