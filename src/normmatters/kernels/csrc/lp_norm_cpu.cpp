@@ -308,8 +308,10 @@ inline int pick_ranked<float>(const float* cv, const int32_t* ci, int64_t m, int
     for (int64_t i0 = 0; i0 < m; i0 += 16) {
       const __m512 vi = _mm512_loadu_ps(cv + i0);
       const int64_t l = std::min<int64_t>(16, m - i0);
-      for (int64_t i = 0; i < l; ++i)
-        cnt = _mm512_mask_add_epi32(cnt, _mm512_cmp_ps_mask(_mm512_permutexvar_ps(_mm512_set1_epi32((int)i), vi), vj, _CMP_GT_OQ), cnt, one);
+      for (int64_t i = 0; i < l; ++i) {
+        const __m512 v = _mm512_permutexvar_ps(_mm512_set1_epi32((int)i), vi);
+        cnt = _mm512_mask_add_epi32(cnt, _mm512_cmp_ps_mask(v, vj, _CMP_GT_OQ), cnt, one);
+      }
     }
     const __mmask16 valid = m - j0 >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (m - j0)) - 1u);
     const __mmask16 win = _mm512_mask_cmplt_epi32_mask(valid, cnt, _mm512_set1_epi32(k));
