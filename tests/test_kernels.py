@@ -229,6 +229,52 @@ def test_ties_go_to_the_first_position():
     torch.testing.assert_close(gt.view(-1), expected)
 
 
+def _hard_rows(count: int, n: int, dtype: torch.dtype) -> torch.Tensor:
+    """``count`` statistics of ``n`` values that stress the Top(k) selection, cycling through: many
+    exact ties of |x − μ| (integers, all |d| equal, mostly zeros, few levels, a repeated largest
+    value) and tails heavy (Cauchy) and light (uniform) that the threshold guess misjudges."""
+    g = torch.Generator().manual_seed(n)
+
+    def row(kind: int) -> torch.Tensor:
+        r = torch.randn(n, generator=g, dtype=torch.float64)
+        if kind == 1:
+            r = torch.randint(-3, 4, (n,), generator=g).double()
+        elif kind == 2:   # ±1, as many of each: μ = 0 exactly, every |d| = 1
+            r = torch.ones(n, dtype=torch.float64)
+            r[torch.randperm(n, generator=g)[: n // 2]] = -1.0
+        elif kind == 3:
+            r = r * (torch.rand(n, generator=g) < 0.1)
+        elif kind == 4:
+            r = torch.randint(-1, 2, (n,), generator=g).double() * 0.5
+        elif kind == 5:   # the largest value at a third of the positions
+            r[torch.randperm(n, generator=g)[: n // 3]] = 4.0
+        elif kind == 6:
+            r = torch.tan(math.pi * (torch.rand(n, generator=g, dtype=torch.float64) - 0.5))
+        elif kind == 7:
+            r = torch.rand(n, generator=g, dtype=torch.float64) * 2 - 1
+        return r
+
+    return torch.stack([row(i % 8) for i in range(count)]).to(dtype)
+
+
+@pytest.mark.parametrize("dtype,atol", [(torch.float64, 1e-10), (torch.float32, 1e-4)])
+@pytest.mark.parametrize("k", [1, 2, 10, 64])
+@pytest.mark.parametrize("shape", ["layer64", "layer100", "layer768", "batch128x64x10"])
+def test_top_k_selection_with_ties_matches_reference(shape, k, dtype, atol):
+    # The short-statistic selection (csrc short_topk) against the reference's sort, forward and
+    # input gradient, on statistics full of exact ties (the tie rule: the lower index first).
+    if shape.startswith("layer"):
+        n = int(shape[5:])
+        x = _hard_rows(8, n, dtype).requires_grad_(True)
+        f = lambda x: lp_layer_norm(x, (n,), None, None, p="inf", k=k)  # noqa: E731
+    else:
+        x = _hard_rows(64, 1280, dtype).view(64, 128, 10).transpose(0, 1).contiguous().requires_grad_(True)
+        f = lambda x: lp_batch_norm(x, None, None, training=True, p="inf", k=k)  # noqa: E731
+    g = torch.randn(x.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(dtype)
+    assert _fused(f(x))
+    _compare(f, (x,), g, atol, rtol=atol)
+
+
 # ------------------------------------------------------------------ layer, group, RMS norm
 @pytest.mark.parametrize("p,k", NORMS, ids=NORM_IDS)
 def test_layer_norm_matches_reference(p, k):

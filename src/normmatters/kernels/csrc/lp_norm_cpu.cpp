@@ -20,6 +20,9 @@
 #include <algorithm>
 #include <limits>
 #include <omp.h>
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 // Each build instantiates one storage dtype (compile time is per dtype; a process loads only
 // the libraries of the dtypes it uses).
@@ -213,67 +216,266 @@ template <typename A, typename F> inline double finite_or(A s, F again) {
   return std::isfinite(d) ? d : again();
 }
 
-// Top(k) of a short statistic (n <= SHORT values, e.g. a layer-norm row): the |x − mu| into a
-// scratch array, then k selections of the largest left, ties to the lowest index (the tie rule).
-// A NaN makes the sum NaN (as the reference's).
+// The values of b[0, n) that are >= t (t >= 0) with their indices, in index order, into cv and ci;
+// returns their number. b is padded with −1 (never >= t) to a whole number of 16 values, and cv
+// and ci have room for as many.
+template <typename A> inline int64_t compact_ge(const A* b, int64_t n, A t, A* cv, int32_t* ci) {
+  int64_t m = 0;
+  for (int64_t i = 0; i < n; ++i) { cv[m] = b[i]; ci[m] = (int32_t)i; m += b[i] >= t; }
+  return m;
+}
+
+// The sum of b[0, n).
+template <typename A> inline A sum_of(const A* b, int64_t n) {
+  A s = 0;
+#pragma omp simd reduction(+:s)
+  for (int64_t i = 0; i < n; ++i) s += b[i];
+  return s;
+}
+
+// The candidates (values cv, indices ci; j < m, both readable up to a whole number of 16) that
+// fewer than k others exceed, into val and pos in index order, their values added to sum (in
+// double); returns their number g >= k. The exact top k are among them: all of them when g = k,
+// else values equal to the k-th largest straddle it (see short_topk). cnt: room for m rounded
+// up to 16.
+template <typename A>
+inline int pick_ranked(const A* cv, const int32_t* ci, int64_t m, int k, int32_t* cnt, int32_t* pos, A* val,
+                       double& sum) {
+  const int32_t mi = (int32_t)m, mp = (mi + 15) & ~15;
+  for (int32_t j = 0; j < mp; ++j) cnt[j] = 0;
+  for (int32_t i = 0; i < mi; ++i) {
+    const A v = cv[i];
+#pragma omp simd
+    for (int32_t j = 0; j < mp; ++j) cnt[j] += (int32_t)(v > cv[j]);
+  }
+  int got = 0;
+  for (int32_t j = 0; j < mi; ++j) if (cnt[j] < k) { pos[got] = ci[j]; val[got] = cv[j]; sum += (double)cv[j]; ++got; }
+  return got;
+}
+
+#if defined(__AVX512F__) && defined(__AVX512VL__)
+// The same with vector compress (its register form: the memory form is slow on AMD Zen 4).
+// Most vectors of a long statistic hold no candidate: a first pass flags those that do (64 per
+// word), then only they are compressed and stored.
+template <> inline int64_t compact_ge<float>(const float* b, int64_t n, float t, float* cv, int32_t* ci) {
+  const __m512 tv = _mm512_set1_ps(t);
+  const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  int64_t m = 0;
+  for (int64_t i0 = 0; i0 < n; i0 += 1024) {
+    const int64_t nv = std::min<int64_t>(64, (n - i0 + 15) / 16);
+    uint64_t any = 0;
+    for (int64_t v = 0; v < nv; ++v)
+      any |= (uint64_t)(_mm512_cmp_ps_mask(_mm512_loadu_ps(b + i0 + 16 * v), tv, _CMP_GE_OQ) != 0) << v;
+    for (; any; any &= any - 1) {
+      const int64_t i = i0 + 16 * __builtin_ctzll(any);
+      const __m512 v = _mm512_loadu_ps(b + i);
+      const __mmask16 keep = _mm512_cmp_ps_mask(v, tv, _CMP_GE_OQ);
+      _mm512_storeu_ps(cv + m, _mm512_maskz_compress_ps(keep, v));
+      _mm512_storeu_si512(ci + m, _mm512_maskz_compress_epi32(keep, _mm512_add_epi32(lane, _mm512_set1_epi32((int)i))));
+      m += __builtin_popcount((unsigned)keep);
+    }
+  }
+  return m;
+}
+template <> inline int64_t compact_ge<double>(const double* b, int64_t n, double t, double* cv, int32_t* ci) {
+  const __m512d tv = _mm512_set1_pd(t);
+  __m256i idx = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  int64_t m = 0;
+  for (int64_t i = 0; i < n; i += 8) {
+    const __m512d v = _mm512_loadu_pd(b + i);
+    const __mmask8 keep = _mm512_cmp_pd_mask(v, tv, _CMP_GE_OQ);
+    _mm512_storeu_pd(cv + m, _mm512_maskz_compress_pd(keep, v));
+    _mm256_storeu_si256((__m256i*)(ci + m), _mm256_maskz_compress_epi32(keep, idx));
+    m += __builtin_popcount((unsigned)keep);
+    idx = _mm256_add_epi32(idx, _mm256_set1_epi32(8));
+  }
+  return m;
+}
+// Float sums in registers: GCC ends an omp simd reduction with the lanes added one by one
+// through memory, a long chain for a short statistic.
+template <> inline float sum_of<float>(const float* b, int64_t n) {
+  __m512 s0 = _mm512_setzero_ps(), s1 = s0;
+  int64_t i = 0;
+  for (; i + 32 <= n; i += 32) {
+    s0 = _mm512_add_ps(s0, _mm512_loadu_ps(b + i)); s1 = _mm512_add_ps(s1, _mm512_loadu_ps(b + i + 16));
+  }
+  for (; i < n; i += 16) {
+    const __mmask16 in = n - i >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (n - i)) - 1u);
+    s0 = _mm512_add_ps(s0, _mm512_maskz_loadu_ps(in, b + i));
+  }
+  return _mm512_reduce_add_ps(_mm512_add_ps(s0, s1));
+}
+// The counts of 16 candidates at a time kept in a register (the portable loop's counts go
+// through memory, a store-to-load round trip per candidate), each compared with the others
+// broadcast from a register (a broadcast from memory waits for the compaction's stores); the
+// chosen values summed in two double vectors.
+template <>
+inline int pick_ranked<float>(const float* cv, const int32_t* ci, int64_t m, int k, int32_t*, int32_t* pos,
+                              float* val, double& sum) {
+  const __m512i one = _mm512_set1_epi32(1);
+  __m512d lo = _mm512_setzero_pd(), hi = lo;
+  int got = 0;
+  for (int64_t j0 = 0; j0 < m; j0 += 16) {
+    const __m512 vj = _mm512_loadu_ps(cv + j0);
+    __m512i cnt = _mm512_setzero_si512();
+    for (int64_t i0 = 0; i0 < m; i0 += 16) {
+      const __m512 vi = _mm512_loadu_ps(cv + i0);
+      const int64_t l = std::min<int64_t>(16, m - i0);
+      for (int64_t i = 0; i < l; ++i) {
+        const __m512 v = _mm512_permutexvar_ps(_mm512_set1_epi32((int)i), vi);
+        cnt = _mm512_mask_add_epi32(cnt, _mm512_cmp_ps_mask(v, vj, _CMP_GT_OQ), cnt, one);
+      }
+    }
+    const __mmask16 valid = m - j0 >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (m - j0)) - 1u);
+    const __mmask16 win = _mm512_mask_cmplt_epi32_mask(valid, cnt, _mm512_set1_epi32(k));
+    _mm512_storeu_si512(pos + got, _mm512_maskz_compress_epi32(win, _mm512_loadu_si512(ci + j0)));
+    _mm512_storeu_ps(val + got, _mm512_maskz_compress_ps(win, vj));
+    got += __builtin_popcount((unsigned)win);
+    const __m512 w = _mm512_maskz_mov_ps(win, vj);
+    lo = _mm512_add_pd(lo, _mm512_cvtps_pd(_mm512_castps512_ps256(w)));
+    hi = _mm512_add_pd(hi, _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(w), 1))));
+  }
+  sum += _mm512_reduce_add_pd(_mm512_add_pd(lo, hi));
+  return got;
+}
+#endif
+
+// Per-thread scratch of short_topk, sized for statistics of n values, with the threshold factor
+// of (n, k): for Gaussian data |d| is half-normal, and about target = k + 1.5√k of n values
+// exceed ratio·mean|d| with ratio = √π·erfinv(1 − target/n). Only a guess (short_topk is exact
+// whatever it is), computed once per kernel call and thread since n and k are fixed there.
+template <typename A> struct TopScratch {
+  static const int64_t RANKED = 48;  // at most this many candidates are ranked by counting
+  std::vector<A> buf, cv, sel, val; std::vector<int32_t> ci, cnt, pos;
+  int k; int64_t n = -1;
+  A scale = A(0);   // ratio / n: the threshold is scale·Σ|d|
+  A cut = A(0);     // 1 − target/n: the fallback threshold is cut·max|d|
+  explicit TopScratch(int k_)
+      : val((size_t)RANKED + 16), cnt((size_t)RANKED), pos((size_t)std::max<int64_t>(RANKED, k_) + 16), k(k_) {}
+  void prepare(int64_t n_) {
+    if (n_ == n) return;
+    n = n_;
+    const int64_t np = (n + 15) & ~int64_t(15);
+    buf.assign((size_t)np, A(-1)); cv.resize((size_t)np); ci.resize((size_t)np); sel.resize((size_t)n);
+    const double tg = k + 1.5 * std::sqrt((double)k);
+    cut = (A)(1.0 - tg / (double)n);
+    if (tg >= (double)n) { scale = A(0); return; }
+    // erfinv(p) by Newton's method on erf from 0: erf is concave on [0, ∞), so the iterates
+    // rise monotonically to the root.
+    const double p = 1.0 - tg / (double)n, rpi = std::sqrt(std::acos(-1.0));
+    double y = 0.0;
+    for (int it = 0; it < 50; ++it) y -= (std::erf(y) - p) * rpi / 2.0 * std::exp(y * y);
+    scale = (A)(rpi * y / (double)n);
+  }
+};
+
+// Top(k) of a short statistic (n <= SHORT values, e.g. a layer-norm row), ties to the lowest
+// index (the tie rule). A NaN makes the sum NaN (as the reference's). Three steps:
+// 1. |d| = |x − mu| into a scratch array, then their sum (vectorised passes);
+// 2. the candidates: the values >= a threshold t = ratio·mean|d| that admits a few more than k
+//    values for most data (TopScratch), compacted in index order. If fewer than k pass, t was
+//    too high for the data (light tails: |d| near uniform): next t = max|d|·(1 − target/n),
+//    right for uniform |d|, then lower and lower, at last 0 (all values);
+// 3. the exact top k among the m candidates. Up to RANKED of them, by counting for each how
+//    many exceed it (pick_ranked); more (heavy ties, odd distributions): the k-th largest value,
+//    found among the few largest distinct values or else by nth_element. Then the values above
+//    it and the first of those equal to it.
+// The k chosen are written in index order (the callers need only the set).
 template <typename T, typename A>
 double short_topk(const T* x, int64_t N, int64_t C, int64_t S, int64_t c, A mu, int k,
-                  int64_t* out_id, int* out_s, std::vector<A>& buf, std::vector<A>& buf2) {
+                  int64_t* out_id, int* out_s, TopScratch<A>& ts) {
   const int64_t n = N * S;
-  buf.resize((size_t)n);
-  A* b = buf.data();
-  int nan = 0;
+  ts.prepare(n);
+  A* b = ts.buf.data();
   for (int64_t q = 0; q < N; ++q) {
     const T* xp = x + (q * C + c) * S;
     A* bq = b + q * S;
-#pragma omp simd reduction(|:nan)
-    for (int64_t i = 0; i < S; ++i) { const A d = IO<T>::ld(xp, i) - mu; const A a = d < 0 ? -d : d; bq[i] = a; nan |= (a != a); }
+#pragma omp simd
+    for (int64_t i = 0; i < S; ++i) { const A d = IO<T>::ld(xp, i) - mu; bq[i] = d < 0 ? -d : d; }
   }
-  if (nan) {
+  // The sum is NaN iff a |d| is: a sum of values >= 0 overflows to +inf, never to NaN.
+  const A sb = sum_of<A>(b, n);
+  if (sb != sb) {
     if (out_id) for (int j = 0; j < k; ++j) { out_id[j] = j; out_s[j] = 0; }
     return std::numeric_limits<double>::quiet_NaN();
   }
-  {
-    // k selections of the largest value left (its first position on a tie), each from the
-    // maxima of blocks of 16: one vectorised pass for the block maxima, then per selection a
-    // look at the blocks and one block.
-    const int64_t SB = 16, nb = (n + SB - 1) / SB;
-    std::vector<A>& bm = buf2;
-    bm.resize((size_t)nb);
-    for (int64_t q = 0; q < nb; ++q) {
-      const int64_t l = std::min(SB, n - q * SB);
-      A m = A(-1);
-#pragma omp simd reduction(max:m)
-      for (int64_t i = 0; i < l; ++i) m = b[q * SB + i] > m ? b[q * SB + i] : m;
-      bm[q] = m;
+  A* cv = ts.cv.data();
+  int32_t* ci = ts.ci.data();
+  A t = ts.scale * sb;
+  if (!(t < std::numeric_limits<A>::infinity())) t = A(0);  // the sum overflowed
+  int64_t m = compact_ge<A>(b, n, t, cv, ci);
+  for (int tries = 0; m < k; ++tries) {
+    if (tries == 0) {
+      A mx = A(0);
+#pragma omp simd reduction(max:mx)
+      for (int64_t i = 0; i < n; ++i) mx = b[i] > mx ? b[i] : mx;
+      t = std::min(mx * ts.cut, t * A(0.7));
+    } else {
+      t = tries < 4 ? t * A(0.7) : A(0);
     }
-    double s = 0.0;
-    for (int j = 0; j < k; ++j) {
-      int64_t bb = 0;
-      for (int64_t q = 1; q < nb; ++q) if (bm[q] > bm[bb]) bb = q;
-      const A best = bm[bb];
-      const int64_t b0 = bb * SB, l = std::min(SB, n - b0);
-      int64_t pos = b0;
-      while (pos < b0 + l - 1 && !(b[pos] == best)) ++pos;
-      s += (double)best;
-      b[pos] = A(-1);  // |d| >= 0: never taken again
-      A m = A(-1);
-      for (int64_t i = b0; i < b0 + l; ++i) m = b[i] > m ? b[i] : m;
-      bm[bb] = m;
-      if (out_id) {
-        const A d = IO<T>::ld(x, ((pos / S) * C + c) * S + pos % S) - mu;
-        out_id[j] = pos; out_s[j] = (d > 0) - (d < 0);
-      }
-    }
-    return s;
+    m = compact_ge<A>(b, n, t, cv, ci);
   }
+  int32_t* pos = ts.pos.data();
+  A* val = ts.val.data();
+  auto finish = [&](double sum) {   // the positions and signs of the k chosen, and their sum
+    if (out_id)
+      for (int j = 0; j < k; ++j) {
+        const int64_t p = pos[j];
+        const A d = IO<T>::ld(x, N == 1 ? c * S + p : ((p / S) * C + c) * S + p % S) - mu;
+        out_id[j] = p; out_s[j] = (d > 0) - (d < 0);
+      }
+    return sum;
+  };
+  if (m <= TopScratch<A>::RANKED) {
+    double sum = 0.0;
+    const int got = pick_ranked<A>(cv, ci, m, k, ts.cnt.data(), pos, val, sum);
+    if (got == k) return finish(sum);
+    // Values equal to the k-th largest kth straddle it: all values above it stay, and the first
+    // of those equal to it.
+    A kth = val[0];
+    for (int j = 1; j < got; ++j) kth = val[j] < kth ? val[j] : kth;
+    int above = 0;
+    for (int j = 0; j < got; ++j) above += val[j] > kth;
+    int ties = k - above, kept = 0;
+    sum = 0.0;
+    for (int j = 0; j < got; ++j)
+      if (val[j] > kth || ties-- > 0) { pos[kept] = pos[j]; sum += (double)val[j]; ++kept; }
+    return finish(sum);
+  }
+  double sum = 0.0;
+  if (m == k) {   // all of them (k = n)
+    for (int64_t j = 0; j < m; ++j) { pos[j] = ci[j]; sum += (double)cv[j]; }
+    return finish(sum);
+  }
+  // The k-th largest value: first by stepping down the largest distinct values (one pass each;
+  // few steps where ties are many), else by nth_element.
+  A kth = std::numeric_limits<A>::infinity();
+  int above = 0;   // values > kth
+  for (int step = 0;; ++step) {
+    if (step == 4) {
+      A* sel = ts.sel.data();
+      std::copy(cv, cv + m, sel);
+      std::nth_element(sel, sel + (k - 1), sel + m, [](A p, A q) { return p > q; });
+      kth = sel[k - 1];
+      above = 0;
+      for (int j = 0; j < k - 1; ++j) above += sel[j] > kth;
+      break;
+    }
+    A v = A(-1);
+#pragma omp simd reduction(max:v)
+    for (int64_t j = 0; j < m; ++j) v = cv[j] < kth && cv[j] > v ? cv[j] : v;
+    int eq = 0;
+#pragma omp simd reduction(+:eq)
+    for (int64_t j = 0; j < m; ++j) eq += cv[j] == v;
+    kth = v;
+    if (above + eq >= k) break;
+    above += eq;
+  }
+  int ties = k - above, got = 0;   // the values equal to kth that are chosen: the first ones
+  for (int64_t j = 0; j < m; ++j)
+    if (cv[j] > kth || (cv[j] == kth && ties-- > 0)) { pos[got++] = ci[j]; sum += (double)cv[j]; }
+  return finish(sum);
 }
-
-// Per-thread scratch of short_topk.
-template <typename A> struct TopScratch {
-  std::vector<A> buf, buf2;
-  explicit TopScratch(int) {}
-};
 
 // ---------------------------------------------------------------- NCS layout: one channel per task
 template <typename T>
@@ -300,11 +502,11 @@ void fwd_ncs(const T* x, T* y, int64_t N, int64_t C, int64_t S,
           const int64_t len = std::min(CH, S - s0);
           const T* xc = xp + s0;
           A ls = 0;
-          if (mode == 2) {
+          if (mode == 2 && (k == 1 || !short_rows)) {   // short_topk needs no extremes
             A mx = -std::numeric_limits<A>::infinity(), mn = std::numeric_limits<A>::infinity();
 #pragma omp simd reduction(+:ls) reduction(max:mx) reduction(min:mn)
             for (int64_t i = 0; i < len; ++i) { A v = IO<T>::ld(xc, i); ls += v; mx = v > mx ? v : mx; mn = v < mn ? v : mn; }
-            if (k > 1 && !short_rows) pieces.add((q * C + c) * S + s0, q * S + s0, len, mx, mn);
+            if (k > 1) pieces.add((q * C + c) * S + s0, q * S + s0, len, mx, mn);
             gmx = mx > gmx ? mx : gmx; gmn = mn < gmn ? mn : gmn;
           } else {
 #pragma omp simd reduction(+:ls)
@@ -334,7 +536,7 @@ void fwd_ncs(const T* x, T* y, int64_t N, int64_t C, int64_t S,
         const A up = gmx - mu, dn = mu - gmn;
         sig = cst * (double)(up > dn ? up : dn);
       } else if (short_rows) {
-        sig = cst * short_topk<T, A>(x, N, C, S, c, mu, k, nullptr, nullptr, ts.buf, ts.buf2) / (double)k;
+        sig = cst * short_topk<T, A>(x, N, C, S, c, mu, k, nullptr, nullptr, ts) / (double)k;
       } else {
         pieces.finish(x, k, *hi, *lo);
         sig = cst * select_topk<A>(&hi, &lo, 1, k, mu, nullptr, nullptr, buf) / (double)k;
@@ -410,14 +612,14 @@ void bwd_ncs(const T* dy, const T* x, T* dx, int64_t N, int64_t C, int64_t S,
           const int64_t len = std::min(CH, S - s0);
           const T* xc = xp + s0; const T* gc = gp + s0;
           A l1 = 0, l2 = 0, l3 = 0;
-          if (want_top) {
+          if (want_top && !short_rows) {   // short_topk needs no extremes
             A mx = -std::numeric_limits<A>::infinity(), mn = std::numeric_limits<A>::infinity();
 #pragma omp simd reduction(+:l1, l2) reduction(max:mx) reduction(min:mn)
             for (int64_t i = 0; i < len; ++i) {
               A v = IO<T>::ld(xc, i), g = IO<T>::ld(gc, i);
               l1 += g; l2 += g * (v - mu); mx = v > mx ? v : mx; mn = v < mn ? v : mn;
             }
-            if (!short_rows) pieces.add((q * C + c) * S + s0, q * S + s0, len, mx, mn);
+            pieces.add((q * C + c) * S + s0, q * S + s0, len, mx, mn);
           } else if (want_sign) {
 #pragma omp simd reduction(+:l1, l2, l3)
             for (int64_t i = 0; i < len; ++i) {
@@ -460,7 +662,7 @@ void bwd_ncs(const T* dy, const T* x, T* dx, int64_t N, int64_t C, int64_t S,
         }
       } else {
         if (short_rows) {
-          short_topk<T, A>(x, N, C, S, c, mu, k, tid.data(), tsg.data(), ts.buf, ts.buf2);
+          short_topk<T, A>(x, N, C, S, c, mu, k, tid.data(), tsg.data(), ts);
         } else {
           pieces.finish(x, k, *hi, *lo);
           select_topk<A>(&hi, &lo, 1, k, mu, tid.data(), tsg.data(), buf);
@@ -618,7 +820,7 @@ void bwd_rows(const T* dy, const T* x, T* dx, int64_t R, int64_t S, int64_t G, i
           tid[0] = take_up ? imx : imn; tsg[0] = (d > 0) - (d < 0);
         } else {
           if (short_rows) {
-            short_topk<T, A>(xr, 1, 1, S, 0, mu, k, tid.data(), tsg.data(), ts.buf, ts.buf2);
+            short_topk<T, A>(xr, 1, 1, S, 0, mu, k, tid.data(), tsg.data(), ts);
           } else {
             pieces.finish(xr, k, *hi, *lo);
             select_topk<A>(&hi, &lo, 1, k, mu, tid.data(), tsg.data(), buf);
@@ -698,7 +900,10 @@ void fwd_grp(const T* x, T* y, int64_t R, int64_t C, int64_t G,
   typedef typename IO<T>::A A;
   const int64_t J = C * G, n = R * G;
   std::vector<double> part((size_t)(nt * J), 0.0);
-  const bool heap = mode == 2 && k > 1;   // L∞ keeps the extremes of each column instead
+  // Top(k) of short statistics of NCS runs (G > 1, see use_rows): short_topk per channel, straight
+  // from x; else heaps of the k extremes of each column, kept during the pass over the rows.
+  const bool shortk = mode == 2 && k > 1 && G > 1 && n <= SHORT;
+  const bool heap = mode == 2 && k > 1 && !shortk;   // L∞ keeps the extremes of each column instead
   const bool ext = mode == 2 && k == 1;
   std::vector<HeapSet<A>> heaps(heap ? nt : 0);
   std::vector<A> pmx(ext ? (size_t)(nt * J) : 0, -std::numeric_limits<A>::infinity());
@@ -751,6 +956,7 @@ void fwd_grp(const T* x, T* y, int64_t R, int64_t C, int64_t G,
 #pragma omp barrier
     }
     std::vector<Cand> buf; std::vector<Heap<A>*> hp((size_t)(nth * G)), lp((size_t)(nth * G));
+    TopScratch<A> ts(k);
 #pragma omp for
     for (int64_t c = 0; c < C; ++c) {
       double sig;
@@ -766,6 +972,8 @@ void fwd_grp(const T* x, T* y, int64_t R, int64_t C, int64_t G,
         }
         const A up = gmx - mu[c * G], dn = mu[c * G] - gmn;
         sig = cst * (double)(up > dn ? up : dn);
+      } else if (shortk) {
+        sig = cst * short_topk<T, A>(x, R, C, G, c, mu[c * G], k, nullptr, nullptr, ts) / (double)k;
       } else {
         for (int u = 0; u < nth; ++u) for (int64_t g = 0; g < G; ++g) {
           hp[u * G + g] = &heaps[u].hi[c * G + g]; lp[u * G + g] = &heaps[u].lo[c * G + g]; }
@@ -796,7 +1004,8 @@ void bwd_grp(const T* dy, const T* x, T* dx, int64_t R, int64_t C, int64_t G,
   const bool want_top = (mode == 2 && dx);
   std::vector<double> part((size_t)(3 * nt * J), 0.0);
   const bool ext = want_top && k == 1;   // L∞: the first position of each column's extremes
-  const bool heap = want_top && k > 1;
+  const bool shortk = want_top && k > 1 && G > 1 && n <= SHORT;   // as in fwd_grp
+  const bool heap = want_top && k > 1 && !shortk;
   std::vector<HeapSet<A>> heaps(heap ? nt : 0);
   std::vector<A> pmx(ext ? (size_t)(nt * J) : 0, -std::numeric_limits<A>::infinity());
   std::vector<A> pmn(ext ? (size_t)(nt * J) : 0, std::numeric_limits<A>::infinity());
@@ -847,6 +1056,7 @@ void bwd_grp(const T* dy, const T* x, T* dx, int64_t R, int64_t C, int64_t G,
     }
 #pragma omp barrier
     std::vector<Cand> buf; std::vector<Heap<A>*> hp((size_t)(nth * G)), lp((size_t)(nth * G));
+    TopScratch<A> ts(k);
 #pragma omp for
     for (int64_t c = 0; c < C; ++c) {
       double sdy = 0.0, sdyd = 0.0, ssg = 0.0;
@@ -883,9 +1093,13 @@ void bwd_grp(const T* dy, const T* x, T* dx, int64_t R, int64_t C, int64_t G,
           tid[(size_t)c] = take_up ? imx : imn; tsg[(size_t)c] = (dd > 0) - (dd < 0);
           st = tsg[(size_t)c];
         } else if (want_top) {
-          for (int u = 0; u < nth; ++u) for (int64_t g = 0; g < G; ++g) {
-            hp[u * G + g] = &heaps[u].hi[c * G + g]; lp[u * G + g] = &heaps[u].lo[c * G + g]; }
-          select_topk<A>(hp.data(), lp.data(), (int)(nth * G), k, mean[c], tid.data() + c * k, tsg.data() + c * k, buf);
+          if (shortk) {
+            short_topk<T, A>(x, R, C, G, c, mean[c], k, tid.data() + c * k, tsg.data() + c * k, ts);
+          } else {
+            for (int u = 0; u < nth; ++u) for (int64_t g = 0; g < G; ++g) {
+              hp[u * G + g] = &heaps[u].hi[c * G + g]; lp[u * G + g] = &heaps[u].lo[c * G + g]; }
+            select_topk<A>(hp.data(), lp.data(), (int)(nth * G), k, mean[c], tid.data() + c * k, tsg.data() + c * k, buf);
+          }
           for (int j = 0; j < k; ++j) st += tsg[(size_t)(c * k + j)];
         }
         bcd[c] = inv * (-mg + (center ? cst * M * st / (double)k : 0.0));
@@ -967,9 +1181,10 @@ inline bool group_view(int64_t N, int64_t C, int64_t S, int64_t G, int64_t HW) {
 }
 
 // NCS tensors whose runs are short go through the rows kernels (see fwd_grp); long runs through
-// one channel per task.
-inline bool use_rows(int64_t C, int64_t S, int mode, int k) {
-  return S < 32 && C * S <= 8192 && (mode == 1 || k == 1);
+// one channel per task. Top(k) (k > 1) only for short statistics of several runs, which
+// short_topk selects from (the rows kernels' heaps are slow for NCS runs).
+inline bool use_rows(int64_t N, int64_t C, int64_t S, int mode, int k) {
+  return S < 32 && C * S <= 8192 && (mode == 1 || k == 1 || (N > 1 && S > 1 && N * S <= SHORT));
 }
 
 template <typename T>
@@ -979,7 +1194,7 @@ int fwd_t(int layout, const void* x, void* y, int64_t N, int64_t C, int64_t S, c
   typedef typename IO<T>::A A;
   if (aff >= 2 && layout != 0) return -3;
   if (aff == 3 && !group_view(N, C, S, G, HW)) return -3;
-  if (layout == 0 && aff < 2 && use_rows(C, S, mode, k))
+  if (layout == 0 && aff < 2 && use_rows(N, C, S, mode, k))
     fwd_grp<T>((const T*)x, (T*)y, N, C, S, (const A*)w, (const A*)b, mode, k, cst, eps, center, (A*)m, (A*)inv, (A*)sig, nt);
   else if (layout == 0)
     fwd_ncs<T>((const T*)x, (T*)y, N, C, S, (const A*)w, (const A*)b, aff, G, HW, mode, k, cst, eps, center, (A*)m, (A*)inv, (A*)sig, nt);
@@ -1005,7 +1220,7 @@ int bwd_t(int layout, const void* dy, const void* x, void* dx, int64_t N, int64_
     bwd_rows<T>((const T*)dy, (const T*)x, (T*)dx, C, S, aff == 3 ? G : 0, HW, (const A*)w, (const A*)m, (const A*)inv, mode, k, cst, center, (A*)dw, (A*)db, nt);
     return 0;
   }
-  if (layout == 0 && use_rows(C, S, mode, k))
+  if (layout == 0 && use_rows(N, C, S, mode, k))
     bwd_grp<T>((const T*)dy, (const T*)x, (T*)dx, N, C, S, (const A*)w, (const A*)m, (const A*)inv, mode, k, cst, center, (A*)dw, (A*)db, nt);
   else if (layout == 0)
     bwd_ncs<T>((const T*)dy, (const T*)x, (T*)dx, N, C, S, (const A*)w, (const A*)m, (const A*)inv, mode, k, cst, center, (A*)dw, (A*)db, nt);
