@@ -54,7 +54,7 @@ NORMS = {"l1": (1, None), "linf": (math.inf, None), "top10": (math.inf, 10)}
 GRID: tuple[tuple[str, tuple[int, ...]], ...] = (
     ("batch", (128, 16, 40)), ("batch", (128, 64, 10)), ("batch", (32, 16, 8, 8)),
     ("batch", (128, 64, 8, 8)), ("batch", (128, 16, 32, 32)), ("layer", (16, 64, 64)),
-    ("layer", (8, 512, 768)),
+    ("layer", (8, 512, 768)), ("group", (32, 64, 16, 16)), ("group", (8, 256, 14, 14)),
     ("batch", (128, 16)), ("batch", (32, 8, 20)), ("batch", (8, 8, 4, 4)), ("batch", (8, 8, 4, 4, 4)),
     ("layer", (4, 8, 32)), ("group", (8, 16, 8, 8)), ("group", (32, 64, 8, 8)),
     ("rms", (16, 64, 64)), ("rms", (8, 128, 256)),
@@ -82,7 +82,7 @@ def _pair(family: str, shape: tuple[int, ...], p: float, k: int | None, device: 
     if family == "layer":
         return nn.LayerNorm(shape[-1], **kw), LpLayerNorm(shape[-1], p=p, k=k, **kw)
     if family == "group":
-        g = 4 if shape[1] % 4 == 0 else 1
+        g = next(g for g in (8, 4, 2, 1) if shape[1] % g == 0)   # GroupNorm(8) where it divides
         return nn.GroupNorm(g, shape[1], **kw), LpGroupNorm(g, shape[1], p=p, k=k, **kw)
     return nn.RMSNorm(shape[-1], **kw), LpRMSNorm(shape[-1], p=p, k=k, **kw)
 
@@ -296,6 +296,9 @@ def main(argv: list[str] | None = None, out: TextIO | None = None) -> int:
                     help="batch-norm shapes NxCx... for the layers suite (default: the grid)")
     ap.add_argument("--layer-shapes", nargs="+", type=_shape, default=None,
                     help="layer-norm shapes ...xD for the layers suite")
+    ap.add_argument("--group-shapes", nargs="+", type=_shape, default=None,
+                    help="group-norm shapes NxCx... for the layers suite (GroupNorm(8) where 8 "
+                         "divides C)")
     ap.add_argument("--large", action="store_true", help="add 128x64x32x32 to the layers suite")
     ap.add_argument("--models", nargs="+", default=["resnet1d", "resnet20", "transformer_lm"])
     ap.add_argument("--compile", action="store_true", help="steps suite: also torch.compile'd")
@@ -327,8 +330,10 @@ def main(argv: list[str] | None = None, out: TextIO | None = None) -> int:
           f"median of >= {args.repeat}", file=out)
     payload: dict[str, Any] = {"machine": info}
     if "layers" in args.suites:
-        if args.shapes or args.layer_shapes:
-            grid = [("batch", s) for s in args.shapes or ()] + [("layer", s) for s in args.layer_shapes or ()]
+        if args.shapes or args.layer_shapes or args.group_shapes:
+            grid = ([("batch", s) for s in args.shapes or ()]
+                    + [("layer", s) for s in args.layer_shapes or ()]
+                    + [("group", s) for s in args.group_shapes or ()])
         else:
             grid = list(GRID) + (list(LARGE) if args.large else [])
         if args.families:
