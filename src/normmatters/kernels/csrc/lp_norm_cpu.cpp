@@ -226,6 +226,48 @@ template <typename A> inline int64_t compact_ge(const A* b, int64_t n, A t, A* c
   return m;
 }
 
+// The first positions of the values a and b in x[0, S) (-1 where absent; NaN matches nothing):
+// for L∞'s backward, where a and b are the row's max and min. Blocks of 16: a vectorised test per
+// block, a scalar look only inside the (one or two) blocks that hold them.
+template <typename T, typename A>
+inline void first_of_two(const T* x, int64_t S, A a, A b, int64_t& ia, int64_t& ib) {
+  ia = -1; ib = -1;
+  for (int64_t b0 = 0; b0 < S && (ia < 0 || ib < 0); b0 += 16) {
+    const int64_t l = std::min<int64_t>(16, S - b0);
+    int hit = 0;
+#pragma omp simd reduction(|:hit)
+    for (int64_t i = 0; i < l; ++i) {
+      const A v = IO<T>::ld(x, b0 + i);
+      hit |= (v == a ? 1 : 0) | (v == b ? 2 : 0);
+    }
+    if (!hit) continue;
+    for (int64_t i = b0; i < b0 + l; ++i) {
+      const A v = IO<T>::ld(x, i);
+      if (ia < 0 && v == a) ia = i;
+      if (ib < 0 && v == b) ib = i;
+    }
+  }
+}
+
+#if defined(__AVX512F__)
+// The same by compare masks and a bit scan: no data-dependent branch inside a block (the scalar
+// look mispredicts about once per value up to the hit, the row's whole cost for rows of 64).
+template <> inline void first_of_two<float, float>(const float* x, int64_t S, float a, float b,
+                                                   int64_t& ia, int64_t& ib) {
+  ia = -1; ib = -1;
+  const __m512 va = _mm512_set1_ps(a), vb = _mm512_set1_ps(b);
+  for (int64_t b0 = 0; b0 < S && (ia < 0 || ib < 0); b0 += 16) {
+    const int64_t l = std::min<int64_t>(16, S - b0);
+    const __mmask16 live = (__mmask16)((1u << l) - 1u);
+    const __m512 v = _mm512_maskz_loadu_ps(live, x + b0);
+    const unsigned ma = _mm512_mask_cmp_ps_mask(live, v, va, _CMP_EQ_OQ);
+    const unsigned mb = _mm512_mask_cmp_ps_mask(live, v, vb, _CMP_EQ_OQ);
+    if (ia < 0 && ma) ia = b0 + __builtin_ctz(ma);
+    if (ib < 0 && mb) ib = b0 + __builtin_ctz(mb);
+  }
+}
+#endif
+
 // The sum of b[0, n).
 template <typename A> inline A sum_of(const A* b, int64_t n) {
   A s = 0;
@@ -793,24 +835,8 @@ __attribute__((noinline)) void bwd_rows_part(
         if (k == 1) {
           // L∞: the first position of the max or of the min of x, whichever deviates more
           // (the lower position on a tie), as select_topk would choose.
-          // Both first positions in one pass over blocks of 16: a vectorised test per block,
-          // a scalar look only inside the (one or two) blocks that hold them.
-          int64_t imx = -1, imn = -1;
-          for (int64_t b0 = 0; b0 < S && (imx < 0 || imn < 0); b0 += 16) {
-            const int64_t l = std::min<int64_t>(16, S - b0);
-            int hit = 0;
-#pragma omp simd reduction(|:hit)
-            for (int64_t i = 0; i < l; ++i) {
-              const A v = IO<T>::ld(xr, b0 + i);
-              hit |= (v == gmx ? 1 : 0) | (v == gmn ? 2 : 0);
-            }
-            if (!hit) continue;
-            for (int64_t i = b0; i < b0 + l; ++i) {
-              const A v = IO<T>::ld(xr, i);
-              if (imx < 0 && v == gmx) imx = i;
-              if (imn < 0 && v == gmn) imn = i;
-            }
-          }
+          int64_t imx, imn;
+          first_of_two<T, A>(xr, S, gmx, gmn, imx, imn);
           if (imx < 0) imx = S - 1;  // no match (NaN): as the scan to the end would leave it
           if (imn < 0) imn = S - 1;
           const A up = gmx - mu, dn = mu - gmn;
