@@ -19,6 +19,7 @@
 #include <vector>
 #include <algorithm>
 #include <limits>
+#include <type_traits>
 #include <omp.h>
 #if defined(__AVX512F__)
 #include <immintrin.h>
@@ -275,6 +276,41 @@ template <typename A> inline A sum_of(const A* b, int64_t n) {
   for (int64_t i = 0; i < n; ++i) s += b[i];
   return s;
 }
+// One pass of the rows backward over n values: with g' = γ·dy (γ per position, or none),
+// l1 = Σ g', l2 = Σ g'·(x − mu), l3 = Σ sign(x − mu), and the max and min of x.
+template <typename T, typename A>
+inline void row_sums_simd(const T* x, const T* g, const A* w, int64_t n, A mu, A& l1, A& l2, A& l3, A& mx, A& mn) {
+  A s1 = 0, s2 = 0, s3 = 0;
+  A hi = -std::numeric_limits<A>::infinity(), lo = std::numeric_limits<A>::infinity();
+#pragma omp simd reduction(+:s1, s2, s3) reduction(max:hi) reduction(min:lo)
+  for (int64_t i = 0; i < n; ++i) {
+    A v = IO<T>::ld(x, i), gi = IO<T>::ld(g, i), d = v - mu;
+    A gp = w ? w[i] * gi : gi;
+    s1 += gp; s2 += gp * d; s3 += (A)((d > 0) - (d < 0));
+    hi = v > hi ? v : hi; lo = v < lo ? v : lo;
+  }
+  l1 = s1; l2 = s2; l3 = s3; mx = hi; mn = lo;
+}
+template <typename T, typename A>
+inline void row_sums(const T* x, const T* g, const A* w, int64_t n, A mu, A& l1, A& l2, A& l3, A& mx, A& mn) {
+  row_sums_simd<T, A>(x, g, w, n, mu, l1, l2, l3, mx, mn);
+}
+
+// The sum, max and min of b[0, n) (a NaN is passed over by the max and min, not by the sum).
+template <typename A> inline void sum_ext(const A* b, int64_t n, A& sum, A& mx, A& mn) {
+  A s = 0, hi = -std::numeric_limits<A>::infinity(), lo = std::numeric_limits<A>::infinity();
+#pragma omp simd reduction(+:s) reduction(max:hi) reduction(min:lo)
+  for (int64_t i = 0; i < n; ++i) { const A v = b[i]; s += v; hi = v > hi ? v : hi; lo = v < lo ? v : lo; }
+  sum = s; mx = hi; mn = lo;
+}
+
+// The sum of |b − mu| over b[0, n).
+template <typename A> inline A sum_abs_dev(const A* b, int64_t n, A mu) {
+  A s = 0;
+#pragma omp simd reduction(+:s)
+  for (int64_t i = 0; i < n; ++i) { const A d = b[i] - mu; s += d < 0 ? -d : d; }
+  return s;
+}
 
 // The candidates (values cv, indices ci; j < m, both readable up to a whole number of 16) that
 // fewer than k others exceed, into val and pos in index order, their values added to sum (in
@@ -345,6 +381,68 @@ template <> inline float sum_of<float>(const float* b, int64_t n) {
   for (; i < n; i += 16) {
     const __mmask16 in = n - i >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (n - i)) - 1u);
     s0 = _mm512_add_ps(s0, _mm512_maskz_loadu_ps(in, b + i));
+  }
+  return _mm512_reduce_add_ps(_mm512_add_ps(s0, s1));
+}
+// The same with the sums in registers (GCC ends each omp simd reduction with its lanes added one
+// by one through memory: five such chains cost more than the pass over a row of 64).
+template <> inline void row_sums<float, float>(const float* x, const float* g, const float* w, int64_t n, float mu,
+                                               float& l1, float& l2, float& l3, float& mx, float& mn) {
+  if (n >= 256) {   // long rows: the compiler's loop is as fast (its reduction tail is amortised)
+    row_sums_simd<float, float>(x, g, w, n, mu, l1, l2, l3, mx, mn);
+    return;
+  }
+  const __m512 m = _mm512_set1_ps(mu), one = _mm512_set1_ps(1.0f), zero = _mm512_setzero_ps();
+  // Two sets of accumulators (long rows: the chains of adds overlap), merged at the end.
+  __m512 a1[2] = {zero, zero}, a2[2] = {zero, zero}, a3[2] = {zero, zero};
+  __m512 hi[2], lo[2];
+  hi[0] = hi[1] = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  lo[0] = lo[1] = _mm512_set1_ps(std::numeric_limits<float>::infinity());
+  auto step = [&](int u, int64_t i, __mmask16 in) {
+    const __m512 v = _mm512_maskz_loadu_ps(in, x + i);
+    __m512 gp = _mm512_maskz_loadu_ps(in, g + i);
+    if (w) gp = _mm512_mul_ps(gp, _mm512_maskz_loadu_ps(in, w + i));
+    const __m512 d = _mm512_sub_ps(v, m);
+    a1[u] = _mm512_add_ps(a1[u], gp);
+    a2[u] = _mm512_fmadd_ps(gp, d, a2[u]);
+    a3[u] = _mm512_mask_add_ps(a3[u], _mm512_mask_cmp_ps_mask(in, d, zero, _CMP_GT_OQ), a3[u], one);
+    a3[u] = _mm512_mask_sub_ps(a3[u], _mm512_mask_cmp_ps_mask(in, d, zero, _CMP_LT_OQ), a3[u], one);
+    hi[u] = _mm512_mask_max_ps(hi[u], in, v, hi[u]);   // v > hi ? v : hi (a NaN v is passed over)
+    lo[u] = _mm512_mask_min_ps(lo[u], in, v, lo[u]);
+  };
+  int64_t i = 0;
+  for (; i + 32 <= n; i += 32) { step(0, i, (__mmask16)0xffff); step(1, i + 16, (__mmask16)0xffff); }
+  for (; i < n; i += 16) step(0, i, n - i >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (n - i)) - 1u));
+  l1 = _mm512_reduce_add_ps(_mm512_add_ps(a1[0], a1[1]));
+  l2 = _mm512_reduce_add_ps(_mm512_add_ps(a2[0], a2[1]));
+  l3 = _mm512_reduce_add_ps(_mm512_add_ps(a3[0], a3[1]));
+  mx = _mm512_reduce_max_ps(_mm512_max_ps(hi[0], hi[1]));
+  mn = _mm512_reduce_min_ps(_mm512_min_ps(lo[0], lo[1]));
+}
+template <> inline void sum_ext<float>(const float* b, int64_t n, float& sum, float& mx, float& mn) {
+  __m512 s0 = _mm512_setzero_ps();
+  __m512 hi = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  __m512 lo = _mm512_set1_ps(std::numeric_limits<float>::infinity());
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 in = n - i >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (n - i)) - 1u);
+    const __m512 v = _mm512_maskz_loadu_ps(in, b + i);
+    s0 = _mm512_add_ps(s0, v);
+    hi = _mm512_mask_max_ps(hi, in, v, hi);
+    lo = _mm512_mask_min_ps(lo, in, v, lo);
+  }
+  sum = _mm512_reduce_add_ps(s0); mx = _mm512_reduce_max_ps(hi); mn = _mm512_reduce_min_ps(lo);
+}
+template <> inline float sum_abs_dev<float>(const float* b, int64_t n, float mu) {
+  const __m512 m = _mm512_set1_ps(mu);
+  __m512 s0 = _mm512_setzero_ps(), s1 = s0;
+  int64_t i = 0;
+  for (; i + 32 <= n; i += 32) {
+    s0 = _mm512_add_ps(s0, _mm512_abs_ps(_mm512_sub_ps(_mm512_loadu_ps(b + i), m)));
+    s1 = _mm512_add_ps(s1, _mm512_abs_ps(_mm512_sub_ps(_mm512_loadu_ps(b + i + 16), m)));
+  }
+  for (; i < n; i += 16) {
+    const __mmask16 in = n - i >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (n - i)) - 1u);
+    s0 = _mm512_mask_add_ps(s0, in, s0, _mm512_abs_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(in, b + i), m)));
   }
   return _mm512_reduce_add_ps(_mm512_add_ps(s0, s1));
 }
@@ -550,10 +648,16 @@ void fwd_ncs(const T* x, T* y, int64_t N, int64_t C, int64_t S,
           A ls = 0;
           if (mode == 2 && (k == 1 || !short_rows)) {   // short_topk needs no extremes
             A mx = -std::numeric_limits<A>::infinity(), mn = std::numeric_limits<A>::infinity();
+            if constexpr (std::is_same<T, A>::value) {
+              sum_ext<A>(xc, len, ls, mx, mn);
+            } else {
 #pragma omp simd reduction(+:ls) reduction(max:mx) reduction(min:mn)
-            for (int64_t i = 0; i < len; ++i) { A v = IO<T>::ld(xc, i); ls += v; mx = v > mx ? v : mx; mn = v < mn ? v : mn; }
+              for (int64_t i = 0; i < len; ++i) { A v = IO<T>::ld(xc, i); ls += v; mx = v > mx ? v : mx; mn = v < mn ? v : mn; }
+            }
             if (k > 1) pieces.add((q * C + c) * S + s0, q * S + s0, len, mx, mn);
             gmx = mx > gmx ? mx : gmx; gmn = mn < gmn ? mn : gmn;
+          } else if constexpr (std::is_same<T, A>::value) {
+            ls = sum_of<A>(xc, len);   // float: the lanes summed in registers
           } else {
 #pragma omp simd reduction(+:ls)
             for (int64_t i = 0; i < len; ++i) ls += IO<T>::ld(xc, i);
@@ -571,8 +675,12 @@ void fwd_ncs(const T* x, T* y, int64_t N, int64_t C, int64_t S,
             const int64_t len = std::min(CH, S - s0);
             const T* xc = xp + s0;
             A la = 0;
+            if constexpr (std::is_same<T, A>::value) {
+              la = sum_abs_dev<A>(xc, len, mu);
+            } else {
 #pragma omp simd reduction(+:la)
-            for (int64_t i = 0; i < len; ++i) { A d = IO<T>::ld(xc, i) - mu; la += d < 0 ? -d : d; }
+              for (int64_t i = 0; i < len; ++i) { A d = IO<T>::ld(xc, i) - mu; la += d < 0 ? -d : d; }
+            }
             sa += finite_or(la, [&] { double t = 0; for (int64_t i = 0; i < len; ++i) t += std::fabs((double)IO<T>::ld(xc, i) - (double)mu); return t; });
           }
         }
@@ -658,7 +766,11 @@ void bwd_ncs(const T* dy, const T* x, T* dx, int64_t N, int64_t C, int64_t S,
           const int64_t len = std::min(CH, S - s0);
           const T* xc = xp + s0; const T* gc = gp + s0;
           A l1 = 0, l2 = 0, l3 = 0;
-          if (want_top && !short_rows) {   // short_topk needs no extremes
+          if constexpr (std::is_same<T, A>::value) {   // float, double: row_sums (registers)
+            A mx, mn;
+            row_sums<T, A>(xc, gc, nullptr, len, mu, l1, l2, l3, mx, mn);
+            if (want_top && !short_rows) pieces.add((q * C + c) * S + s0, q * S + s0, len, mx, mn);
+          } else if (want_top && !short_rows) {   // short_topk needs no extremes
             A mx = -std::numeric_limits<A>::infinity(), mn = std::numeric_limits<A>::infinity();
 #pragma omp simd reduction(+:l1, l2) reduction(max:mx) reduction(min:mn)
             for (int64_t i = 0; i < len; ++i) {
@@ -780,15 +892,8 @@ __attribute__((noinline)) void bwd_rows_part(
         double e1 = 0.0, e2 = 0.0;  // this segment's Σ g' and Σ g'·d, g' = dy (γ per position: w_s·dy)
         for (int64_t s0 = j * seg; s0 < (j + 1) * seg; s0 += CH) {
           const int64_t len = std::min(CH, (j + 1) * seg - s0);
-          A l1 = 0, l2 = 0, l3 = 0;
-          A mx = -std::numeric_limits<A>::infinity(), mn = std::numeric_limits<A>::infinity();
-#pragma omp simd reduction(+:l1, l2, l3) reduction(max:mx) reduction(min:mn)
-          for (int64_t i = s0; i < s0 + len; ++i) {
-            A v = IO<T>::ld(xr, i), g = IO<T>::ld(gr, i), d = v - mu;
-            A gp = wpos ? wpos[i] * g : g;
-            l1 += gp; l2 += gp * d; l3 += (A)((d > 0) - (d < 0));
-            mx = v > mx ? v : mx; mn = v < mn ? v : mn;
-          }
+          A l1, l2, l3, mx, mn;
+          row_sums<T, A>(xr + s0, gr + s0, wpos ? wpos + s0 : nullptr, len, mu, l1, l2, l3, mx, mn);
           if (mode == 2 && dx && k > 1 && !short_rows) pieces.add(s0, s0, len, mx, mn);
           gmx = mx > gmx ? mx : gmx; gmn = mn < gmn ? mn : gmn;
           if (!std::isfinite((double)l1) || !std::isfinite((double)l2)) {
