@@ -60,10 +60,11 @@ c = ctypes
 FWD = c.CFUNCTYPE(c.c_int, c.c_int, c.c_int, c.c_void_p, c.c_void_p, c.c_int64, c.c_int64,
                   c.c_int64, c.c_void_p, c.c_void_p, c.c_int, c.c_int64, c.c_int64, c.c_int,
                   c.c_int, c.c_double, c.c_double, c.c_int, c.c_void_p, c.c_void_p, c.c_void_p,
-                  c.c_void_p, c.c_void_p, c.c_double, c.c_double, c.c_int)
+                  c.c_void_p, c.c_void_p, c.c_void_p, c.c_double, c.c_double, c.c_int)
 BWD = c.CFUNCTYPE(c.c_int, c.c_int, c.c_int, c.c_void_p, c.c_void_p, c.c_void_p, c.c_int64,
                   c.c_int64, c.c_int64, c.c_void_p, c.c_int, c.c_int64, c.c_int64, c.c_void_p,
-                  c.c_void_p, c.c_int, c.c_int, c.c_double, c.c_int, c.c_void_p, c.c_void_p, c.c_int)
+                  c.c_void_p, c.c_void_p, c.c_int, c.c_int, c.c_double, c.c_int, c.c_void_p, c.c_void_p,
+                  c.c_int)
 _CTYPE = {0: c.c_float, 1: c.c_double}
 
 

@@ -128,10 +128,10 @@ def _load(code: int, dtype: torch.dtype) -> ctypes.CDLL:
     lib = build.load("lp_norm_cpu.cpp", str(dtype).split(".")[-1], {"NM_DTYPE": int(code)})
     p, i64, i32, f64 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_double
     lib.nm_forward.argtypes = [i32, i32, p, p, i64, i64, i64, p, p, i32, i64, i64, i32, i32, f64,
-                               f64, i32, p, p, p, p, p, f64, f64, i32]
+                               f64, i32, p, p, p, p, p, p, f64, f64, i32]
     lib.nm_forward.restype = i32
-    lib.nm_backward.argtypes = [i32, i32, p, p, p, i64, i64, i64, p, i32, i64, i64, p, p, i32, i32,
-                                f64, i32, p, p, i32]
+    lib.nm_backward.argtypes = [i32, i32, p, p, p, i64, i64, i64, p, i32, i64, i64, p, p, p, i32,
+                                i32, f64, i32, p, p, i32]
     lib.nm_backward.restype = i32
     lib.nm_eval.argtypes = [i32, i32, p, p, i64, i64, i64, p, p, p, p, f64, i32]
     lib.nm_eval.restype = i32
@@ -173,7 +173,7 @@ def forward(x: Tensor, layout: int, weight: Tensor | None, bias: Tensor | None, 
     n = n_ * s_
     rc = lib.nm_forward(DTYPE_CODES[x.dtype], layout, x.data_ptr(), y.data_ptr(), n_, c_, s_,
                         _ptr(weight), _ptr(bias), affine, 0, 0, mode, k, constant, eps, int(center),
-                        mean.data_ptr(), inv.data_ptr(), sigma.data_ptr(), _ptr(running_mean),
+                        mean.data_ptr(), inv.data_ptr(), sigma.data_ptr(), None, _ptr(running_mean),
                         _ptr(running_var), momentum, n / max(n - 1, 1), _threads(x))
     if rc != 0:
         raise RuntimeError(f"normmatters CPU forward kernel failed with code {rc}")
@@ -199,7 +199,7 @@ def backward(grad: Tensor, x: Tensor, layout: int, weight: Tensor | None, mean: 
     dw = torch.empty(size, dtype=mean.dtype) if need_affine else None
     db = torch.empty(size, dtype=mean.dtype) if need_affine else None
     rc = lib.nm_backward(DTYPE_CODES[x.dtype], layout, grad.data_ptr(), x.data_ptr(), _ptr(dx),
-                         n_, c_, s_, _ptr(weight), affine, 0, 0, mean.data_ptr(), inv.data_ptr(), mode, k,
+                         n_, c_, s_, _ptr(weight), affine, 0, 0, mean.data_ptr(), inv.data_ptr(), None, mode, k,
                          constant, int(center), _ptr(dw), _ptr(db), _threads(x))
     if rc != 0:
         raise RuntimeError(f"normmatters CPU backward kernel failed with code {rc}")
@@ -238,7 +238,7 @@ def _run_forward(x: Tensor, layout: int, weight: Tensor | None, bias: Tensor | N
     rc = lib.nm_forward(_CODES[x.dtype], layout, x.data_ptr(), y.data_ptr(), n_, c_, s_,
                         weight.data_ptr() if weight is not None else None,
                         bias.data_ptr() if bias is not None else None, affine, 0, 0, mode, k, constant,
-                        eps, center, p, p + step, p + 2 * step,
+                        eps, center, p, p + step, p + 2 * step, None,
                         running_mean.data_ptr() if running_mean is not None else None,
                         running_var.data_ptr() if running_var is not None else None, momentum,
                         n / (n - 1) if n > 1 else 1.0, 1 if n_ * c_ * s_ < SMALL else torch.get_num_threads())
@@ -259,7 +259,7 @@ def _run_backward(grad: Tensor, x: Tensor, layout: int, weight: Tensor | None, s
     db = torch.empty(size, dtype=stats.dtype) if need_affine else None
     p = stats.data_ptr()
     rc = lib.nm_backward(_CODES[x.dtype], layout, grad.data_ptr(), x.data_ptr(), _ptr(dx),
-                         n_, c_, s_, _ptr(weight), affine, 0, 0, p, p + c_ * stats.element_size(), mode, k,
+                         n_, c_, s_, _ptr(weight), affine, 0, 0, p, p + c_ * stats.element_size(), None, mode, k,
                          constant, center, _ptr(dw), _ptr(db),
                          1 if n_ * c_ * s_ < SMALL else torch.get_num_threads())
     if rc != 0:

@@ -525,11 +525,10 @@ template <typename A> struct TopScratch {
 //    found among the few largest distinct values or else by nth_element. Then the values above
 //    it and the first of those equal to it.
 // The k chosen are written in index order (the callers need only the set).
+// |x − mu| of statistic c (its N runs of S values) into ts.buf, prepared for them; returns it.
 template <typename T, typename A>
-double short_topk(const T* x, int64_t N, int64_t C, int64_t S, int64_t c, A mu, int k,
-                  int64_t* out_id, int* out_s, TopScratch<A>& ts) {
-  const int64_t n = N * S;
-  ts.prepare(n);
+inline A* fill_abs_dev(const T* x, int64_t N, int64_t C, int64_t S, int64_t c, A mu, TopScratch<A>& ts) {
+  ts.prepare(N * S);
   A* b = ts.buf.data();
   for (int64_t q = 0; q < N; ++q) {
     const T* xp = x + (q * C + c) * S;
@@ -537,10 +536,32 @@ double short_topk(const T* x, int64_t N, int64_t C, int64_t S, int64_t c, A mu, 
 #pragma omp simd
     for (int64_t i = 0; i < S; ++i) { const A d = IO<T>::ld(xp, i) - mu; bq[i] = d < 0 ? -d : d; }
   }
+  return b;
+}
+
+// The signs of x − mu at the chosen positions pos[0, k) into out_id / out_s.
+template <typename T, typename A>
+inline void chosen_signs(const T* x, int64_t N, int64_t C, int64_t S, int64_t c, A mu, int k,
+                         const int32_t* pos, int64_t* out_id, int* out_s) {
+  for (int j = 0; j < k; ++j) {
+    const int64_t p = pos[j];
+    const A d = IO<T>::ld(x, N == 1 ? c * S + p : ((p / S) * C + c) * S + p % S) - mu;
+    out_id[j] = p; out_s[j] = (d > 0) - (d < 0);
+  }
+}
+
+// kth (may be null): the k-th largest |x − mu| (NaN for a NaN statistic), which with the tie rule
+// fixes the choice (topk_at).
+template <typename T, typename A>
+double short_topk(const T* x, int64_t N, int64_t C, int64_t S, int64_t c, A mu, int k,
+                  int64_t* out_id, int* out_s, TopScratch<A>& ts, A* kth_out = nullptr) {
+  const int64_t n = N * S;
+  A* b = fill_abs_dev<T, A>(x, N, C, S, c, mu, ts);
   // The sum is NaN iff a |d| is: a sum of values >= 0 overflows to +inf, never to NaN.
   const A sb = sum_of<A>(b, n);
   if (sb != sb) {
     if (out_id) for (int j = 0; j < k; ++j) { out_id[j] = j; out_s[j] = 0; }
+    if (kth_out) *kth_out = sb;
     return std::numeric_limits<double>::quiet_NaN();
   }
   A* cv = ts.cv.data();
@@ -562,12 +583,13 @@ double short_topk(const T* x, int64_t N, int64_t C, int64_t S, int64_t c, A mu, 
   int32_t* pos = ts.pos.data();
   A* val = ts.val.data();
   auto finish = [&](double sum) {   // the positions and signs of the k chosen, and their sum
-    if (out_id)
-      for (int j = 0; j < k; ++j) {
-        const int64_t p = pos[j];
-        const A d = IO<T>::ld(x, N == 1 ? c * S + p : ((p / S) * C + c) * S + p % S) - mu;
-        out_id[j] = p; out_s[j] = (d > 0) - (d < 0);
-      }
+    if (out_id) chosen_signs<T, A>(x, N, C, S, c, mu, k, pos, out_id, out_s);
+    if (kth_out) {   // the least of the k chosen
+      const int64_t p0 = pos[0];
+      A least = b[p0];
+      for (int j = 1; j < k; ++j) least = b[pos[j]] < least ? b[pos[j]] : least;
+      *kth_out = least;
+    }
     return sum;
   };
   if (m <= TopScratch<A>::RANKED) {
@@ -621,12 +643,42 @@ double short_topk(const T* x, int64_t N, int64_t C, int64_t S, int64_t c, A mu, 
   return finish(sum);
 }
 
+// The Top(k) choice of statistic c from the k-th largest |x − mu| the forward saved (sel[c]; < 0 or
+// NaN: none saved): the values above it and, by the tie rule, the first of those equal to it, in
+// index order, with the signs of x − mu into tid / tsg. One pass and a compaction instead of
+// short_topk's selection. False when none was saved.
+template <typename T, typename A>
+inline bool topk_at(const A* sel, const T* x, int64_t N, int64_t C, int64_t S, int64_t c, A mu, int k,
+                    int64_t* tid, int* tsg, TopScratch<A>& ts) {
+  if (!sel || !(sel[c] >= A(0))) return false;
+  const A t = sel[c];
+  A* b = fill_abs_dev<T, A>(x, N, C, S, c, mu, ts);
+  A* cv = ts.cv.data();
+  int32_t* ci = ts.ci.data();
+  const int64_t m = compact_ge<A>(b, N * S, t, cv, ci);
+  if (m < k) return false;   // not this statistic's k-th value: choose afresh
+  if (m == k) {              // no tie at t (the usual case): all of them
+    chosen_signs<T, A>(x, N, C, S, c, mu, k, ci, tid, tsg);
+    return true;
+  }
+  int above = 0;
+  for (int64_t j = 0; j < m; ++j) above += cv[j] > t;
+  if (above > k) return false;
+  int ties = k - above, got = 0;
+  int32_t* pos = ts.pos.data();
+  for (int64_t j = 0; j < m && got < k; ++j)
+    if (cv[j] > t || (cv[j] == t && ties-- > 0)) pos[got++] = ci[j];
+  chosen_signs<T, A>(x, N, C, S, c, mu, k, pos, tid, tsg);
+  return true;
+}
+
 // ---------------------------------------------------------------- NCS layout: one channel per task
 template <typename T>
 void fwd_ncs(const T* x, T* y, int64_t N, int64_t C, int64_t S,
              const typename IO<T>::A* w, const typename IO<T>::A* b, int aff, int64_t G, int64_t HW,
              int mode, int k, double cst, double eps, int center,
-             typename IO<T>::A* mean_o, typename IO<T>::A* inv_o, typename IO<T>::A* sig_o, int nt) {
+             typename IO<T>::A* mean_o, typename IO<T>::A* inv_o, typename IO<T>::A* sig_o,
+             typename IO<T>::A* sel_o, int nt) {
   typedef typename IO<T>::A A;
   const int64_t n = N * S;
   const bool short_rows = n <= SHORT;
@@ -690,7 +742,9 @@ void fwd_ncs(const T* x, T* y, int64_t N, int64_t C, int64_t S,
         const A up = gmx - mu, dn = mu - gmn;
         sig = cst * (double)(up > dn ? up : dn);
       } else if (short_rows) {
-        sig = cst * short_topk<T, A>(x, N, C, S, c, mu, k, nullptr, nullptr, ts) / (double)k;
+        // The k-th largest |x − μ| kept for the backward (topk_at).
+        sig = cst * short_topk<T, A>(x, N, C, S, c, mu, k, nullptr, nullptr, ts, sel_o ? sel_o + c : nullptr)
+              / (double)k;
       } else {
         pieces.finish(x, k, *hi, *lo);
         sig = cst * select_topk<A>(&hi, &lo, 1, k, mu, nullptr, nullptr, buf) / (double)k;
@@ -743,7 +797,7 @@ template <typename T>
 void bwd_ncs(const T* dy, const T* x, T* dx, int64_t N, int64_t C, int64_t S,
              const typename IO<T>::A* w, const typename IO<T>::A* mean, const typename IO<T>::A* invs,
              int mode, int k, double cst, int center,
-             typename IO<T>::A* dw, typename IO<T>::A* db, int nt) {
+             typename IO<T>::A* dw, typename IO<T>::A* db, const typename IO<T>::A* sel, int nt) {
   typedef typename IO<T>::A A;
   const int64_t n = N * S;
   const bool short_rows = n <= SHORT;
@@ -819,14 +873,16 @@ void bwd_ncs(const T* dy, const T* x, T* dx, int64_t N, int64_t C, int64_t S,
           }
         }
       } else {
-        if (short_rows) {
+        if (topk_at<T, A>(sel, x, N, C, S, c, mu, k, tid.data(), tsg.data(), ts)) {
+        } else if (short_rows) {
           short_topk<T, A>(x, N, C, S, c, mu, k, tid.data(), tsg.data(), ts);
         } else {
           pieces.finish(x, k, *hi, *lo);
           select_topk<A>(&hi, &lo, 1, k, mu, tid.data(), tsg.data(), buf);
         }
-        double st = 0.0;
-        for (int j = 0; j < k; ++j) st += tsg[j];
+        int sti = 0;   // Σ sign over the chosen (exact in int)
+        for (int j = 0; j < k; ++j) sti += tsg[j];
+        const double st = sti;
         const double bcd = inv * (-mg + (center ? cst * M * st / (double)k : 0.0));
         const A bc = (A)bcd;
         for (int64_t q = 0; q < N; ++q) {
@@ -859,7 +915,7 @@ __attribute__((noinline)) void bwd_rows_part(
     const T* dy, const T* x, T* dx, int64_t R, int64_t S, int64_t G, int64_t HW,
     const typename IO<T>::A* w, const typename IO<T>::A* mean, const typename IO<T>::A* invs,
     int mode, int k, double cst, int center, bool pos_affine, bool chan_affine, int64_t chunk,
-    double* tw, double* tb, double* cw, double* cb) {
+    double* tw, double* tb, double* cw, double* cb, const typename IO<T>::A* sel) {
   typedef typename IO<T>::A A;
   const int64_t n = S;
   const bool short_rows = n <= SHORT;
@@ -949,15 +1005,17 @@ __attribute__((noinline)) void bwd_rows_part(
           const A d = take_up ? up : -dn;
           tid[0] = take_up ? imx : imn; tsg[0] = (d > 0) - (d < 0);
         } else {
-          if (short_rows) {
+          if (topk_at<T, A>(sel, x, 1, R, S, r, mu, k, tid.data(), tsg.data(), ts)) {
+          } else if (short_rows) {
             short_topk<T, A>(xr, 1, 1, S, 0, mu, k, tid.data(), tsg.data(), ts);
           } else {
             pieces.finish(xr, k, *hi, *lo);
             select_topk<A>(&hi, &lo, 1, k, mu, tid.data(), tsg.data(), buf);
           }
         }
-        double st = 0.0;
-        for (int j = 0; j < k; ++j) st += tsg[j];
+        int sti = 0;   // Σ sign over the chosen (exact in int)
+        for (int j = 0; j < k; ++j) sti += tsg[j];
+        const double st = sti;
         const double bcd = (double)inv * (-mg + (center ? cst * M * st / (double)k : 0.0));
         const A bc = (A)bcd;
         for (int64_t j = 0; j < nseg; ++j) {
@@ -986,7 +1044,7 @@ template <typename T>
 void bwd_rows(const T* dy, const T* x, T* dx, int64_t R, int64_t S, int64_t G, int64_t HW,
               const typename IO<T>::A* w, const typename IO<T>::A* mean, const typename IO<T>::A* invs,
               int mode, int k, double cst, int center,
-              typename IO<T>::A* dw, typename IO<T>::A* db, int nt) {
+              typename IO<T>::A* dw, typename IO<T>::A* db, const typename IO<T>::A* sel, int nt) {
   typedef typename IO<T>::A A;
   const bool grp = G > 0;
   const int64_t nseg = grp ? S / HW : 1;
@@ -1003,10 +1061,10 @@ void bwd_rows(const T* dy, const T* x, T* dx, int64_t R, int64_t S, int64_t G, i
     double* tb = pos_affine ? pb.data() + (size_t)t * S : nullptr;
     if (grp)
       bwd_rows_part<T, true>(dy, x, dx, R, S, G, HW, w, mean, invs, mode, k, cst, center, false,
-                             chan_affine, chunk, nullptr, nullptr, cw.data(), cb.data());
+                             chan_affine, chunk, nullptr, nullptr, cw.data(), cb.data(), sel);
     else
       bwd_rows_part<T, false>(dy, x, dx, R, S, 0, 0, w, mean, invs, mode, k, cst, center,
-                              pos_affine, false, chunk, tw, tb, nullptr, nullptr);
+                              pos_affine, false, chunk, tw, tb, nullptr, nullptr, sel);
   });
   if (pos_affine) {
     for (int64_t i = 0; i < S; ++i) {
@@ -1349,14 +1407,16 @@ inline bool use_rows(int64_t N, int64_t C, int64_t S, int mode, int k) {
 template <typename T>
 int fwd_t(int layout, const void* x, void* y, int64_t N, int64_t C, int64_t S, const void* w, const void* b,
           int aff, int64_t G, int64_t HW, int mode, int k, double cst, double eps, int center, void* m, void* inv, void* sig,
-          void* rm, void* rv, double momentum, double bessel, int nt) {
+          void* sel, void* rm, void* rv, double momentum, double bessel, int nt) {
   typedef typename IO<T>::A A;
   if (aff >= 2 && layout != 0) return -3;
   if (aff == 3 && !group_view(N, C, S, G, HW)) return -3;
+  A* selv = mode == 2 && k > 1 ? (A*)sel : nullptr;
+  if (selv) std::fill(selv, selv + C, A(-1));   // none saved unless fwd_ncs's short_topk fills it
   if (layout == 0 && aff < 2 && use_rows(N, C, S, mode, k))
     fwd_grp<T>((const T*)x, (T*)y, N, C, S, (const A*)w, (const A*)b, mode, k, cst, eps, center, (A*)m, (A*)inv, (A*)sig, nt);
   else if (layout == 0)
-    fwd_ncs<T>((const T*)x, (T*)y, N, C, S, (const A*)w, (const A*)b, aff, G, HW, mode, k, cst, eps, center, (A*)m, (A*)inv, (A*)sig, nt);
+    fwd_ncs<T>((const T*)x, (T*)y, N, C, S, (const A*)w, (const A*)b, aff, G, HW, mode, k, cst, eps, center, (A*)m, (A*)inv, (A*)sig, selv, nt);
   else
     fwd_grp<T>((const T*)x, (T*)y, N * S, C, 1, (const A*)w, (const A*)b, mode, k, cst, eps, center, (A*)m, (A*)inv, (A*)sig, nt);
   // Running statistics, as torch: r ← (1 − m)·r + m·(batch value); running_var takes σ̂²·n/(n−1).
@@ -1371,18 +1431,19 @@ int fwd_t(int layout, const void* x, void* y, int64_t N, int64_t C, int64_t S, c
 
 template <typename T>
 int bwd_t(int layout, const void* dy, const void* x, void* dx, int64_t N, int64_t C, int64_t S, const void* w,
-          int aff, int64_t G, int64_t HW, const void* m, const void* inv, int mode, int k, double cst, int center,
-          void* dw, void* db, int nt) {
+          int aff, int64_t G, int64_t HW, const void* m, const void* inv, const void* sel, int mode, int k, double cst,
+          int center, void* dw, void* db, int nt) {
   typedef typename IO<T>::A A;
+  const A* selv = mode == 2 && k > 1 ? (const A*)sel : nullptr;
   if (aff >= 2) {
     if (layout != 0 || N != 1 || (aff == 3 && !group_view(N, C, S, G, HW))) return -3;
-    bwd_rows<T>((const T*)dy, (const T*)x, (T*)dx, C, S, aff == 3 ? G : 0, HW, (const A*)w, (const A*)m, (const A*)inv, mode, k, cst, center, (A*)dw, (A*)db, nt);
+    bwd_rows<T>((const T*)dy, (const T*)x, (T*)dx, C, S, aff == 3 ? G : 0, HW, (const A*)w, (const A*)m, (const A*)inv, mode, k, cst, center, (A*)dw, (A*)db, selv, nt);
     return 0;
   }
   if (layout == 0 && use_rows(N, C, S, mode, k))
     bwd_grp<T>((const T*)dy, (const T*)x, (T*)dx, N, C, S, (const A*)w, (const A*)m, (const A*)inv, mode, k, cst, center, (A*)dw, (A*)db, nt);
   else if (layout == 0)
-    bwd_ncs<T>((const T*)dy, (const T*)x, (T*)dx, N, C, S, (const A*)w, (const A*)m, (const A*)inv, mode, k, cst, center, (A*)dw, (A*)db, nt);
+    bwd_ncs<T>((const T*)dy, (const T*)x, (T*)dx, N, C, S, (const A*)w, (const A*)m, (const A*)inv, mode, k, cst, center, (A*)dw, (A*)db, selv, nt);
   else
     bwd_grp<T>((const T*)dy, (const T*)x, (T*)dx, N * S, C, 1, (const A*)w, (const A*)m, (const A*)inv, mode, k, cst, center, (A*)dw, (A*)db, nt);
   return 0;
@@ -1403,7 +1464,7 @@ typedef f16_t nm_t;
 extern "C" {
 
 // Checked by kernels/build.py: the ABI of the entry points below, and the dtype of this build.
-int nm_abi_version() { return 5; }
+int nm_abi_version() { return 6; }
 int nm_dtype() { return NM_DTYPE; }
 
 // The integer arguments are the IntEnums of normmatters/kernels/enums.py:
@@ -1414,24 +1475,29 @@ int nm_dtype() { return NM_DTYPE; }
 // mode (Mode): 1 L1, 2 Top(k) (L∞ is k = 1).
 // Statistics, weight, bias and running buffers are float32 (float64 for float64 builds).
 
+// sel (may be null; read only for Top(k), k > 1): C statistics-type values, where the forward
+// saves each statistic's k-th largest |x − μ| when it chose by short_topk (else −1), and from
+// which the backward finds the same k positions in one pass instead of choosing again.
 // Training forward: y, per-channel mean, 1/(σ̂ + eps) and σ̂; updates rm / rv (may be null).
 int nm_forward(int dtype, int layout, const void* x, void* y, int64_t N, int64_t C, int64_t S,
                const void* w, const void* b, int aff, int64_t G, int64_t HW, int mode, int k, double cst,
-               double eps, int center, void* mean, void* inv, void* sig, void* rm, void* rv, double momentum, double bessel, int nt) {
+               double eps, int center, void* mean, void* inv, void* sig, void* sel, void* rm, void* rv, double momentum,
+               double bessel, int nt) {
   if (nt < 1) nt = 1;
   if (dtype != NM_DTYPE) return -2;  // a dtype this build does not instantiate
   if (mode == 2 && (k < 1 || k > 64)) return -4;  // MAX_K of normmatters/kernels/autograd.py
-  return fwd_t<nm_t>(layout, x, y, N, C, S, w, b, aff, G, HW, mode, k, cst, eps, center, mean, inv, sig, rm, rv, momentum, bessel, nt);
+  return fwd_t<nm_t>(layout, x, y, N, C, S, w, b, aff, G, HW, mode, k, cst, eps, center, mean, inv, sig, sel, rm, rv, momentum,
+                     bessel, nt);
 }
 
 // Closed-form backward: dx (may be null), dw and db (may be null).
 int nm_backward(int dtype, int layout, const void* dy, const void* x, void* dx, int64_t N, int64_t C, int64_t S,
-                const void* w, int aff, int64_t G, int64_t HW, const void* mean, const void* inv, int mode,
-                int k, double cst, int center, void* dw, void* db, int nt) {
+                const void* w, int aff, int64_t G, int64_t HW, const void* mean, const void* inv, const void* sel,
+                int mode, int k, double cst, int center, void* dw, void* db, int nt) {
   if (nt < 1) nt = 1;
   if (dtype != NM_DTYPE) return -2;
   if (mode == 2 && (k < 1 || k > 64)) return -4;
-  return bwd_t<nm_t>(layout, dy, x, dx, N, C, S, w, aff, G, HW, mean, inv, mode, k, cst, center, dw, db, nt);
+  return bwd_t<nm_t>(layout, dy, x, dx, N, C, S, w, aff, G, HW, mean, inv, sel, mode, k, cst, center, dw, db, nt);
 }
 
 // Evaluation forward of batch norm from the running statistics.

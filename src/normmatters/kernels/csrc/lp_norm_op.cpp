@@ -46,10 +46,10 @@ using at::Tensor;
 
 typedef int (*fwd_fn)(int, int, const void*, void*, int64_t, int64_t, int64_t, const void*, const void*,
                       int, int64_t, int64_t, int, int, double, double, int, void*, void*, void*, void*,
-                      void*, double, double, int);
+                      void*, void*, double, double, int);
 typedef int (*bwd_fn)(int, int, const void*, const void*, void*, int64_t, int64_t, int64_t, const void*,
-                      int, int64_t, int64_t, const void*, const void*, int, int, double, int, void*,
-                      void*, int);
+                      int, int64_t, int64_t, const void*, const void*, const void*, int, int, double,
+                      int, void*, void*, int);
 typedef int (*eval_fn)(int, int, const void*, void*, int64_t, int64_t, int64_t, const void*, const void*,
                        const void*, const void*, double, int);
 
@@ -188,18 +188,19 @@ double resolve_constant(double constant, int64_t k, int64_t n) {
 }
 
 // One forward kernel call on v (dense [N, C, S] in its layout), writing y and the three statistics
-// (mean, 1/(σ̂ + eps), σ̂) at the given addresses; rm / rv (may be undefined) updated in place with
-// the Bessel factor n/(n − 1).
+// (mean, 1/(σ̂ + eps), σ̂) at the given addresses, and (sel, may be null) the k-th largest |x − μ|
+// of Top(k), for the backward; rm / rv (may be undefined) updated in place with the Bessel factor
+// n/(n − 1).
 void call_forward(const View3& v, const Tensor& y, const Tensor& w, const Tensor& b, int64_t mode,
                   int64_t k, double constant, double eps, void* mean, void* inv, void* sigma,
-                  const Tensor& rm, const Tensor& rv, double momentum) {
+                  void* sel, const Tensor& rm, const Tensor& rv, double momentum) {
   const Tensor& x3 = v.x3;
   const int64_t n = v.N * v.S;
   constant = resolve_constant(constant, k, n);
   const int rc = kernels_for(x3).fwd(dtype_code(x3.scalar_type()), v.layout, x3.data_ptr(),
                                      y.data_ptr(), v.N, v.C, v.S, ptr(w), ptr(b), v.affine,
                                      v.groups, v.inner, (int)mode, (int)k, constant, eps,
-                                     v.center ? 1 : 0, mean, inv, sigma, mptr(rm), mptr(rv),
+                                     v.center ? 1 : 0, mean, inv, sigma, sel, mptr(rm), mptr(rv),
                                      momentum, n > 1 ? (double)n / (double)(n - 1) : 1.0,
                                      threads(x3));
   TORCH_CHECK(rc == 0, "normmatters CPU forward kernel failed with code ", rc);
@@ -208,22 +209,25 @@ void call_forward(const View3& v, const Tensor& y, const Tensor& w, const Tensor
 }
 
 // One closed-form backward kernel call: dx, dw, db (each may be undefined: not computed) from the
-// gradient g (dense in v's layout) and the saved mean and 1/(σ̂ + eps).
+// gradient g (dense in v's layout) and the saved mean, 1/(σ̂ + eps) and (sel, may be null) the
+// forward's k-th largest |x − μ|.
 void call_backward(const Tensor& g, const View3& v, const Tensor& dx, const Tensor& w,
-                   const void* mean, const void* inv, int64_t mode, int64_t k, double constant,
-                   const Tensor& dw, const Tensor& db) {
+                   const void* mean, const void* inv, const void* sel, int64_t mode, int64_t k,
+                   double constant, const Tensor& dw, const Tensor& db) {
   const Tensor& x3 = v.x3;
   constant = resolve_constant(constant, k, v.N * v.S);
   const int rc = kernels_for(x3).bwd(dtype_code(x3.scalar_type()), v.layout, g.data_ptr(),
                                      x3.data_ptr(), mptr(dx), v.N, v.C, v.S, ptr(w), v.affine,
-                                     v.groups, v.inner, mean, inv, (int)mode, (int)k, constant,
+                                     v.groups, v.inner, mean, inv, sel, (int)mode, (int)k, constant,
                                      v.center ? 1 : 0, mptr(dw), mptr(db), threads(x3));
   TORCH_CHECK(rc == 0, "normmatters CPU backward kernel failed with code ", rc);
 }
 
 // The fused forward: {y (x's sizes), stats} with stats the [3, C] rows mean, 1/(σ̂ + eps), σ̂
 // (undefined unless keep_stats: the kernel then writes them into this thread's scratch); rm / rv
-// (may be undefined) are updated in the kernel.
+// (may be undefined) are updated in the kernel. For Top(k), k > 1, stats has a fourth row: each
+// statistic's k-th largest |x − μ| (−1 where the kernel saved none: statistics too long for its
+// direct selection), from which the backward finds the forward's choice without choosing again.
 std::pair<Tensor, Tensor> forward_kernel(const Tensor& x, const View3& v, const Tensor& w,
                                          const Tensor& b, const Tensor& rm, const Tensor& rv,
                                          int64_t mode, int64_t k, double constant, double eps,
@@ -233,17 +237,21 @@ std::pair<Tensor, Tensor> forward_kernel(const Tensor& x, const View3& v, const 
   Tensor stats;
   char* sp;
   int64_t step;
+  void* sel = nullptr;
   if (keep_stats) {
-    stats = at::empty({3, C}, v.x3.options().dtype(stat_type(v.x3)));
+    const bool save_sel = mode == 2 && k > 1 && v.layout == NCS;
+    stats = at::empty({save_sel ? 4 : 3, C}, v.x3.options().dtype(stat_type(v.x3)));
     sp = static_cast<char*>(stats.data_ptr());
     step = C * stats.element_size();
+    if (save_sel) sel = sp + 3 * step;
   } else {
     thread_local std::vector<double> scratch;  // 8-byte units: room for float or double
     if (scratch.size() < (size_t)(3 * C)) scratch.resize((size_t)(3 * C));
     sp = reinterpret_cast<char*>(scratch.data());
     step = C * (v.x3.scalar_type() == at::kDouble ? 8 : 4);
   }
-  call_forward(v, y, w, b, mode, k, constant, eps, sp, sp + step, sp + 2 * step, rm, rv, momentum);
+  call_forward(v, y, w, b, mode, k, constant, eps, sp, sp + step, sp + 2 * step, sel, rm, rv,
+               momentum);
   return {y, stats};
 }
 
@@ -272,7 +280,7 @@ struct LpNormFn : public torch::autograd::Function<LpNormFn> {
     ctx->saved_data["d"] = std::vector<double>{constant, eps};
     if (!want_stats) return {out.first};  // one output: less for autograd to wrap
     ctx->mark_non_differentiable({out.second});
-    return {out.first, out.second};
+    return {out.first, out.second.narrow(0, 0, 3)};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
@@ -321,7 +329,9 @@ struct LpNormFn : public torch::autograd::Function<LpNormFn> {
         db = at::empty({size}, stats.options());
       }
       const char* sp = static_cast<const char*>(stats.data_ptr());
-      call_backward(g, v, dx, w, sp, sp + C * stats.element_size(), mode, k, constant, dw, db);
+      const int64_t step = C * stats.element_size();
+      call_backward(g, v, dx, w, sp, sp + step, stats.size(0) > 3 ? sp + 3 * step : nullptr, mode,
+                    k, constant, dw, db);
     }
     if (v.affine == AFF_POSITION && arg > 1) {
       // γ and β have the normalized shape (e.g. [5, 6] for a layer norm over two axes); the
@@ -453,7 +463,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> cpu_lp_norm_fwd(
   Tensor mean = at::empty({C}, so), inv = at::empty({C}, so), sigma = at::empty({C}, so);
   const View3 v{xx, x.size(0), C, x.size(2), (int)layout, (int)affine, center};
   call_forward(v, y, opt(weight), opt(bias), mode, k, constant,
-               eps, mean.data_ptr(), inv.data_ptr(), sigma.data_ptr(), Tensor(), Tensor(), 0.0);
+               eps, mean.data_ptr(), inv.data_ptr(), sigma.data_ptr(), nullptr, Tensor(), Tensor(),
+               0.0);
   return {in_strides_of(y, x), mean, inv, sigma};
 }
 
@@ -472,7 +483,7 @@ std::tuple<Tensor, Tensor, Tensor> cpu_lp_norm_bwd(
   Tensor db = need_affine ? at::empty({size}, m.options()) : m.new_empty({0});
   const View3 v{xx, x.size(0), C, S, (int)layout, (int)affine, center};
   call_backward(g, v, need_input ? dx : Tensor(), opt(weight),
-                m.data_ptr(), iv.data_ptr(), mode, k, constant, need_affine ? dw : Tensor(),
+                m.data_ptr(), iv.data_ptr(), nullptr, mode, k, constant, need_affine ? dw : Tensor(),
                 need_affine ? db : Tensor());
   return {need_input ? in_strides_of(dx, x) : dx, dw, db};
 }
