@@ -579,3 +579,17 @@ def test_non_finite_and_huge_values_match_reference(family, p, k):
     # reference's amax backward gives numbers: the gradient of a NaN output).
     keep = ~ref.isnan()
     torch.testing.assert_close(gx[keep], gr[keep], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("n,k", [(5, 2), (17, 3), (17, 10), (33, 10), (48, 16), (64, 3), (64, 30)])
+def test_top_k_of_short_rows_held_in_registers_matches_reference(n, k):
+    # Rows of at most 64 values select in registers when the threshold guess admits at most 32
+    # (csrc topk_row64 / topk_at_row64): partial last vectors, ties, light and heavy tails.
+    x = _hard_rows(16, n, torch.float32).requires_grad_(True)
+    g = torch.randn(x.shape, generator=torch.Generator().manual_seed(2))
+    f = lambda x: lp_layer_norm(x, (n,), None, None, p="inf", k=k)  # noqa: E731
+    _compare(f, (x,), g, 1e-4, rtol=1e-4)
+    with torch.no_grad():
+        with K.use_backend("reference"):
+            ref = f(x)
+        torch.testing.assert_close(f(x), ref, atol=1e-4, rtol=1e-4)

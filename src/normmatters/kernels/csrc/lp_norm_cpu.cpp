@@ -525,6 +525,138 @@ template <typename A> struct TopScratch {
 //    found among the few largest distinct values or else by nth_element. Then the values above
 //    it and the first of those equal to it.
 // The k chosen are written in index order (the callers need only the set).
+#if defined(__AVX512F__)
+// Rows of at most 64 float values, held in four registers: |x − mu| (lanes past n: −1, never
+// chosen), their sum, and the lanes >= t.
+struct Row64 {
+  __m512 b[4];
+  __mmask16 in[4];
+  Row64(const float* x, int64_t n, float mu, float& sum) {
+    const __m512 m = _mm512_set1_ps(mu), none = _mm512_set1_ps(-1.0f);
+    __m512 s = _mm512_setzero_ps();
+    for (int v = 0; v < 4; ++v) {
+      const int64_t i = 16 * v, l = n - i;
+      in[v] = l <= 0 ? (__mmask16)0 : l >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << l) - 1u);
+      const __m512 d = _mm512_abs_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(in[v], x + i), m));
+      b[v] = _mm512_mask_mov_ps(none, in[v], d);
+      s = _mm512_mask_add_ps(s, in[v], s, d);
+    }
+    sum = _mm512_reduce_add_ps(s);
+  }
+  int at_least(float t, __mmask16* c) const {
+    const __m512 tv = _mm512_set1_ps(t);
+    int m = 0;
+    for (int v = 0; v < 4; ++v) { c[v] = _mm512_cmp_ps_mask(b[v], tv, _CMP_GE_OQ); m += __builtin_popcount((unsigned)c[v]); }
+    return m;
+  }
+  // The lanes c (at most 32 in all) packed, in index order, into two registers of values and two
+  // of positions (lanes past them: −1 and 0). A piece placed at offset off spans the first
+  // register's lanes from off and the second's from 0: the same lane permutation, two masks.
+  void pack(const __mmask16* c, __m512* cv, __m512i* ci) const {
+    const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    cv[0] = cv[1] = _mm512_set1_ps(-1.0f); ci[0] = ci[1] = _mm512_setzero_si512();
+    int off = 0;
+    for (int v = 0; v < 4; ++v) {
+      if (!c[v]) continue;
+      const int pc = __builtin_popcount((unsigned)c[v]);
+      const __m512 pv = _mm512_maskz_compress_ps(c[v], b[v]);
+      const __m512i pi = _mm512_maskz_compress_epi32(c[v], _mm512_add_epi32(lane, _mm512_set1_epi32(16 * v)));
+      const __m512i idx = _mm512_sub_epi32(lane, _mm512_set1_epi32(off));   // used mod 16
+      const uint32_t span = ((1u << pc) - 1u) << off;                        // bits off .. off+pc-1
+      for (int h = 0; h < 2; ++h) {
+        const __mmask16 dst = (__mmask16)(span >> (16 * h));
+        if (!dst) continue;
+        cv[h] = _mm512_mask_permutexvar_ps(cv[h], dst, idx, pv);
+        ci[h] = _mm512_mask_permutexvar_epi32(ci[h], dst, idx, pi);
+      }
+      off += pc;
+    }
+  }
+};
+
+// The lowest `keep` set bits of m.
+inline uint32_t lowest_bits(uint32_t m, int keep) {
+  uint32_t r = 0;
+  for (int j = 0; j < keep && m; ++j) { r |= m & (0u - m); m &= m - 1; }
+  return r;
+}
+
+// short_topk for a row of n <= 64 floats without leaving the registers: the threshold guess of
+// TopScratch, the candidates packed into two registers, ranked by counting, ties to the lower
+// index. False (the caller goes the general way) for a NaN, an overflowed sum, or a guess that
+// admits fewer than k or more than 32 values.
+inline bool topk_row64(const float* x, int64_t n, float mu, int k, float scale, double& sum,
+                       float& kth, int32_t* pos) {
+  float sb;
+  const Row64 row(x, n, mu, sb);
+  const float t = scale * sb;
+  if (!(t < std::numeric_limits<float>::infinity())) return false;   // NaN or overflow
+  __mmask16 c[4];
+  const int m = row.at_least(t, c);
+  if (m < k || m > 32) return false;
+  __m512 cv[2]; __m512i ci[2];
+  row.pack(c, cv, ci);
+  const int hs = m > 16 ? 2 : 1;
+  __m512i cnt0 = _mm512_setzero_si512(), cnt1 = cnt0;
+  const __m512i one = _mm512_set1_epi32(1);
+  if (hs == 1) {   // how many candidates exceed each one
+    for (int i = 0; i < m; ++i) {
+      const __m512 v = _mm512_permutexvar_ps(_mm512_set1_epi32(i), cv[0]);
+      cnt0 = _mm512_mask_add_epi32(cnt0, _mm512_cmp_ps_mask(v, cv[0], _CMP_GT_OQ), cnt0, one);
+    }
+  } else {
+    const __m512 c0 = cv[0], c1 = cv[1];
+    for (int i = 0; i < m; ++i) {
+      const __m512 v = _mm512_permutexvar_ps(_mm512_set1_epi32(i & 15), i < 16 ? c0 : c1);
+      cnt0 = _mm512_mask_add_epi32(cnt0, _mm512_cmp_ps_mask(v, c0, _CMP_GT_OQ), cnt0, one);
+      cnt1 = _mm512_mask_add_epi32(cnt1, _mm512_cmp_ps_mask(v, c1, _CMP_GT_OQ), cnt1, one);
+    }
+  }
+  __m512i cnt[2] = {cnt0, cnt1};
+  const uint32_t valid = m == 32 ? 0xffffffffu : (1u << m) - 1u;
+  const __m512i kv = _mm512_set1_epi32(k);
+  uint32_t win = ((uint32_t)_mm512_cmplt_epi32_mask(cnt[0], kv)
+                  | (hs > 1 ? (uint32_t)_mm512_cmplt_epi32_mask(cnt[1], kv) << 16 : 0u)) & valid;
+  kth = std::min(_mm512_mask_reduce_min_ps((__mmask16)win, cv[0]),
+                 _mm512_mask_reduce_min_ps((__mmask16)(win >> 16), cv[1]));
+  if (__builtin_popcount(win) > k) {   // values equal to the k-th straddle the cut
+    const __m512 kt = _mm512_set1_ps(kth);
+    const uint32_t above = (uint32_t)_mm512_mask_cmp_ps_mask((__mmask16)win, cv[0], kt, _CMP_GT_OQ)
+                           | (uint32_t)_mm512_mask_cmp_ps_mask((__mmask16)(win >> 16), cv[1], kt, _CMP_GT_OQ) << 16;
+    const uint32_t eq = (uint32_t)_mm512_mask_cmp_ps_mask((__mmask16)win, cv[0], kt, _CMP_EQ_OQ)
+                        | (uint32_t)_mm512_mask_cmp_ps_mask((__mmask16)(win >> 16), cv[1], kt, _CMP_EQ_OQ) << 16;
+    win = above | lowest_bits(eq, k - __builtin_popcount(above));
+  }
+  const __mmask16 w0 = (__mmask16)win, w1 = (__mmask16)(win >> 16);
+  _mm512_mask_compressstoreu_epi32(pos, w0, ci[0]);
+  _mm512_mask_compressstoreu_epi32(pos + __builtin_popcount((unsigned)w0), w1, ci[1]);
+  __m512d acc = _mm512_setzero_pd();
+  for (int h = 0; h < 2; ++h) {
+    const __m512 w = _mm512_maskz_mov_ps(h ? w1 : w0, cv[h]);
+    acc = _mm512_add_pd(acc, _mm512_cvtps_pd(_mm512_castps512_ps256(w)));
+    acc = _mm512_add_pd(acc, _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(w), 1))));
+  }
+  sum = _mm512_reduce_add_pd(acc);
+  return true;
+}
+
+// topk_at for a row of n <= 64 floats: the lanes >= t when they are exactly k (no tie at t).
+inline bool topk_at_row64(const float* x, int64_t n, float mu, int k, float t, int32_t* pos) {
+  float sb;
+  const Row64 row(x, n, mu, sb);
+  __mmask16 c[4];
+  if (row.at_least(t, c) != k) return false;
+  const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  int got = 0;
+  for (int v = 0; v < 4; ++v) {
+    if (!c[v]) continue;
+    _mm512_mask_compressstoreu_epi32(pos + got, c[v], _mm512_add_epi32(lane, _mm512_set1_epi32(16 * v)));
+    got += __builtin_popcount((unsigned)c[v]);
+  }
+  return true;
+}
+#endif
+
 // |x − mu| of statistic c (its N runs of S values) into ts.buf, prepared for them; returns it.
 template <typename T, typename A>
 inline A* fill_abs_dev(const T* x, int64_t N, int64_t C, int64_t S, int64_t c, A mu, TopScratch<A>& ts) {
@@ -556,6 +688,20 @@ template <typename T, typename A>
 double short_topk(const T* x, int64_t N, int64_t C, int64_t S, int64_t c, A mu, int k,
                   int64_t* out_id, int* out_s, TopScratch<A>& ts, A* kth_out = nullptr) {
   const int64_t n = N * S;
+#if defined(__AVX512F__)
+  if constexpr (std::is_same<T, float>::value) {
+    if (N == 1 && n <= 64) {   // a short row: in registers when the guess admits at most 16
+      ts.prepare(n);
+      double sum; float kth;
+      int32_t* pos = ts.pos.data();
+      if (topk_row64(x + c * S, n, mu, k, ts.scale, sum, kth, pos)) {
+        if (out_id) chosen_signs<T, A>(x, N, C, S, c, mu, k, pos, out_id, out_s);
+        if (kth_out) *kth_out = kth;
+        return sum;
+      }
+    }
+  }
+#endif
   A* b = fill_abs_dev<T, A>(x, N, C, S, c, mu, ts);
   // The sum is NaN iff a |d| is: a sum of values >= 0 overflows to +inf, never to NaN.
   const A sb = sum_of<A>(b, n);
@@ -652,6 +798,17 @@ inline bool topk_at(const A* sel, const T* x, int64_t N, int64_t C, int64_t S, i
                     int64_t* tid, int* tsg, TopScratch<A>& ts) {
   if (!sel || !(sel[c] >= A(0))) return false;
   const A t = sel[c];
+#if defined(__AVX512F__)
+  if constexpr (std::is_same<T, float>::value) {
+    if (N == 1 && S <= 64) {
+      int32_t* pos = ts.pos.data();
+      if (topk_at_row64(x + c * S, S, mu, k, t, pos)) {
+        chosen_signs<T, A>(x, N, C, S, c, mu, k, pos, tid, tsg);
+        return true;
+      }
+    }
+  }
+#endif
   A* b = fill_abs_dev<T, A>(x, N, C, S, c, mu, ts);
   A* cv = ts.cv.data();
   int32_t* ci = ts.ci.data();
