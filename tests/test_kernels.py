@@ -260,7 +260,7 @@ def _hard_rows(count: int, n: int, dtype: torch.dtype) -> torch.Tensor:
 @pytest.mark.parametrize("dtype,atol", [(torch.float64, 1e-10), (torch.float32, 1e-4)])
 @pytest.mark.parametrize("k", [1, 2, 10, 64])
 @pytest.mark.parametrize("shape", ["layer64", "layer100", "layer768", "layer5000", "layer20000",
-                                   "batch128x64x10"])
+                                   "batch128x64x10", "channels-last32x8x4x4"])
 def test_top_k_selection_with_ties_matches_reference(shape, k, dtype, atol):
     # The short-statistic selection (csrc short_topk) against the reference's sort, forward and
     # input gradient, on statistics full of exact ties (the tie rule: the lower index first);
@@ -269,8 +269,12 @@ def test_top_k_selection_with_ties_matches_reference(shape, k, dtype, atol):
         n = int(shape[5:])
         x = _hard_rows(8, n, dtype).requires_grad_(True)
         f = lambda x: lp_layer_norm(x, (n,), None, None, p="inf", k=k)  # noqa: E731
-    else:
+    elif shape.startswith("batch"):
         x = _hard_rows(64, 1280, dtype).view(64, 128, 10).transpose(0, 1).contiguous().requires_grad_(True)
+        f = lambda x: lp_batch_norm(x, None, None, training=True, p="inf", k=k)  # noqa: E731
+    else:   # channel c's 512 values are row c (strided in memory)
+        x = _hard_rows(8, 512, dtype).view(8, 32, 4, 4).transpose(0, 1)
+        x = x.contiguous(memory_format=torch.channels_last).requires_grad_(True)
         f = lambda x: lp_batch_norm(x, None, None, training=True, p="inf", k=k)  # noqa: E731
     g = torch.randn(x.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(dtype)
     assert _fused(f(x))

@@ -1274,9 +1274,10 @@ void fwd_grp(const T* x, T* y, int64_t R, int64_t C, int64_t G,
   typedef typename IO<T>::A A;
   const int64_t J = C * G, n = R * G;
   std::vector<double> part((size_t)(nt * J), 0.0);
-  // Top(k) of short statistics of NCS runs (G > 1, see use_rows): short_topk per channel, straight
-  // from x; else heaps of the k extremes of each column, kept during the pass over the rows.
-  const bool shortk = mode == 2 && k > 1 && G > 1 && n <= SHORT;
+  // Top(k) of statistics of at most SHORT values: short_topk per channel, straight from x (strided
+  // for channels-last, and still 2-3x faster than the heaps there); longer ones by heaps of the k
+  // extremes of each column, kept during the pass over the rows.
+  const bool shortk = mode == 2 && k > 1 && n <= SHORT;
   const bool heap = mode == 2 && k > 1 && !shortk;   // L∞ keeps the extremes of each column instead
   const bool ext = mode == 2 && k == 1;
   std::vector<HeapSet<A>> heaps(heap ? nt : 0);
@@ -1378,7 +1379,7 @@ void bwd_grp(const T* dy, const T* x, T* dx, int64_t R, int64_t C, int64_t G,
   const bool want_top = (mode == 2 && dx);
   std::vector<double> part((size_t)(3 * nt * J), 0.0);
   const bool ext = want_top && k == 1;   // L∞: the first position of each column's extremes
-  const bool shortk = want_top && k > 1 && G > 1 && n <= SHORT;   // as in fwd_grp
+  const bool shortk = want_top && k > 1 && n <= SHORT;   // as in fwd_grp
   const bool heap = want_top && k > 1 && !shortk;
   std::vector<HeapSet<A>> heaps(heap ? nt : 0);
   std::vector<A> pmx(ext ? (size_t)(nt * J) : 0, -std::numeric_limits<A>::infinity());
@@ -1555,10 +1556,12 @@ inline bool group_view(int64_t N, int64_t C, int64_t S, int64_t G, int64_t HW) {
 }
 
 // NCS tensors whose runs are short go through the rows kernels (see fwd_grp); long runs through
-// one channel per task. Top(k) (k > 1) only for short statistics of several runs, which
-// short_topk selects from (the rows kernels' heaps are slow for NCS runs).
+// one channel per task. Top(k) (k > 1) only for short statistics of several runs, or of up to 256
+// single values (a BatchNorm1d of [N, C]), which short_topk selects from (the rows kernels' heaps
+// are slow for NCS runs).
 inline bool use_rows(int64_t N, int64_t C, int64_t S, int mode, int k) {
-  return S < 32 && C * S <= 8192 && (mode == 1 || k == 1 || (N > 1 && S > 1 && N * S <= 2048));
+  return S < 32 && C * S <= 8192 &&
+         (mode == 1 || k == 1 || (N > 1 && (S > 1 ? N * S <= 2048 : N <= 256)));
 }
 
 template <typename T>
