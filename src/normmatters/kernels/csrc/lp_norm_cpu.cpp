@@ -393,7 +393,7 @@ template <> inline void row_sums<float, float>(const float* x, const float* g, c
     return;
   }
   const __m512 m = _mm512_set1_ps(mu), one = _mm512_set1_ps(1.0f), zero = _mm512_setzero_ps();
-  // Two sets of accumulators (long rows: the chains of adds overlap), merged at the end.
+  // Two sets of accumulators (rows of 32 and more: the chains of adds overlap), merged at the end.
   __m512 a1[2] = {zero, zero}, a2[2] = {zero, zero}, a3[2] = {zero, zero};
   __m512 hi[2], lo[2];
   hi[0] = hi[1] = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
@@ -531,17 +531,19 @@ template <typename A> struct TopScratch {
 struct Row64 {
   __m512 b[4];
   __mmask16 in[4];
-  Row64(const float* x, int64_t n, float mu, float& sum) {
+  Row64(const float* x, int64_t n, float mu) {
     const __m512 m = _mm512_set1_ps(mu), none = _mm512_set1_ps(-1.0f);
-    __m512 s = _mm512_setzero_ps();
     for (int v = 0; v < 4; ++v) {
       const int64_t i = 16 * v, l = n - i;
       in[v] = l <= 0 ? (__mmask16)0 : l >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << l) - 1u);
       const __m512 d = _mm512_abs_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(in[v], x + i), m));
       b[v] = _mm512_mask_mov_ps(none, in[v], d);
-      s = _mm512_mask_add_ps(s, in[v], s, d);
     }
-    sum = _mm512_reduce_add_ps(s);
+  }
+  float sum() const {
+    __m512 s = _mm512_setzero_ps();
+    for (int v = 0; v < 4; ++v) s = _mm512_mask_add_ps(s, in[v], s, b[v]);
+    return _mm512_reduce_add_ps(s);
   }
   int at_least(float t, __mmask16* c) const {
     const __m512 tv = _mm512_set1_ps(t);
@@ -587,9 +589,8 @@ inline uint32_t lowest_bits(uint32_t m, int keep) {
 // admits fewer than k or more than 32 values.
 inline bool topk_row64(const float* x, int64_t n, float mu, int k, float scale, double& sum,
                        float& kth, int32_t* pos) {
-  float sb;
-  const Row64 row(x, n, mu, sb);
-  const float t = scale * sb;
+  const Row64 row(x, n, mu);
+  const float t = scale * row.sum();
   if (!(t < std::numeric_limits<float>::infinity())) return false;   // NaN or overflow
   __mmask16 c[4];
   const int m = row.at_least(t, c);
@@ -612,11 +613,10 @@ inline bool topk_row64(const float* x, int64_t n, float mu, int k, float scale, 
       cnt1 = _mm512_mask_add_epi32(cnt1, _mm512_cmp_ps_mask(v, c1, _CMP_GT_OQ), cnt1, one);
     }
   }
-  __m512i cnt[2] = {cnt0, cnt1};
   const uint32_t valid = m == 32 ? 0xffffffffu : (1u << m) - 1u;
   const __m512i kv = _mm512_set1_epi32(k);
-  uint32_t win = ((uint32_t)_mm512_cmplt_epi32_mask(cnt[0], kv)
-                  | (hs > 1 ? (uint32_t)_mm512_cmplt_epi32_mask(cnt[1], kv) << 16 : 0u)) & valid;
+  uint32_t win = ((uint32_t)_mm512_cmplt_epi32_mask(cnt0, kv)
+                  | (uint32_t)_mm512_cmplt_epi32_mask(cnt1, kv) << 16) & valid;
   kth = std::min(_mm512_mask_reduce_min_ps((__mmask16)win, cv[0]),
                  _mm512_mask_reduce_min_ps((__mmask16)(win >> 16), cv[1]));
   if (__builtin_popcount(win) > k) {   // values equal to the k-th straddle the cut
@@ -642,8 +642,7 @@ inline bool topk_row64(const float* x, int64_t n, float mu, int k, float scale, 
 
 // topk_at for a row of n <= 64 floats: the lanes >= t when they are exactly k (no tie at t).
 inline bool topk_at_row64(const float* x, int64_t n, float mu, int k, float t, int32_t* pos) {
-  float sb;
-  const Row64 row(x, n, mu, sb);
+  const Row64 row(x, n, mu);
   __mmask16 c[4];
   if (row.at_least(t, c) != k) return false;
   const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
@@ -690,7 +689,7 @@ double short_topk(const T* x, int64_t N, int64_t C, int64_t S, int64_t c, A mu, 
   const int64_t n = N * S;
 #if defined(__AVX512F__)
   if constexpr (std::is_same<T, float>::value) {
-    if (N == 1 && n <= 64) {   // a short row: in registers when the guess admits at most 16
+    if (N == 1 && n <= 64) {   // a short row: in registers when the guess admits at most 32
       ts.prepare(n);
       double sum; float kth;
       int32_t* pos = ts.pos.data();
@@ -1033,6 +1032,7 @@ void bwd_ncs(const T* dy, const T* x, T* dx, int64_t N, int64_t C, int64_t S,
         }
       } else {
         if (topk_at<T, A>(sel, x, N, C, S, c, mu, k, tid.data(), tsg.data(), ts)) {
+          // the forward's choice, from its saved k-th value
         } else if (short_rows) {
           short_topk<T, A>(x, N, C, S, c, mu, k, tid.data(), tsg.data(), ts);
         } else {
@@ -1073,9 +1073,11 @@ template <typename T, bool GRP>
 __attribute__((noinline)) void bwd_rows_part(
     const T* dy, const T* x, T* dx, int64_t R, int64_t S, int64_t G, int64_t HW,
     const typename IO<T>::A* w, const typename IO<T>::A* mean, const typename IO<T>::A* invs,
-    int mode, int k, double cst, int center, bool pos_affine, bool chan_affine, int64_t chunk,
+    int mode, int k, double cst, int center, int64_t chunk,
     double* tw, double* tb, double* cw, double* cb, const typename IO<T>::A* sel) {
   typedef typename IO<T>::A A;
+  // γ, β gradients per position into this thread's sums tw / tb, or per (row, channel) into cw / cb.
+  const bool pos_affine = tw != nullptr, chan_affine = cw != nullptr;
   const int64_t n = S;
   const bool short_rows = n <= SHORT;
   constexpr bool grp = GRP;
@@ -1165,6 +1167,7 @@ __attribute__((noinline)) void bwd_rows_part(
           tid[0] = take_up ? imx : imn; tsg[0] = (d > 0) - (d < 0);
         } else {
           if (topk_at<T, A>(sel, x, 1, R, S, r, mu, k, tid.data(), tsg.data(), ts)) {
+            // the forward's choice, from its saved k-th value
           } else if (short_rows) {
             short_topk<T, A>(xr, 1, 1, S, 0, mu, k, tid.data(), tsg.data(), ts);
           } else {
@@ -1219,11 +1222,12 @@ void bwd_rows(const T* dy, const T* x, T* dx, int64_t R, int64_t S, int64_t G, i
     double* tw = pos_affine ? pw.data() + (size_t)t * S : nullptr;
     double* tb = pos_affine ? pb.data() + (size_t)t * S : nullptr;
     if (grp)
-      bwd_rows_part<T, true>(dy, x, dx, R, S, G, HW, w, mean, invs, mode, k, cst, center, false,
-                             chan_affine, chunk, nullptr, nullptr, cw.data(), cb.data(), sel);
+      bwd_rows_part<T, true>(dy, x, dx, R, S, G, HW, w, mean, invs, mode, k, cst, center, chunk,
+                             nullptr, nullptr, chan_affine ? cw.data() : nullptr,
+                             chan_affine ? cb.data() : nullptr, sel);
     else
-      bwd_rows_part<T, false>(dy, x, dx, R, S, 0, 0, w, mean, invs, mode, k, cst, center,
-                              pos_affine, false, chunk, tw, tb, nullptr, nullptr, sel);
+      bwd_rows_part<T, false>(dy, x, dx, R, S, 0, 0, w, mean, invs, mode, k, cst, center, chunk,
+                              tw, tb, nullptr, nullptr, sel);
   });
   if (pos_affine) {
     for (int64_t i = 0; i < S; ++i) {
